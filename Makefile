@@ -1,0 +1,31 @@
+# tcae-ldm: `make demo` runs the CPU demo on the embedded photos, `make test` runs the suite.
+# Both create .venv on first use and install the package with its test extras.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+RUNS   ?= runs/demo
+# Nothing downloads at run time: models come from local caches or are random in tests.
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+.PHONY: install test test-fast demo clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(OFFLINE) $(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(OFFLINE) $(BIN)/python -m pytest -q -m "not slow"
+
+demo: $(STAMP)
+	$(OFFLINE) $(BIN)/tcae-ldm fit --config configs/demo/tcae.yaml
+	$(OFFLINE) $(BIN)/python -m tcae_ldm.demo_report --run $(RUNS)/tcae
+
+clean:
+	rm -rf $(VENV) runs lightning_logs .pytest_cache

@@ -1,0 +1,97 @@
+"""The embedded demo dataset: crops of the RGB photographs that scikit-image and scikit-learn ship.
+
+Class = source photograph (8 classes). Each photo is split along its width: training crops come from
+the left part, validation crops from the right part, so validation pixels are never seen in training.
+Crops are drawn once from a seeded generator and kept in memory as uint8, so every run sees the same data.
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from tcae_ldm.data.images import ImageDataModule, ImageTransform
+
+DEMO_CLASSES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "stereo_motorcycle", "china",
+                "flower")
+
+
+def load_demo_photos() -> dict[str, np.ndarray]:
+    """The eight photographs as uint8 (H, W, 3) arrays, read from the installed packages (no download)."""
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    photos = {name: getattr(skimage.data, name)() for name in DEMO_CLASSES[:5]}
+    photos["stereo_motorcycle"] = skimage.data.stereo_motorcycle()[0]  # (left, right, disparity)
+    sk = load_sample_images()
+    for path, img in zip(sk.filenames, sk.images):
+        photos["china" if "china" in path else "flower"] = img
+    return {name: np.ascontiguousarray(photos[name][..., :3]) for name in DEMO_CLASSES}
+
+
+def draw_crops(photo: np.ndarray, region: tuple[int, int], count: int, image_size: int,
+               scale: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
+    """`count` random square crops inside columns [region[0], region[1]), resized to image_size."""
+    h = photo.shape[0]
+    x0, x1 = region
+    base = min(photo.shape[:2])
+    out = np.empty((count, image_size, image_size, 3), dtype=np.uint8)
+    for i in range(count):
+        side = int(base * rng.uniform(*scale))
+        side = max(8, min(side, h, x1 - x0))
+        top = int(rng.integers(0, h - side + 1))
+        left = int(rng.integers(x0, x1 - side + 1))
+        crop = Image.fromarray(photo[top: top + side, left: left + side])
+        out[i] = np.asarray(crop.resize((image_size, image_size), Image.BICUBIC))
+    return out
+
+
+class DemoPhotosDataset(Dataset):
+    """In-memory uint8 crops with labels, passed through a transform like any image dataset."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+        self.classes = list(DEMO_CLASSES)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {**self.transform(Image.fromarray(self.images[i])), "label": int(self.labels[i])}
+
+
+def build_demo_split(image_size: int, train_per_class: int, val_per_class: int, val_fraction: float,
+                     scale: tuple[float, float], seed: int):
+    """(train images, train labels, val images, val labels) with disjoint source regions."""
+    rng = np.random.default_rng(seed)
+    tr_x, tr_y, va_x, va_y = [], [], [], []
+    for label, (name, photo) in enumerate(load_demo_photos().items()):
+        w = photo.shape[1]
+        cut = int(round(w * (1 - val_fraction)))
+        tr_x.append(draw_crops(photo, (0, cut), train_per_class, image_size, scale, rng))
+        va_x.append(draw_crops(photo, (cut, w), val_per_class, image_size, scale, rng))
+        tr_y += [label] * train_per_class
+        va_y += [label] * val_per_class
+    return np.concatenate(tr_x), np.array(tr_y), np.concatenate(va_x), np.array(va_y)
+
+
+class DemoPhotosDataModule(ImageDataModule):
+    """The CPU demo's data: crops of 8 bundled photographs, 8 classes, disjoint train/val regions."""
+
+    def __init__(self, train_per_class: int = 128, val_per_class: int = 16, val_fraction: float = 0.3,
+                 crop_scale: tuple[float, float] = (0.2, 0.5), seed: int = 0, **kwargs):
+        kwargs.setdefault("image_size", 64)
+        kwargs.setdefault("global_batch_size", 32)
+        kwargs.setdefault("num_workers", 0)
+        super().__init__(**kwargs)
+        self.train_per_class, self.val_per_class = train_per_class, val_per_class
+        self.val_fraction, self.crop_scale, self.seed = val_fraction, tuple(crop_scale), seed
+        self.num_classes = len(DEMO_CLASSES)
+
+    def setup(self, stage: str | None = None):
+        if self.train_set is not None:
+            return
+        tx, ty, vx, vy = build_demo_split(self.image_size, self.train_per_class, self.val_per_class,
+                                          self.val_fraction, self.crop_scale, self.seed)
+        self.train_set = DemoPhotosDataset(tx, ty, ImageTransform(self.image_size, self.hflip))
+        self.val_set = DemoPhotosDataset(vx, vy, ImageTransform(self.image_size, False))

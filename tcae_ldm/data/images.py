@@ -1,0 +1,146 @@
+"""Image datasets and the datamodule base: ImageNet-style folders, per-device batches, corrupt-file policy.
+
+A batch is a dict: ``image`` (B, 3, H, W) in [-1, 1], ``label`` (B,) int64, ``skipped`` (number of
+unreadable files dropped from this batch; always 0 unless ``skip_corrupt`` is on).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable
+
+import lightning as L
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from tcae_ldm.data.transforms import center_crop_arr, to_tensor
+
+log = logging.getLogger(__name__)
+
+
+class CorruptImageError(RuntimeError):
+    """An image file that PIL cannot decode."""
+
+
+class ImageTransform:
+    """Centre crop (ADM) + optional horizontal flip -> {'image': (3, S, S) in [-1, 1]}."""
+
+    def __init__(self, image_size: int, hflip: bool):
+        self.image_size, self.hflip = image_size, hflip
+
+    def __call__(self, img: Image.Image) -> dict:
+        if img.size != (self.image_size, self.image_size):
+            img = center_crop_arr(img, self.image_size)
+        x = to_tensor(img)
+        if self.hflip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return {"image": x}
+
+
+def scan_image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
+    """(path, class index) for every image under root/<class>/..., and the sorted class names."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder {root!r} does not exist")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"image folder {root!r} has no class sub-folders (expected {root}/<class>/<image>)")
+    samples = []
+    for idx, name in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+            samples += [(os.path.join(dirpath, f), idx) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
+    if not samples:
+        raise FileNotFoundError(f"image folder {root!r} has class folders {classes[:5]} but no image files "
+                                f"({', '.join(IMG_EXTENSIONS)})")
+    return samples, classes
+
+
+class ImageFolderDataset(Dataset):
+    """ImageNet-style tree root/<class>/<image>; a corrupt file raises naming it, or yields None if skipped."""
+
+    def __init__(self, root: str, transform: Callable[[Image.Image], dict], skip_corrupt: bool = False):
+        self.samples, self.classes = scan_image_folder(root)
+        self.transform, self.skip_corrupt = transform, skip_corrupt
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as f:
+                img = f.convert("RGB")
+        except Exception as e:  # PIL raises several types for truncated or non-image files
+            if self.skip_corrupt:
+                log.warning("skipping unreadable image %s (%s)", path, e)
+                return None
+            raise CorruptImageError(f"cannot read image {path}: {e} "
+                                    f"(set data.skip_corrupt: true to skip such files)") from e
+        return {**self.transform(img), "label": label}
+
+
+def collate_skipping(items: list) -> dict:
+    """Default collation that drops skipped (None) items and counts them."""
+    kept = [it for it in items if it is not None]
+    batch = torch.utils.data.default_collate(kept) if kept else {}
+    batch["skipped"] = len(items) - len(kept)
+    return batch
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Shared loader logic: global -> per-device batch size, workers, pinned memory."""
+
+    def __init__(self, image_size: int = 256, global_batch_size: int = 256, num_workers: int = 8,
+                 hflip: bool = True, pin_memory: bool = True, persistent_workers: bool = True,
+                 val_batch_size: int | None = None):
+        super().__init__()
+        self.image_size, self.global_batch_size, self.num_workers = image_size, global_batch_size, num_workers
+        self.hflip, self.pin_memory, self.persistent_workers = hflip, pin_memory, persistent_workers
+        self.val_batch_size = val_batch_size
+        self.train_set = self.val_set = None
+        self.num_classes = 0
+
+    @property
+    def per_device_batch_size(self) -> int:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        accum = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        if self.global_batch_size % (world * accum):
+            raise ValueError(f"global_batch_size={self.global_batch_size} is not divisible by "
+                             f"{world} devices x {accum} accumulation steps")
+        return self.global_batch_size // (world * accum)
+
+    def _loader(self, dataset, batch_size, shuffle, drop_last):
+        workers = self.num_workers
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                          num_workers=workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
+                          persistent_workers=self.persistent_workers and workers > 0,
+                          collate_fn=collate_skipping)
+
+    def train_dataloader(self):
+        bs = self.per_device_batch_size
+        return self._loader(self.train_set, bs, shuffle=True, drop_last=len(self.train_set) >= bs)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, self.val_batch_size or self.per_device_batch_size, False, False)
+
+    def test_dataloader(self):
+        return self.val_dataloader()
+
+
+class ImageFolderDataModule(ImageDataModule):
+    """ImageNet-style data: root/train/<class>/* and root/val/<class>/*."""
+
+    def __init__(self, root: str, train_dir: str = "train", val_dir: str = "val", skip_corrupt: bool = False,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.root, self.train_dir, self.val_dir, self.skip_corrupt = root, train_dir, val_dir, skip_corrupt
+
+    def setup(self, stage: str | None = None):
+        if self.train_set is not None:
+            return
+        self.train_set = ImageFolderDataset(os.path.join(self.root, self.train_dir),
+                                            ImageTransform(self.image_size, self.hflip), self.skip_corrupt)
+        self.val_set = ImageFolderDataset(os.path.join(self.root, self.val_dir),
+                                          ImageTransform(self.image_size, False), self.skip_corrupt)
+        self.num_classes = len(self.train_set.classes)

@@ -1,0 +1,180 @@
+"""AutoencoderModule: trains a TC-AE with L_rec (L1 + LPIPS + GAN) by manual optimisation.
+
+It orchestrates; the networks live in tcae_ldm.models and the losses in tcae_ldm.losses. One training
+step = one forward of the autoencoder, one backward of (generator loss + critic loss), then a step of each
+optimizer. The generator loss reads the critic's weights detached (see ReconstructionLoss.critic), so the
+single backward gives each optimizer exactly its own gradients and DDP sees one backward per forward.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torchvision.utils import make_grid, save_image
+
+from tcae_ldm.lit.ema import EMA
+from tcae_ldm.lit.schedules import param_groups, set_lr, warmup_cosine
+from tcae_ldm.losses.lpips import FrozenLPIPS, build_lpips
+from tcae_ldm.losses.reconstruction import ReconstructionLoss, ReconstructionLossConfig
+from tcae_ldm.metrics.reconstruction import ReconstructionMetrics
+from tcae_ldm.models.tcae import create_tcae
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training loss became NaN or inf; the run stops before anything is saved."""
+
+
+class AutoencoderModule(L.LightningModule):
+    """TC-AE training: phase 'joint' trains the whole autoencoder, 'decoder_finetune' freezes the encoder."""
+
+    def __init__(self, net: str = "TC-AE-B/p8-c128", net_args: dict | None = None,
+                 loss: ReconstructionLossConfig | None = None,
+                 optimizer: OptimizerCallable = torch.optim.AdamW,
+                 disc_optimizer: OptimizerCallable = torch.optim.AdamW,
+                 max_steps: int = 100_000, warmup_steps: int = 0, min_lr_ratio: float = 0.0,
+                 grad_clip: float | None = 1.0, ema_decay: float | None = None,
+                 phase: Literal["joint", "decoder_finetune"] = "joint", init_from: str | None = None,
+                 metrics_lpips: str | None = "pretrained", val_grid_images: int = 8):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "disc_optimizer"])
+        self.automatic_optimization = False
+        self.net = create_tcae(net, **(net_args or {}))
+        self.loss = ReconstructionLoss(loss)
+        self.optimizer_fn, self.disc_optimizer_fn = optimizer, disc_optimizer
+        self.max_steps, self.warmup_steps, self.min_lr_ratio = max_steps, warmup_steps, min_lr_ratio
+        self.grad_clip, self.phase, self.val_grid_images = grad_clip, phase, val_grid_images
+        if init_from:
+            self.load_weights(init_from)
+        if phase == "decoder_finetune":
+            self.net.encoder.requires_grad_(False)  # the latent space is fixed from here on
+        self.ema = EMA(self.net, ema_decay) if ema_decay else None
+        lpips = self.loss.lpips if self.loss.lpips is not None else (
+            FrozenLPIPS(build_lpips(metrics_lpips)) if metrics_lpips else None)
+        self.val_metrics = ReconstructionMetrics(lpips)
+        self.step_count = 0  # generator updates; trainer.global_step counts both optimizers' steps
+
+    # ------------------------------------------------------------------ setup
+    def load_weights(self, path: str) -> None:
+        """Initialise the autoencoder from another run's checkpoint (EMA weights when it has them)."""
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "net."
+        weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        missing, unexpected = self.net.load_state_dict(weights, strict=False)
+        if unexpected or [k for k in missing if not k.startswith("encoder.cls_token")]:
+            raise ValueError(f"checkpoint {path} does not fit net={self.hparams.net}: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        log.info("initialised the autoencoder from %s (%s)", path, prefix.rstrip("."))
+
+    def configure_optimizers(self):
+        opt_g = self.optimizer_fn(param_groups(self.net))
+        opts = [opt_g]
+        if self.loss.discriminator is not None:
+            opts.append(self.disc_optimizer_fn(param_groups(self.loss.discriminator)))
+        return opts
+
+    def on_train_start(self):
+        if self.phase == "decoder_finetune":
+            self.net.encoder.eval()
+
+    def on_train_epoch_start(self):
+        if self.phase == "decoder_finetune":
+            self.net.encoder.eval()  # Lightning sets train() on the whole module every epoch
+
+    # ------------------------------------------------------------------ training
+    def reconstruct(self, x):
+        if self.phase == "decoder_finetune":
+            with torch.no_grad():
+                z = self.net.encode(x)
+            return self.net.decode(z), z
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, step = batch["image"], self.step_count
+        opts = self.optimizers()
+        opts = opts if isinstance(opts, list) else [opts]
+        x_rec, z = self.reconstruct(x)
+        loss, logs = self.loss.generator_loss(x, x_rec, step, last_layer=self.net.decoder.last_layer)
+        logs["loss_g"] = loss.detach()
+        total = loss
+        gan = self.loss.gan_active(step)
+        if gan:
+            loss_d, d_logs = self.loss.discriminator_loss(x, x_rec, step)
+            total, logs = total + loss_d, {**logs, **d_logs}
+        if not torch.isfinite(total):
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} ({ {k: float(v) for k, v in logs.items()} }); stopping before "
+                f"any update or checkpoint, so the last saved checkpoint is the last good one")
+        lr_factor = warmup_cosine(step, self.warmup_steps, self.max_steps, self.min_lr_ratio)
+        for o in opts:
+            set_lr(o, lr_factor)
+            o.zero_grad(set_to_none=True)
+        self.manual_backward(total)
+        self._clip_and_step(opts[0])
+        if gan:
+            self._clip_and_step(opts[1])
+        self.step_count += 1
+        if self.ema is not None:
+            self.ema.update(self.net, self.step_count)
+        self._log_train(logs, opts[0], batch)
+        if self.step_count >= self.max_steps:
+            self.trainer.should_stop = True
+
+    def _clip_and_step(self, opt):
+        if self.grad_clip:
+            self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+
+    def _log_train(self, logs, opt, batch):
+        logs = {f"train/{k}": v for k, v in logs.items()}
+        logs["train/lr"] = opt.param_groups[0]["lr"]
+        logs["train/step"] = float(self.step_count)
+        if batch.get("skipped"):
+            logs["data/skipped"] = float(batch["skipped"])
+        n = batch["image"].shape[0]
+        self.log_dict(logs, batch_size=n)
+        self.log("loss", logs["train/loss_g"], prog_bar=True, logger=False, batch_size=n)
+
+    # ------------------------------------------------------------------ evaluation
+    @property
+    def eval_net(self):
+        """Weights used for validation, testing and export: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else self.net
+
+    def validation_step(self, batch, batch_idx):
+        x = batch["image"]
+        x_rec = self.eval_net(x)[0]
+        self.val_metrics.update(x, x_rec)
+        if batch_idx == 0 and self.trainer.is_global_zero:
+            self._save_grid(x[: self.val_grid_images], x_rec[: self.val_grid_images])
+
+    def on_validation_epoch_end(self):
+        prefix = "test" if self.trainer.testing else "val"
+        self.log_dict({f"{prefix}/{k}": v for k, v in self.val_metrics.compute().items()}, sync_dist=True)
+        self.val_metrics.reset()
+
+    test_step = validation_step
+    on_test_epoch_end = on_validation_epoch_end
+
+    def _save_grid(self, x, x_rec):
+        """Originals (top row) over reconstructions, saved as PNG and sent to the logger if it takes images."""
+        grid = make_grid(torch.cat([x, x_rec.clamp(-1, 1)]).float().cpu(), nrow=x.shape[0], normalize=True,
+                         value_range=(-1, 1))
+        out_dir = os.path.join(self.trainer.log_dir or ".", "reconstructions")
+        os.makedirs(out_dir, exist_ok=True)
+        save_image(grid, os.path.join(out_dir, f"step{self.step_count:07d}.png"))
+        exp = getattr(self.logger, "experiment", None)
+        if hasattr(exp, "add_image"):
+            exp.add_image("val/reconstructions", grid, self.step_count)
+
+    # ------------------------------------------------------------------ checkpoint
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["step_count"] = self.step_count
+
+    def on_load_checkpoint(self, checkpoint):
+        self.step_count = checkpoint.get("step_count", 0)

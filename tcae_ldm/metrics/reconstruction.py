@@ -1,0 +1,44 @@
+"""Reconstruction metrics: PSNR, SSIM (on [0, 1] images) and LPIPS (named by its backbone), DDP-reduced."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torchmetrics import MeanMetric
+from torchmetrics.image import StructuralSimilarityIndexMeasure
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of (B, 3, H, W) images in [0, 1]."""
+    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+class ReconstructionMetrics(nn.Module):
+    """Accumulates per-image PSNR / SSIM / LPIPS over a validation epoch; compute() returns a name -> value dict."""
+
+    def __init__(self, lpips=None):
+        """lpips: a callable (x, y) -> per-image distances, e.g. tcae_ldm.losses.lpips.FrozenLPIPS."""
+        super().__init__()
+        self.psnr_mean = MeanMetric()  # per-image PSNR averaged over images, as autoencoder papers report it
+        self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+        self.lpips_mean = MeanMetric()
+        self.lpips = lpips
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, x_rec: torch.Tensor) -> None:
+        """x, x_rec: (B, 3, H, W) in [-1, 1]."""
+        a, b = ((x.float() + 1) / 2).clamp(0, 1), ((x_rec.float() + 1) / 2).clamp(0, 1)
+        self.psnr_mean.update(psnr(a, b))
+        self.ssim.update(b, a)
+        if self.lpips is not None:
+            self.lpips_mean.update(self.lpips(x, x_rec.clamp(-1, 1)))
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        out = {"psnr": self.psnr_mean.compute(), "ssim": self.ssim.compute()}
+        if self.lpips is not None:
+            out["lpips_vgg"] = self.lpips_mean.compute()
+        return out
+
+    def reset(self) -> None:
+        for m in (self.psnr_mean, self.ssim, self.lpips_mean):
+            m.reset()

@@ -1,0 +1,338 @@
+"""TC-AE: a ViT autoencoder with staged token compression.
+
+Encoder: patchify (p) -> M ViT blocks on the fine grid -> intermediate bottleneck (two convs, tokens / 4)
+-> N ViT blocks on the coarse grid -> final bottleneck (pixel-unshuffle + MLP) -> z (B, c, h, w).
+The decoder mirrors it. With ``staged=False`` all M + N blocks run on the fine grid and one bottleneck
+goes straight to the latent grid (the paper's "vanilla ViT" baseline, same latent shape).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from timm.layers import Mlp, PatchEmbed, build_sincos2d_pos_embed, resample_abs_pos_embed, trunc_normal_
+from timm.models.vision_transformer import Block
+from torch.utils.checkpoint import checkpoint
+
+
+#################################################################################
+#                         Geometry: who compresses by how much                  #
+#################################################################################
+
+def compression_plan(image_size: int, patch_size: int, latent_size: int, staged: bool) -> tuple[int, int, int]:
+    """Return (fine grid, intermediate stride, final stride) or raise naming the numbers that clash."""
+    if image_size % patch_size:
+        raise ValueError(f"image_size={image_size} is not divisible by patch_size={patch_size}")
+    grid = image_size // patch_size
+    if grid % latent_size:
+        raise ValueError(
+            f"a {grid}x{grid} token grid (image_size={image_size} / patch_size={patch_size}) cannot be "
+            f"compressed to a {latent_size}x{latent_size} latent: {grid} is not a multiple of {latent_size}")
+    ratio = grid // latent_size
+    if ratio & (ratio - 1):
+        raise ValueError(
+            f"token grid {grid} / latent grid {latent_size} = {ratio} is not a power of 2; the bottlenecks "
+            f"compress by factors of 2 per side")
+    inter = min(2, ratio) if staged else 1  # the paper's stage cut: 4x fewer tokens when the grid allows
+    return grid, inter, ratio // inter
+
+
+def _check_grid(h: int, w: int, stride: int, where: str) -> None:
+    if h % stride or w % stride:
+        raise ValueError(f"{where}: a {h}x{w} token grid is not divisible by the stride {stride}")
+
+
+#################################################################################
+#                               Embedding layers                                #
+#################################################################################
+
+class PosEmbed2d(nn.Module):
+    """Absolute 2-D position embedding for any token grid: fixed sin-cos, or learned and resampled."""
+
+    def __init__(self, dim: int, grid: int, kind: str = "sincos"):
+        super().__init__()
+        if kind not in ("sincos", "learned"):
+            raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {kind!r}")
+        self.dim, self.grid, self.kind = dim, grid, kind
+        if kind == "learned":
+            self.weight = nn.Parameter(torch.zeros(1, grid * grid, dim))
+            trunc_normal_(self.weight, std=0.02)
+
+    def forward(self, h: int, w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if self.kind == "sincos":
+            pe = build_sincos2d_pos_embed([h, w], dim=self.dim, device=device)  # (h*w, D)
+            return pe.to(dtype).unsqueeze(0)
+        if (h, w) == (self.grid, self.grid):
+            return self.weight.to(dtype)
+        return resample_abs_pos_embed(self.weight, [h, w], [self.grid, self.grid], num_prefix_tokens=0).to(dtype)
+
+
+#################################################################################
+#                                  Bottlenecks                                  #
+#################################################################################
+
+class TokenDownsample(nn.Module):
+    """Intermediate bottleneck: a stride-s conv then a 3x3 conv on the token grid (tokens / s^2)."""
+
+    def __init__(self, dim: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        self.norm = nn.LayerNorm(dim)
+        self.reduce = nn.Conv2d(dim, dim, kernel_size=stride, stride=stride)
+        self.mix = nn.Conv2d(dim, dim, kernel_size=3, padding=1)
+
+    def forward(self, x):  # (B, H, W, D) -> (B, H/s, W/s, D)
+        _check_grid(x.shape[1], x.shape[2], self.stride, "intermediate bottleneck")
+        x = rearrange(self.norm(x), "b h w d -> b d h w")
+        x = self.mix(F.gelu(self.reduce(x)))
+        return rearrange(x, "b d h w -> b h w d")
+
+
+class TokenUpsample(nn.Module):
+    """Decoder twin of TokenDownsample: a 3x3 conv then a stride-s transposed conv (tokens * s^2)."""
+
+    def __init__(self, dim: int, stride: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mix = nn.Conv2d(dim, dim, kernel_size=3, padding=1)
+        self.expand = nn.ConvTranspose2d(dim, dim, kernel_size=stride, stride=stride)
+
+    def forward(self, x):  # (B, h, w, D) -> (B, h*s, w*s, D)
+        x = rearrange(self.norm(x), "b h w d -> b d h w")
+        x = self.expand(F.gelu(self.mix(x)))
+        return rearrange(x, "b d h w -> b h w d")
+
+
+class LatentProjection(nn.Module):
+    """Final bottleneck: pixel-unshuffle s x s, then an MLP to the c latent channels."""
+
+    def __init__(self, dim: int, stride: int, latent_channels: int):
+        super().__init__()
+        self.stride = stride
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim * stride * stride, hidden_features=dim, out_features=latent_channels)
+
+    def forward(self, x):  # (B, H, W, D) -> (B, c, H/s, W/s)
+        _check_grid(x.shape[1], x.shape[2], self.stride, "final bottleneck")
+        s = self.stride
+        x = rearrange(self.norm(x), "b (h s1) (w s2) d -> b h w (s1 s2 d)", s1=s, s2=s)
+        return rearrange(self.mlp(x), "b h w c -> b c h w")
+
+
+class LatentExpansion(nn.Module):
+    """Decoder twin of LatentProjection: an MLP from c channels, then pixel-shuffle s x s."""
+
+    def __init__(self, dim: int, stride: int, latent_channels: int):
+        super().__init__()
+        self.stride = stride
+        self.mlp = Mlp(latent_channels, hidden_features=dim, out_features=dim * stride * stride)
+
+    def forward(self, z):  # (B, c, h, w) -> (B, h*s, w*s, D)
+        s = self.stride
+        x = self.mlp(rearrange(z, "b c h w -> b h w c"))
+        return rearrange(x, "b h w (s1 s2 d) -> b (h s1) (w s2) d", s1=s, s2=s)
+
+
+#################################################################################
+#                                 ViT stages                                    #
+#################################################################################
+
+class ViTStage(nn.Module):
+    """A stack of pre-norm ViT blocks on a token grid, with its own position embedding."""
+
+    def __init__(self, dim, depth, num_heads, mlp_ratio, qk_norm, grid, pos_embed, grad_checkpointing=False):
+        super().__init__()
+        self.pos = PosEmbed2d(dim, grid, pos_embed)
+        self.blocks = nn.ModuleList(
+            [Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, qk_norm=qk_norm) for _ in range(depth)])
+        self.grad_checkpointing = grad_checkpointing
+
+    def forward(self, x, prefix=None):
+        """x: (B, H, W, D) grid; prefix: (B, P, D) tokens (e.g. [CLS]) that attend but have no position."""
+        B, H, W, D = x.shape
+        x = rearrange(x, "b h w d -> b (h w) d") + self.pos(H, W, x.dtype, x.device)  # (B, HW, D)
+        P = 0 if prefix is None else prefix.shape[1]
+        if P:
+            x = torch.cat([prefix, x], dim=1)  # (B, P + HW, D)
+        for blk in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        out = rearrange(x[:, P:], "b (h w) d -> b h w d", h=H, w=W)
+        return out, (x[:, :P] if P else None)
+
+
+#################################################################################
+#                               Encoder / Decoder                               #
+#################################################################################
+
+class TCAEEncoder(nn.Module):
+    """Image (B, 3, H, W) -> latent (B, c, h, w), exposing the fine and coarse token grids on the way."""
+
+    def __init__(self, grid, patch_size, dim, num_heads, depth_fine, depth_coarse, mlp_ratio, qk_norm,
+                 pos_embed, inter_stride, final_stride, latent_channels, staged, cls_token, grad_checkpointing):
+        super().__init__()
+        self.patch_size, self.staged = patch_size, staged
+        self.patch_embed = PatchEmbed(grid * patch_size, patch_size, 3, dim, flatten=False, output_fmt="NHWC",
+                                      strict_img_size=False)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, dim))  # replaces masked patches (iBOT MIM)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
+        if staged:
+            self.fine = ViTStage(dim, depth_fine, num_heads, mlp_ratio, qk_norm, grid, pos_embed, grad_checkpointing)
+            self.down = TokenDownsample(dim, inter_stride)
+            self.coarse = ViTStage(dim, depth_coarse, num_heads, mlp_ratio, qk_norm, grid // inter_stride,
+                                   pos_embed)
+        else:  # vanilla ViT: every block on the fine grid, no intermediate bottleneck
+            self.fine = ViTStage(dim, depth_fine + depth_coarse, num_heads, mlp_ratio, qk_norm, grid, pos_embed,
+                                 grad_checkpointing)
+            self.down = self.coarse = None
+        self.to_latent = LatentProjection(dim, final_stride, latent_channels)
+
+    def forward_features(self, x, mask=None, upto: str = "latent") -> dict:
+        """Run the encoder up to 'fine', 'coarse' or 'latent'; returns the grids and [CLS] seen so far.
+
+        mask: (B, H/p, W/p) bool, True where a patch is replaced by the learned mask token.
+        """
+        if x.shape[-1] % self.patch_size or x.shape[-2] % self.patch_size:
+            raise ValueError(f"image of {x.shape[-2]}x{x.shape[-1]} is not divisible by patch_size={self.patch_size}")
+        x = self.patch_embed(x)  # (B, H1, W1, D)
+        if mask is not None:
+            x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        cls = None if self.cls_token is None else self.cls_token.expand(x.shape[0], -1, -1)
+        out = {}
+        x, cls = self.fine(x, cls)  # (B, H1, W1, D)
+        out["fine"], out["fine_cls"] = x, cls
+        if upto == "fine":
+            return out
+        if self.staged:
+            x, cls = self.coarse(self.down(x), cls)  # (B, H1/s, W1/s, D)
+        out["coarse"], out["coarse_cls"] = x, cls
+        if upto == "coarse":
+            return out
+        out["latent"] = self.to_latent(x)  # (B, c, h, w); [CLS] is dropped here
+        return out
+
+    def forward(self, x):
+        return self.forward_features(x)["latent"]
+
+
+class TCAEDecoder(nn.Module):
+    """Latent (B, c, h, w) -> image (B, 3, H, W): the encoder's mirror."""
+
+    def __init__(self, grid, patch_size, dim, num_heads, depth_fine, depth_coarse, mlp_ratio, qk_norm,
+                 pos_embed, inter_stride, final_stride, latent_channels, staged, grad_checkpointing):
+        super().__init__()
+        self.patch_size = patch_size
+        self.from_latent = LatentExpansion(dim, final_stride, latent_channels)
+        if staged:
+            self.coarse = ViTStage(dim, depth_coarse, num_heads, mlp_ratio, qk_norm, grid // inter_stride,
+                                   pos_embed)
+            self.up = TokenUpsample(dim, inter_stride)
+            self.fine = ViTStage(dim, depth_fine, num_heads, mlp_ratio, qk_norm, grid, pos_embed, grad_checkpointing)
+        else:
+            self.coarse = self.up = None
+            self.fine = ViTStage(dim, depth_fine + depth_coarse, num_heads, mlp_ratio, qk_norm, grid, pos_embed,
+                                 grad_checkpointing)
+        self.norm = nn.LayerNorm(dim)
+        self.to_pixels = nn.Linear(dim, patch_size * patch_size * 3)
+
+    def forward(self, z):
+        x = self.from_latent(z)  # (B, h*s2, w*s2, D)
+        if self.coarse is not None:
+            x, _ = self.coarse(x)
+            x = self.up(x)  # (B, H1, W1, D)
+        x, _ = self.fine(x)
+        x = self.to_pixels(self.norm(x))  # (B, H1, W1, p*p*3)
+        p = self.patch_size
+        return rearrange(x, "b h w (p1 p2 c) -> b c (h p1) (w p2)", p1=p, p2=p, c=3)
+
+    @property
+    def last_layer(self) -> nn.Parameter:
+        """Weight whose gradient norms set the adaptive GAN weight."""
+        return self.to_pixels.weight
+
+
+#################################################################################
+#                                 The autoencoder                               #
+#################################################################################
+
+class TCAE(nn.Module):
+    """TC-AE: staged-token-compression ViT autoencoder, x in [-1, 1] <-> z of shape (c, h, w)."""
+
+    def __init__(self, image_size: int = 256, patch_size: int = 8, latent_size: int = 8,
+                 latent_channels: int = 128, width: int = 768, num_heads: int = 12, depth_fine: int = 6,
+                 depth_coarse: int = 6, mlp_ratio: float = 4.0, qk_norm: bool = True, pos_embed: str = "sincos",
+                 staged: bool = True, cls_token: bool = False, grad_checkpointing: bool = False):
+        super().__init__()
+        if width % num_heads:
+            raise ValueError(f"width={width} is not divisible by num_heads={num_heads}")
+        grid, inter, final = compression_plan(image_size, patch_size, latent_size, staged)
+        self.image_size, self.patch_size, self.latent_size = image_size, patch_size, latent_size
+        self.latent_channels, self.staged, self.grid = latent_channels, staged, grid
+        self.strides = (inter, final)
+        common = dict(grid=grid, patch_size=patch_size, dim=width, num_heads=num_heads, depth_fine=depth_fine,
+                      depth_coarse=depth_coarse, mlp_ratio=mlp_ratio, qk_norm=qk_norm, pos_embed=pos_embed,
+                      inter_stride=inter, final_stride=final, latent_channels=latent_channels, staged=staged,
+                      grad_checkpointing=grad_checkpointing)
+        self.encoder = TCAEEncoder(cls_token=cls_token, **common)
+        self.decoder = TCAEDecoder(**common)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        def _basic_init(m):
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.apply(_basic_init)
+        trunc_normal_(self.encoder.mask_token, std=0.02)
+        if self.encoder.cls_token is not None:
+            trunc_normal_(self.encoder.cls_token, std=0.02)
+
+    def latent_shape(self, image_size: int | None = None) -> tuple[int, int, int]:
+        """(c, h, w) of the latent for a square image of this size."""
+        size = image_size or self.image_size
+        return self.latent_channels, size * self.latent_size // self.image_size, size * self.latent_size // self.image_size
+
+    def encode(self, x):  # (B, 3, H, W) -> (B, c, h, w)
+        return self.encoder(x)
+
+    def decode(self, z):  # (B, c, h, w) -> (B, 3, H, W)
+        return self.decoder(z)
+
+    def forward(self, x):
+        z = self.encode(x)
+        return self.decode(z), z
+
+
+#################################################################################
+#                                   Presets                                     #
+#################################################################################
+
+# Widths and depths per size. "B" is the paper-scale model (ViT-B width; encode + decode <= 164 GMACs at
+# 256x256 with p=8); "S" is the CPU demo's; "T" is for tests.
+TCAE_SIZES = {
+    "T": dict(width=32, num_heads=2, depth_fine=1, depth_coarse=1, mlp_ratio=2.0),
+    "S": dict(width=128, num_heads=4, depth_fine=2, depth_coarse=2),
+    "B": dict(width=768, num_heads=12, depth_fine=8, depth_coarse=4),
+}
+
+TCAE_PRESETS = {
+    f"TC-AE-{size}/p{p}-c{c}": dict(TCAE_SIZES[size], patch_size=p, latent_channels=c)
+    for size in TCAE_SIZES for p in (4, 8, 16, 32) for c in (16, 32, 128, 256)
+}
+
+
+def create_tcae(name: str, **overrides) -> TCAE:
+    """Build a TC-AE preset by name; keyword arguments override any TCAE argument."""
+    if name not in TCAE_PRESETS:
+        raise KeyError(f"unknown TC-AE preset {name!r}; known sizes {sorted(TCAE_SIZES)}, "
+                       f"patch sizes 4/8/16/32, channels 16/32/128/256, e.g. 'TC-AE-B/p8-c128'")
+    return TCAE(**{**TCAE_PRESETS[name], **overrides})
