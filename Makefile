@@ -25,7 +25,7 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(OFFLINE) $(BIN)/tcae-ldm fit --config configs/demo/tcae.yaml
-	$(OFFLINE) $(BIN)/python -m tcae_ldm.demo_report --run $(RUNS)/tcae
+	$(OFFLINE) $(BIN)/tcae-ldm ae-report --ckpt $(RUNS)/tcae/checkpoints/last.ckpt --out $(RUNS)/tcae
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache

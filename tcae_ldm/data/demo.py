@@ -79,13 +79,12 @@ class DemoPhotosDataModule(ImageDataModule):
     """The CPU demo's data: crops of 8 bundled photographs, 8 classes, disjoint train/val regions."""
 
     def __init__(self, train_per_class: int = 128, val_per_class: int = 16, val_fraction: float = 0.3,
-                 crop_scale: tuple[float, float] = (0.2, 0.5), seed: int = 0, **kwargs):
-        kwargs.setdefault("image_size", 64)
-        kwargs.setdefault("global_batch_size", 32)
-        kwargs.setdefault("num_workers", 0)
-        super().__init__(**kwargs)
+                 crop_scale: tuple[float, float] = (0.2, 0.5), image_size: int = 64, global_batch_size: int = 32,
+                 num_workers: int = 0, **kwargs):
+        super().__init__(image_size=image_size, global_batch_size=global_batch_size, num_workers=num_workers,
+                         **kwargs)
         self.train_per_class, self.val_per_class = train_per_class, val_per_class
-        self.val_fraction, self.crop_scale, self.seed = val_fraction, tuple(crop_scale), seed
+        self.val_fraction, self.crop_scale = val_fraction, tuple(crop_scale)
         self.num_classes = len(DEMO_CLASSES)
 
     def setup(self, stage: str | None = None):

@@ -12,7 +12,7 @@ from typing import Callable
 import lightning as L
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from tcae_ldm.data.transforms import center_crop_arr, to_tensor
@@ -93,8 +93,9 @@ class ImageDataModule(L.LightningDataModule):
 
     def __init__(self, image_size: int = 256, global_batch_size: int = 256, num_workers: int = 8,
                  hflip: bool = True, pin_memory: bool = True, persistent_workers: bool = True,
-                 val_batch_size: int | None = None):
+                 val_batch_size: int | None = None, seed: int = 0):
         super().__init__()
+        self.seed = seed
         self.image_size, self.global_batch_size, self.num_workers = image_size, global_batch_size, num_workers
         self.hflip, self.pin_memory, self.persistent_workers = hflip, pin_memory, persistent_workers
         self.val_batch_size = val_batch_size
@@ -112,7 +113,14 @@ class ImageDataModule(L.LightningDataModule):
 
     def _loader(self, dataset, batch_size, shuffle, drop_last):
         workers = self.num_workers
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+        sampler = None
+        if shuffle:
+            # An epoch-seeded sampler even on one device: Lightning calls set_epoch, so the order of every
+            # epoch depends only on (seed, epoch) and a resumed run sees the batches the uninterrupted one saw.
+            world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed,
+                                         drop_last=drop_last)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                           num_workers=workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
                           persistent_workers=self.persistent_workers and workers > 0,
                           collate_fn=collate_skipping)

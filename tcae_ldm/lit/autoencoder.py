@@ -150,7 +150,7 @@ class AutoencoderModule(L.LightningModule):
         x = batch["image"]
         x_rec = self.eval_net(x)[0]
         self.val_metrics.update(x, x_rec)
-        if batch_idx == 0 and self.trainer.is_global_zero:
+        if batch_idx == 0 and self.trainer.is_global_zero and not self.trainer.fast_dev_run:
             self._save_grid(x[: self.val_grid_images], x_rec[: self.val_grid_images])
 
     def on_validation_epoch_end(self):
@@ -165,7 +165,8 @@ class AutoencoderModule(L.LightningModule):
         """Originals (top row) over reconstructions, saved as PNG and sent to the logger if it takes images."""
         grid = make_grid(torch.cat([x, x_rec.clamp(-1, 1)]).float().cpu(), nrow=x.shape[0], normalize=True,
                          value_range=(-1, 1))
-        out_dir = os.path.join(self.trainer.log_dir or ".", "reconstructions")
+        out_dir = os.path.join(getattr(self.logger, "log_dir", None) or self.trainer.default_root_dir,
+                               "reconstructions")
         os.makedirs(out_dir, exist_ok=True)
         save_image(grid, os.path.join(out_dir, f"step{self.step_count:07d}.png"))
         exp = getattr(self.logger, "experiment", None)

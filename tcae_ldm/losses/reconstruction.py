@@ -31,6 +31,10 @@ class ReconstructionLossConfig:
     disc_norm: str = "group"          # 'group' (DDP-safe with small batches), 'batch' or 'none'
 
 
+# Checkpoints keep this config in their hyper-parameters; allow it under torch.load(weights_only=True).
+torch.serialization.add_safe_globals([ReconstructionLossConfig])
+
+
 def _fp32(*xs):
     return [x.float() for x in xs]
 

@@ -1,0 +1,140 @@
+import os
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from tcae_ldm.cli import main as cli_main
+from tcae_ldm.data.demo import DemoPhotosDataModule
+from tcae_ldm.lit.autoencoder import AutoencoderModule, NonFiniteLossError
+from tcae_ldm.losses.reconstruction import ReconstructionLossConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model.init_args.net=TC-AE-T/p4-c16",
+        "--model.init_args.net_args={image_size: 32, latent_size: 2}",
+        "--model.init_args.loss.disc_channels=8", "--model.init_args.loss.disc_layers=2",
+        "--data.init_args.image_size=32", "--data.init_args.train_per_class=2",
+        "--data.init_args.val_per_class=1", "--data.init_args.global_batch_size=8"]
+
+
+def _module(**kw):
+    args = dict(net="TC-AE-T/p4-c16", net_args={"image_size": 32, "latent_size": 2},
+                loss=ReconstructionLossConfig(lpips_weight=0.0, gan_weight=0.1, disc_start=0, disc_channels=8,
+                                              disc_layers=2),
+                optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), disc_optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+                max_steps=4, warmup_steps=2, ema_decay=0.9, metrics_lpips=None)
+    return AutoencoderModule(**{**args, **kw})
+
+
+def _data():
+    # 16 crops, one full batch per epoch: the shuffle order cannot change a step
+    return DemoPhotosDataModule(image_size=32, train_per_class=2, val_per_class=1, global_batch_size=16, hflip=False)
+
+
+def _trainer(root, **kw):
+    ckpt = ModelCheckpoint(dirpath=os.path.join(root, "ckpt"), save_last=True, enable_version_counter=False,
+                            save_on_train_epoch_end=True)
+    args = dict(accelerator="cpu", devices=1, max_epochs=-1, logger=False, enable_progress_bar=False,
+                enable_model_summary=False, callbacks=[ckpt], default_root_dir=root, num_sanity_val_steps=0,
+                check_val_every_n_epoch=100)
+    return L.Trainer(**{**args, **kw})
+
+
+def test_one_step_updates_generator_critic_and_ema():
+    torch.manual_seed(0)
+    module = _module(max_steps=1)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    _trainer("/tmp/tcae_one_step").fit(module, _data())
+    after = module.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert module.step_count == 1
+    assert any(k.startswith("net.decoder.") for k in changed)
+    assert any(k.startswith("loss.discriminator.") for k in changed)
+    assert any(k.startswith("ema.module.") for k in changed)
+
+
+def test_resume_from_last_continues_identically(tmp_path):
+    L.seed_everything(0)
+    straight = _module()
+    _trainer(str(tmp_path / "a")).fit(straight, _data())
+
+    L.seed_everything(0)
+    first = _module()
+    _trainer(str(tmp_path / "b"), max_epochs=2).fit(first, _data())  # interrupted after 2 of 4 steps
+    assert first.step_count == 2
+    resumed = _module()
+    trainer = _trainer(str(tmp_path / "b"))
+    trainer.fit(resumed, _data(), ckpt_path="last")
+    assert resumed.step_count == 4
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    sa, sb = straight.optimizers()[0].optimizer.state_dict(), trainer.optimizers[0].state_dict()
+    for k in sa["state"]:
+        assert torch.allclose(sa["state"][k]["exp_avg_sq"], sb["state"][k]["exp_avg_sq"], atol=1e-9)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    module = _module(max_steps=10)
+    real = module.loss.generator_loss
+
+    def poisoned(x, x_rec, step, last_layer=None):
+        loss, logs = real(x, x_rec, step, last_layer)
+        return (loss * float("nan") if step >= 3 else loss), logs
+
+    monkeypatch.setattr(module.loss, "generator_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 3"):
+        _trainer(str(tmp_path)).fit(module, _data())
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert ckpt["step_count"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_decoder_finetune_freezes_the_encoder_and_its_latents(tmp_path):
+    L.seed_everything(0)
+    joint = _module(max_steps=2)
+    _trainer(str(tmp_path / "joint")).fit(joint, _data())
+    ft = _module(phase="decoder_finetune", init_from=str(tmp_path / "joint" / "ckpt" / "last.ckpt"), max_steps=2,
+                 ema_decay=None)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    enc = {k: v.clone() for k, v in ft.net.encoder.state_dict().items()}
+    dec = {k: v.clone() for k, v in ft.net.decoder.state_dict().items()}
+    with torch.no_grad():
+        z0 = ft.net.encode(x)
+    _trainer(str(tmp_path / "ft")).fit(ft, _data())
+    assert all(torch.equal(v, ft.net.encoder.state_dict()[k]) for k, v in enc.items())
+    with torch.no_grad():
+        assert torch.equal(z0, ft.net.encode(x))
+    assert any(not torch.equal(v, ft.net.decoder.state_dict()[k]) for k, v in dec.items())
+
+
+def test_fit_and_validate_through_the_cli(tmp_path):
+    out = str(tmp_path)
+    common = ["--config", os.path.join(REPO, "configs/demo/tcae.yaml"), *TINY,
+              f"--trainer.logger.init_args.save_dir={out}", f"--trainer.callbacks.init_args.dirpath={out}/ckpt"]
+    cli_main(["fit", *common, "--model.init_args.max_steps=2", "--trainer.check_val_every_n_epoch=1"])
+    assert sorted(os.listdir(os.path.join(out, "tcae", "reconstructions"))) == ["step0000000.png", "step0000002.png"]
+    assert os.path.exists(os.path.join(out, "ckpt", "best.ckpt"))
+    with open(os.path.join(out, "tcae", "metrics.csv")) as f:
+        header = f.readline().strip().split(",")
+    assert {"val/psnr", "val/ssim", "train/l1", "train/lr"} <= set(header)
+    cli_main(["validate", *common, f"--ckpt_path={out}/ckpt/last.ckpt"])
+
+
+@pytest.mark.slow
+def test_ddp_with_two_cpu_processes(tmp_path):
+    """Two gloo processes train a few steps; rank 0 writes a checkpoint at the right step."""
+    out = str(tmp_path)
+    cmd = [sys.executable, "-m", "tcae_ldm.cli", "fit", "--config", "configs/demo/tcae.yaml", *TINY,
+           "--trainer.devices=2", "--trainer.strategy=ddp_find_unused_parameters_true",
+           "--trainer.check_val_every_n_epoch=1", "--model.init_args.max_steps=2",
+           "--model.init_args.loss.disc_start=0",
+           f"--trainer.logger.init_args.save_dir={out}", f"--trainer.callbacks.init_args.dirpath={out}/ckpt"]
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt = torch.load(os.path.join(out, "ckpt", "last.ckpt"), weights_only=False)
+    assert ckpt["step_count"] == 2
+    assert "val/psnr" in open(os.path.join(out, "tcae", "metrics.csv")).readline()
