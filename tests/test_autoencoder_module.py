@@ -99,10 +99,11 @@ def test_decoder_finetune_freezes_the_encoder_and_its_latents(tmp_path):
     ft = _module(phase="decoder_finetune", init_from=str(tmp_path / "joint" / "ckpt" / "last.ckpt"), max_steps=2,
                  ema_decay=None)
     x = torch.rand(4, 3, 32, 32) * 2 - 1
-    enc = {k: v.clone() for k, v in ft.net.encoder.state_dict().items()}
-    dec = {k: v.clone() for k, v in ft.net.decoder.state_dict().items()}
+    start = joint.ema.module  # the joint run's EMA weights are what the finetune starts from
+    enc = {k: v.clone() for k, v in start.encoder.state_dict().items()}
+    dec = {k: v.clone() for k, v in start.decoder.state_dict().items()}
     with torch.no_grad():
-        z0 = ft.net.encode(x)
+        z0 = start.encode(x)
     _trainer(str(tmp_path / "ft")).fit(ft, _data())
     assert all(torch.equal(v, ft.net.encoder.state_dict()[k]) for k, v in enc.items())
     with torch.no_grad():
@@ -138,3 +139,44 @@ def test_ddp_with_two_cpu_processes(tmp_path):
     ckpt = torch.load(os.path.join(out, "ckpt", "last.ckpt"), weights_only=False)
     assert ckpt["step_count"] == 2
     assert "val/psnr" in open(os.path.join(out, "tcae", "metrics.csv")).readline()
+
+
+def _ssl_module(**kw):
+    from tcae_ldm.losses.ssl import SSLConfig
+
+    ssl = SSLConfig(out_dim=64, patch_out_dim=64, hidden_dim=32, bottleneck_dim=16, teacher_temp_warmup_steps=2)
+    return _module(ssl=ssl, **kw)
+
+
+def _ssl_data():
+    from tcae_ldm.data.views import MultiCropConfig
+
+    views = MultiCropConfig(global_size=32, local_size=16, num_local=2)
+    return DemoPhotosDataModule(image_size=32, train_per_class=2, val_per_class=1, global_batch_size=16, hflip=False,
+                                views=views)
+
+
+def test_joint_ibot_step_trains_student_and_moves_teacher_by_ema():
+    torch.manual_seed(0)
+    module = _ssl_module(max_steps=1)
+    assert module.net.encoder.cls_token is not None
+    teacher0 = {k: v.clone() for k, v in module.ssl.teacher.state_dict().items()}
+    enc0 = {k: v.clone() for k, v in module.net.encoder.state_dict().items()}
+    heads0 = {k: v.clone() for k, v in module.ssl.heads.state_dict().items()}
+    _trainer("/tmp/tcae_ssl_step").fit(module, _ssl_data())
+    assert not any(p.requires_grad for p in module.ssl.teacher.parameters())
+    assert all(p.grad is None for p in module.ssl.teacher.parameters())
+    assert any(not torch.equal(v, module.ssl.heads.state_dict()[k]) for k, v in heads0.items())
+    # teacher = m * teacher + (1 - m) * student, with m = 0.996 at step 0
+    enc1, t1 = module.net.encoder.state_dict(), module.ssl.teacher.state_dict()
+    k = "fine.blocks.0.attn.qkv.weight"
+    expected = 0.996 * teacher0[f"encoder.{k}"] + 0.004 * enc1[k]
+    assert torch.allclose(t1[f"encoder.{k}"], expected, atol=1e-7)
+    assert not torch.equal(enc0[k], enc1[k])
+
+
+def test_ssl_without_views_and_ssl_in_decoder_finetune_are_refused():
+    with pytest.raises(ValueError, match="set model.ssl to null"):
+        _ssl_module(phase="decoder_finetune")
+    with pytest.raises(KeyError, match="data.init_args.views"):
+        _trainer("/tmp/tcae_ssl_noviews").fit(_ssl_module(max_steps=1), _data())

@@ -10,7 +10,9 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from tcae_ldm.data.images import ImageDataModule, ImageTransform
+from tcae_ldm.data.images import ImageDataModule
+from tcae_ldm.data.transforms import ImageTransform
+from tcae_ldm.data.views import train_transform
 
 DEMO_CLASSES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "stereo_motorcycle", "china",
                 "flower")
@@ -92,5 +94,5 @@ class DemoPhotosDataModule(ImageDataModule):
             return
         tx, ty, vx, vy = build_demo_split(self.image_size, self.train_per_class, self.val_per_class,
                                           self.val_fraction, self.crop_scale, self.seed)
-        self.train_set = DemoPhotosDataset(tx, ty, ImageTransform(self.image_size, self.hflip))
+        self.train_set = DemoPhotosDataset(tx, ty, train_transform(self.image_size, self.hflip, self.views))
         self.val_set = DemoPhotosDataset(vx, vy, ImageTransform(self.image_size, False))

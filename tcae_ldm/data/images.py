@@ -15,28 +15,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from tcae_ldm.data.transforms import center_crop_arr, to_tensor
+from tcae_ldm.data.transforms import ImageTransform
+from tcae_ldm.data.views import MultiCropConfig, train_transform
 
 log = logging.getLogger(__name__)
 
 
 class CorruptImageError(RuntimeError):
     """An image file that PIL cannot decode."""
-
-
-class ImageTransform:
-    """Centre crop (ADM) + optional horizontal flip -> {'image': (3, S, S) in [-1, 1]}."""
-
-    def __init__(self, image_size: int, hflip: bool):
-        self.image_size, self.hflip = image_size, hflip
-
-    def __call__(self, img: Image.Image) -> dict:
-        if img.size != (self.image_size, self.image_size):
-            img = center_crop_arr(img, self.image_size)
-        x = to_tensor(img)
-        if self.hflip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return {"image": x}
 
 
 def scan_image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
@@ -93,9 +79,9 @@ class ImageDataModule(L.LightningDataModule):
 
     def __init__(self, image_size: int = 256, global_batch_size: int = 256, num_workers: int = 8,
                  hflip: bool = True, pin_memory: bool = True, persistent_workers: bool = True,
-                 val_batch_size: int | None = None, seed: int = 0):
+                 val_batch_size: int | None = None, seed: int = 0, views: MultiCropConfig | None = None):
         super().__init__()
-        self.seed = seed
+        self.seed, self.views = seed, views
         self.image_size, self.global_batch_size, self.num_workers = image_size, global_batch_size, num_workers
         self.hflip, self.pin_memory, self.persistent_workers = hflip, pin_memory, persistent_workers
         self.val_batch_size = val_batch_size
@@ -148,7 +134,8 @@ class ImageFolderDataModule(ImageDataModule):
         if self.train_set is not None:
             return
         self.train_set = ImageFolderDataset(os.path.join(self.root, self.train_dir),
-                                            ImageTransform(self.image_size, self.hflip), self.skip_corrupt)
+                                            train_transform(self.image_size, self.hflip, self.views),
+                                            self.skip_corrupt)
         self.val_set = ImageFolderDataset(os.path.join(self.root, self.val_dir),
                                           ImageTransform(self.image_size, False), self.skip_corrupt)
         self.num_classes = len(self.train_set.classes)

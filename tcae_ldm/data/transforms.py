@@ -27,3 +27,18 @@ def to_tensor(img: Image.Image | np.ndarray) -> torch.Tensor:
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """float (..., 3, H, W) in [-1, 1] -> uint8, the inverse of to_tensor up to rounding."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class ImageTransform:
+    """Centre crop (ADM) + optional horizontal flip -> {'image': (3, S, S) in [-1, 1]}."""
+
+    def __init__(self, image_size: int, hflip: bool):
+        self.image_size, self.hflip = image_size, hflip
+
+    def __call__(self, img: Image.Image) -> dict:
+        if img.size != (self.image_size, self.image_size):
+            img = center_crop_arr(img, self.image_size)
+        x = to_tensor(img)
+        if self.hflip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return {"image": x}

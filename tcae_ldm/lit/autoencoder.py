@@ -1,4 +1,4 @@
-"""AutoencoderModule: trains a TC-AE with L_rec (L1 + LPIPS + GAN) by manual optimisation.
+"""AutoencoderModule: trains a TC-AE with alpha * L_rec + L_iBOT (L_rec = L1 + LPIPS + GAN) by manual optimisation.
 
 It orchestrates; the networks live in tcae_ldm.models and the losses in tcae_ldm.losses. One training
 step = one forward of the autoencoder, one backward of (generator loss + critic loss), then a step of each
@@ -20,6 +20,7 @@ from tcae_ldm.lit.ema import EMA
 from tcae_ldm.lit.schedules import param_groups, set_lr, warmup_cosine
 from tcae_ldm.losses.lpips import FrozenLPIPS, build_lpips
 from tcae_ldm.losses.reconstruction import ReconstructionLoss, ReconstructionLossConfig
+from tcae_ldm.losses.ssl import SSLConfig, iBOTObjective
 from tcae_ldm.metrics.reconstruction import ReconstructionMetrics
 from tcae_ldm.models.tcae import create_tcae
 
@@ -31,10 +32,11 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class AutoencoderModule(L.LightningModule):
-    """TC-AE training: phase 'joint' trains the whole autoencoder, 'decoder_finetune' freezes the encoder."""
+    """TC-AE training: phase 'joint' trains the whole autoencoder (with iBOT when `ssl` is set),
+    'decoder_finetune' freezes the encoder and so the latent space."""
 
     def __init__(self, net: str = "TC-AE-B/p8-c128", net_args: dict | None = None,
-                 loss: ReconstructionLossConfig | None = None,
+                 loss: ReconstructionLossConfig | None = None, ssl: SSLConfig | None = None,
                  optimizer: OptimizerCallable = torch.optim.AdamW,
                  disc_optimizer: OptimizerCallable = torch.optim.AdamW,
                  max_steps: int = 100_000, warmup_steps: int = 0, min_lr_ratio: float = 0.0,
@@ -44,13 +46,14 @@ class AutoencoderModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "disc_optimizer"])
         self.automatic_optimization = False
-        self.net = create_tcae(net, **(net_args or {}))
+        if ssl is not None and phase == "decoder_finetune":
+            raise ValueError("decoder_finetune trains the decoder only: set model.ssl to null")
+        self.net = create_tcae(net, **{**(net_args or {}), **({"cls_token": True} if ssl else {})})
         self.loss = ReconstructionLoss(loss)
-        self.optimizer_fn, self.disc_optimizer_fn = optimizer, disc_optimizer
+        self.ssl = iBOTObjective(self.net.encoder, self.net.width, ssl) if ssl is not None else None
+        self.optimizer_fn, self.disc_optimizer_fn, self.init_from = optimizer, disc_optimizer, init_from
         self.max_steps, self.warmup_steps, self.min_lr_ratio = max_steps, warmup_steps, min_lr_ratio
         self.grad_clip, self.phase, self.val_grid_images = grad_clip, phase, val_grid_images
-        if init_from:
-            self.load_weights(init_from)
         if phase == "decoder_finetune":
             self.net.encoder.requires_grad_(False)  # the latent space is fixed from here on
         self.ema = EMA(self.net, ema_decay) if ema_decay else None
@@ -65,14 +68,25 @@ class AutoencoderModule(L.LightningModule):
         state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
         prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "net."
         weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        own = self.net.state_dict()
+        weights = {k: v for k, v in weights.items() if k in own or k != "encoder.cls_token"}  # SSL-only token
         missing, unexpected = self.net.load_state_dict(weights, strict=False)
-        if unexpected or [k for k in missing if not k.startswith("encoder.cls_token")]:
+        if unexpected or [k for k in missing if k != "encoder.cls_token"]:
             raise ValueError(f"checkpoint {path} does not fit net={self.hparams.net}: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
         log.info("initialised the autoencoder from %s (%s)", path, prefix.rstrip("."))
 
+    def setup(self, stage: str) -> None:
+        # Initialise from another run only when training starts (not when this module is rebuilt from its own
+        # checkpoint); a resumed run then overwrites these weights with its checkpoint's.
+        if stage == "fit" and self.init_from and self.step_count == 0:
+            self.load_weights(self.init_from)
+            if self.ema is not None:
+                self.ema.module.load_state_dict(self.net.state_dict())
+
     def configure_optimizers(self):
-        opt_g = self.optimizer_fn(param_groups(self.net))
+        trainable = torch.nn.ModuleList([self.net] + ([self.ssl.heads] if self.ssl is not None else []))
+        opt_g = self.optimizer_fn(param_groups(trainable))
         opts = [opt_g]
         if self.loss.discriminator is not None:
             opts.append(self.disc_optimizer_fn(param_groups(self.loss.discriminator)))
@@ -102,6 +116,11 @@ class AutoencoderModule(L.LightningModule):
         loss, logs = self.loss.generator_loss(x, x_rec, step, last_layer=self.net.decoder.last_layer)
         logs["loss_g"] = loss.detach()
         total = loss
+        if self.ssl is not None:
+            if "global" not in batch:
+                raise KeyError("model.ssl is set but the batches carry no iBOT views: set data.init_args.views")
+            ssl_loss, ssl_logs = self.ssl(self.net.encoder, batch["global"], batch["local"], step)
+            total, logs = self.ssl.cfg.alpha * loss + ssl_loss, {**logs, **ssl_logs}
         gan = self.loss.gan_active(step)
         if gan:
             loss_d, d_logs = self.loss.discriminator_loss(x, x_rec, step)
@@ -119,6 +138,8 @@ class AutoencoderModule(L.LightningModule):
         if gan:
             self._clip_and_step(opts[1])
         self.step_count += 1
+        if self.ssl is not None:
+            logs["teacher_momentum"] = self.ssl.update_teacher(self.net.encoder, step, self.max_steps)
         if self.ema is not None:
             self.ema.update(self.net, self.step_count)
         self._log_train(logs, opts[0], batch)

@@ -272,7 +272,7 @@ class TCAE(nn.Module):
             raise ValueError(f"width={width} is not divisible by num_heads={num_heads}")
         grid, inter, final = compression_plan(image_size, patch_size, latent_size, staged)
         self.image_size, self.patch_size, self.latent_size = image_size, patch_size, latent_size
-        self.latent_channels, self.staged, self.grid = latent_channels, staged, grid
+        self.latent_channels, self.staged, self.grid, self.width = latent_channels, staged, grid, width
         self.strides = (inter, final)
         common = dict(grid=grid, patch_size=patch_size, dim=width, num_heads=num_heads, depth_fine=depth_fine,
                       depth_coarse=depth_coarse, mlp_ratio=mlp_ratio, qk_norm=qk_norm, pos_embed=pos_embed,
@@ -326,7 +326,7 @@ TCAE_SIZES = {
 
 TCAE_PRESETS = {
     f"TC-AE-{size}/p{p}-c{c}": dict(TCAE_SIZES[size], patch_size=p, latent_channels=c)
-    for size in TCAE_SIZES for p in (4, 8, 16, 32) for c in (16, 32, 128, 256)
+    for size in TCAE_SIZES for p in (4, 8, 16, 32) for c in (16, 32, 64, 128, 256)
 }
 
 
@@ -334,5 +334,5 @@ def create_tcae(name: str, **overrides) -> TCAE:
     """Build a TC-AE preset by name; keyword arguments override any TCAE argument."""
     if name not in TCAE_PRESETS:
         raise KeyError(f"unknown TC-AE preset {name!r}; known sizes {sorted(TCAE_SIZES)}, "
-                       f"patch sizes 4/8/16/32, channels 16/32/128/256, e.g. 'TC-AE-B/p8-c128'")
+                       f"patch sizes 4/8/16/32, channels 16/32/64/128/256, e.g. 'TC-AE-B/p8-c128'")
     return TCAE(**{**TCAE_PRESETS[name], **overrides})
