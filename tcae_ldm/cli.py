@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import sys
-import sys
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
