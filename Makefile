@@ -23,9 +23,13 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m pytest -q -m "not slow"
 
+# The whole chain on CPU: TC-AE -> its report -> latent cache -> DiT -> samples.
 demo: $(STAMP)
 	$(OFFLINE) $(BIN)/tcae-ldm fit --config configs/demo/tcae.yaml
 	$(OFFLINE) $(BIN)/tcae-ldm ae-report --ckpt $(RUNS)/tcae/checkpoints/last.ckpt --out $(RUNS)/tcae
+	$(OFFLINE) $(BIN)/tcae-ldm predict --config configs/demo/cache_latents_tcae.yaml
+	$(OFFLINE) $(BIN)/tcae-ldm fit --config configs/demo/dit_on_tcae.yaml
+	$(OFFLINE) $(BIN)/tcae-ldm sample --ckpt $(RUNS)/dit_tcae/checkpoints/last.ckpt --out $(RUNS)/dit_tcae/samples_final --num 64
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache

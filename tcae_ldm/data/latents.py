@@ -1,4 +1,4 @@
-"""Latent cache: its writer (predict side) and the LatentDataModule that feeds the DiT.
+"""Latent cache: its writer (predict side, see tcae_ldm.lit.caching) and the LatentDataModule that feeds the DiT.
 
 A cache is one folder:
   shard-r{rank}-{i:05d}.safetensors  latents, latents_flip (N, c, h, w); labels, indices (N,) int64
@@ -20,9 +20,9 @@ import torch.nn as nn
 from lightning.pytorch.callbacks import BasePredictionWriter
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from tcae_ldm.data.images import ImageDataModule, collate_skipping
+from tcae_ldm.data.images import ImageDataModule
 from tcae_ldm.models.autoencoders import describe_identity, identity_mismatch
 
 SHARD_GLOB = "shard-r*-*.safetensors"
@@ -68,59 +68,6 @@ class LatentNormalizer(nn.Module):
 #                       Writing: images -> shards + stats                        #
 #################################################################################
 
-class IndexedDataset(Dataset):
-    """Adds the dataset index to every item, so that shards say which image each latent came from."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        item = self.dataset[i]
-        return None if item is None else {**item, "index": i}  # None: a skipped corrupt file
-
-
-class CacheSourceDataModule(L.LightningDataModule):
-    """The images a cache is made from: a split of an image datamodule, without flips or shuffling."""
-
-    def __init__(self, images: ImageDataModule, batch_size: int = 64, num_workers: int | None = None,
-                 split: str = "train"):
-        super().__init__()
-        if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-        self.images, self.batch_size, self.split = images, batch_size, split
-        self.num_workers = images.num_workers if num_workers is None else num_workers
-        self.dataset = None
-
-    @property
-    def image_size(self) -> int:
-        return self.images.image_size
-
-    def setup(self, stage: str | None = None):
-        if self.dataset is not None:
-            return
-        self.images.hflip = False  # the flip is encoded explicitly, as latents_flip
-        self.images.setup("predict")
-        base = getattr(self.images, f"{self.split}_set")
-        if hasattr(getattr(base, "transform", None), "hflip"):
-            base.transform.hflip = False
-        self.dataset = IndexedDataset(base)
-
-    def predict_dataloader(self):
-        # Lightning swaps in an unrepeated distributed sampler under DDP: each index goes to one rank.
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                          collate_fn=collate_skipping, pin_memory=torch.cuda.is_available())
-
-    def cache_metadata(self) -> dict:
-        base = self.dataset.dataset
-        return {"image_size": self.image_size, "num_classes": int(self.images.num_classes),
-                "classes": list(getattr(base, "classes", [])),
-                "dataset": {"datamodule": f"{type(self.images).__module__}.{type(self.images).__qualname__}",
-                            "root": getattr(self.images, "root", None), "split": self.split, "size": len(base)}}
-
-
 def _gather(obj) -> list:
     if dist.is_available() and dist.is_initialized():
         out = [None] * dist.get_world_size()
@@ -136,11 +83,10 @@ def _channel_sums(*zs: torch.Tensor) -> torch.Tensor:
 
 
 class LatentCacheWriter(BasePredictionWriter):
-    """Writes predict outputs {latents, latents_flip, labels, indices} as per-rank safetensors shards.
+    """Writes predict outputs {latents, latents_flip, labels, indices} as per-rank shards of shard_size items.
 
-    Statistics are reduced across ranks at the end; rank 0 then writes stats.safetensors and metadata.json
-    (the module's cache_metadata(image_size): autoencoder identity, spec and latent_shape; the datamodule's
-    cache_metadata(): image size, classes, dataset).
+    At the end, statistics are reduced across ranks and rank 0 writes stats.safetensors and metadata.json
+    from the module's cache_metadata(image_size) and the datamodule's cache_metadata().
     """
 
     def __init__(self, output_dir: str, dtype: str = "fp32", shard_size: int = 4096, overwrite: bool = False):
@@ -153,9 +99,9 @@ class LatentCacheWriter(BasePredictionWriter):
         if stage != "predict":
             return
         self._buffer, self._buffered, self._seen, self._shards = [], 0, set(), {}  # shards: path -> sums
-        old = glob.glob(os.path.join(self.output_dir, SHARD_GLOB))
-        old += [p for p in (os.path.join(self.output_dir, n) for n in ("stats.safetensors", "metadata.json"))
-                if os.path.exists(p)]
+        old = glob.glob(os.path.join(self.output_dir, SHARD_GLOB)) + [
+            p for p in (os.path.join(self.output_dir, n) for n in ("stats.safetensors", "metadata.json"))
+            if os.path.exists(p)]
         if old and not self.overwrite:
             raise FileExistsError(f"latent cache folder {self.output_dir} already holds {len(old)} cache files; "
                                   f"choose another output_dir or set overwrite: true to replace them")
@@ -278,7 +224,7 @@ class LatentDataset(Dataset):
 
     def __init__(self, cache_dir: str, shards: list[str], in_memory: bool = True, with_flip: bool = True):
         self.paths = [os.path.join(cache_dir, s) for s in shards]
-        self.keys = ["latents", "latents_flip"] if with_flip else ["latents"]
+        self.keys = {"latent": "latents", "latent_flip": "latents_flip"} if with_flip else {"latent": "latents"}
         rows, labels = {}, {}
         for s, path in enumerate(self.paths):
             with safe_open(path, "pt") as f:
@@ -293,7 +239,7 @@ class LatentDataset(Dataset):
             shards = [load_file(p) for p in self.paths]
             offsets = np.cumsum([0] + [len(sh["indices"]) for sh in shards])
             pos = torch.as_tensor([offsets[s] + r for s, r in self.rows], dtype=torch.long)
-            self.data = {k: torch.cat([sh[k] for sh in shards])[pos] for k in self.keys}
+            self.data = {k: torch.cat([sh[k] for sh in shards])[pos] for k in self.keys.values()}
 
     def __len__(self):
         return len(self.indices)
@@ -305,33 +251,83 @@ class LatentDataset(Dataset):
 
     def __getitem__(self, n):
         s, r = self.rows[n]
-        item = {"label": self.labels[n], "index": self.indices[n]}
-        for key in self.keys:
-            item[key[:-1] if key == "latents" else "latent_flip"] = (
-                self.data[key][n] if self.data is not None else self._row(key, s, r))
-        return item
+        get = (lambda k: self.data[k][n]) if self.data is not None else (lambda k: self._row(k, s, r))
+        return {"label": self.labels[n], "index": self.indices[n], **{k: get(v) for k, v in self.keys.items()}}
 
     def __getstate__(self):
         return {**self.__dict__, "_handles": {}}
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """A well-mixed 64-bit hash (uint64 arithmetic wraps, as the algorithm wants)."""
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
+def seed_of(*parts: int) -> int:
+    """A well-mixed 32-bit seed from integers (seed, step, rank, ...): no two tuples share a stream."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-def flip_choice(indices: torch.Tensor, epoch: int, seed: int) -> torch.Tensor:
-    """(B,) bool: a pseudo-random bit per (seed, epoch, dataset index), independent of batching and rank."""
-    key = _splitmix64(np.array([(seed & 0xFFFFFFFF) << 32 | (epoch & 0xFFFFFFFF)], dtype=np.uint64))
-    bits = _splitmix64(_splitmix64(indices.cpu().numpy().astype(np.uint64)) ^ key) & np.uint64(1)
-    return torch.from_numpy(bits.astype(bool))
+def flip_choice(index: int, epoch: int, seed: int) -> bool:
+    """Whether pass `epoch` uses the flipped latent of item `index`: fixed by (seed, epoch, index) alone."""
+    return bool(seed_of(seed, epoch, index) & 1)
+
+
+class LatentStream(IterableDataset):
+    """Endless, resumable stream of one rank's training items {latent (normalised), label, index}.
+
+    Pass p visits a (seed, p) permutation of the cache, split across ranks; item q of a rank's stream
+    depends only on (seed, rank, world size, q), and each item's flip variant on (seed, p, index). Batch b of
+    size B holds items [bB, (b + 1)B); starting at batch `start` resumes a run exactly, in any epoch phase.
+    DataLoader worker w of W makes batches start + w, start + w + W, ..., which the loader's round-robin
+    returns in order.
+    """
+
+    def __init__(self, data: LatentDataset, normalizer: LatentNormalizer, batch_size: int, seed: int,
+                 rank: int = 0, world: int = 1):
+        self.data, self.normalizer, self.batch_size, self.seed = data, normalizer, batch_size, seed
+        self.rank, self.world, self.start = rank, world, 0
+        self.per_rank = len(data) // world  # the tail of each pass that does not split evenly is skipped
+        if self.per_rank == 0:
+            raise ValueError(f"a cache of {len(data)} latents cannot feed {world} ranks")
+        self._perm = (None, None)
+
+    def item(self, q: int) -> dict:
+        p, o = divmod(q, self.per_rank)
+        if self._perm[0] != p:
+            self._perm = (p, torch.randperm(len(self.data), generator=torch.Generator().manual_seed(
+                seed_of(self.seed, p))))
+        n = int(self._perm[1][self.rank + o * self.world])
+        item = self.data[n]
+        z = item["latent"]
+        if "latent_flip" in item and flip_choice(item["index"], p, self.seed):
+            z = item["latent_flip"]
+        return {"latent": self.normalizer.normalize(z.float()[None])[0], "label": item["label"],
+                "index": item["index"]}
+
+    def __iter__(self):
+        info = get_worker_info()
+        w, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        b = self.start + w
+        while True:
+            for q in range(b * self.batch_size, (b + 1) * self.batch_size):
+                yield self.item(q)
+            b += workers
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that Lightning saves in checkpoints (state_dict / load_state_dict): batches consumed."""
+
+    consumed = 0
+
+    def state_dict(self) -> dict:
+        return {"batches": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed = self.dataset.start = int(state["batches"])
 
 
 class LatentDataModule(L.LightningDataModule):
-    """Cached latents for DiT training: batches {latent (normalised), label, index}."""
+    """Cached latents for DiT training: an endless stream of batches {latent (normalised), label, index}.
+
+    There are no epochs (set trainer.max_steps); the stream position is checkpointed, so resuming from any
+    step replays exactly what an uninterrupted run sees next.
+    """
 
     per_device_batch_size = ImageDataModule.per_device_batch_size  # the same global -> per-device rule
 
@@ -344,7 +340,7 @@ class LatentDataModule(L.LightningDataModule):
         self.in_memory, self.random_flip, self.seed = in_memory, random_flip, default_seed(seed)
         self.expect_autoencoder, self.expect_image_size = expect_autoencoder, expect_image_size
         self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
-        self._metadata, self.train_set, self.normalizer = None, None, None
+        self._metadata, self.train_set, self.normalizer, self._loader = None, None, None, None
 
     @property
     def metadata(self) -> dict:
@@ -369,25 +365,18 @@ class LatentDataModule(L.LightningDataModule):
         self.normalizer = LatentNormalizer.from_cache(self.cache_dir)
         self.train_set = LatentDataset(self.cache_dir, shards, self.in_memory, self.random_flip)
 
-    def train_dataloader(self):
-        bs = self.per_device_batch_size
-        # Epoch-seeded order on any number of devices (Lightning calls set_epoch and keeps a given
-        # DistributedSampler), so a resumed run sees the batches an uninterrupted one sees.
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        sampler = DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
-        return DataLoader(self.train_set, batch_size=bs, sampler=sampler, drop_last=len(self.train_set) >= bs * world,
-                          num_workers=self.num_workers,
-                          pin_memory=self.pin_memory and torch.cuda.is_available(),
-                          persistent_workers=self.persistent_workers and self.num_workers > 0)
-
-    def prepare_batch(self, batch: dict, epoch: int = 0) -> dict:
-        """Pick each item's flip variant (a function of seed, epoch and index) and normalise."""
-        z = batch["latent"]
-        if "latent_flip" in batch:
-            pick = flip_choice(batch["index"], epoch, self.seed).view(-1, 1, 1, 1)
-            z = torch.where(pick, batch["latent_flip"], z)
-        return {"latent": self.normalizer.normalize(z.float()), "label": batch["label"], "index": batch["index"]}
+    def train_dataloader(self) -> ResumableLoader:
+        trainer = self.trainer
+        if trainer is not None and trainer.max_steps in (-1, None):
+            raise ValueError("LatentDataModule streams the cache without epochs: set trainer.max_steps")
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        stream = LatentStream(self.train_set, self.normalizer, self.per_device_batch_size, self.seed, rank, world)
+        self._loader = ResumableLoader(stream, batch_size=stream.batch_size, num_workers=self.num_workers,
+                                       pin_memory=self.pin_memory and torch.cuda.is_available(),
+                                       persistent_workers=self.persistent_workers and self.num_workers > 0)
+        return self._loader
 
     def on_before_batch_transfer(self, batch, dataloader_idx):
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        return self.prepare_batch(batch, epoch)
+        if self._loader is not None and self.trainer is not None and self.trainer.training:
+            self._loader.consumed += 1  # counted where the loop takes a batch, after any prefetching
+        return batch

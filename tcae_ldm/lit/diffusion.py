@@ -1,0 +1,233 @@
+"""DiffusionModule: a class-conditional DiT trained on a latent cache, with EMA, sampling and CFG.
+
+The DiT's input size, channels and number of classes are read from the LatentDataModule in
+configure_model() and recorded in the hyper-parameters, so configs never repeat them and a checkpoint
+rebuilds its own DiT. Training randomness (noise, t, label dropout) is drawn from a generator seeded by
+(seed, rank, step, micro-batch) and the data stream is checkpointed, so resuming from any step replays
+exactly what an uninterrupted run does.
+The autoencoder that decodes samples is loaded lazily and is never part of the checkpoint.
+"""
+from __future__ import annotations
+
+import os
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torchvision.utils import make_grid, save_image
+
+from tcae_ldm.data.latents import LatentNormalizer, default_seed, read_metadata, seed_of
+from tcae_ldm.diffusion import DDPM, create_objective
+from tcae_ldm.lit.autoencoder import NonFiniteLossError
+from tcae_ldm.lit.ema import EMA
+from tcae_ldm.lit.schedules import param_groups
+from tcae_ldm.models.autoencoders import (AutoencoderSpec, FrozenAutoencoder, describe_identity, identity_mismatch,
+                                          load_autoencoder)
+from tcae_ldm.models.dit import create_dit
+
+LINKED = ("input_size", "in_channels", "num_classes")
+DEFAULT_SAMPLER = {"flow": "euler", "ddpm": "ddpm"}
+
+
+class DiffusionModule(L.LightningModule):
+    """Latent DiT training (flow or DDPM objective), EMA weights for sampling, CFG sampling and decoding."""
+
+    def __init__(self, dit: str = "DiT-XL/1", dit_args: dict | None = None, objective: str = "flow",
+                 objective_args: dict | None = None, optimizer: OptimizerCallable = torch.optim.AdamW,
+                 warmup_steps: int = 0, ema_decay: float | None = 0.9999, ema_warmup: bool = False,
+                 grad_clip: float | None = None, sample_steps: int = 50, sampler: str | None = None,
+                 cfg_scale: float = 1.0, cfg_interval: tuple[float, float] | None = None,
+                 sample_every_n_steps: int = 0, sample_grid_size: int = 16,
+                 autoencoder: AutoencoderSpec | None = None, seed: int | None = None,
+                 latent_shape: tuple[int, int, int] | None = None, num_classes: int | None = None):
+        """latent_shape / num_classes: filled in from the datamodule and stored in checkpoints; leave unset.
+        autoencoder: decodes samples; None uses the one that made the cache (its metadata)."""
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        linked = sorted(set(dit_args or {}) & set(LINKED))
+        if linked:
+            raise ValueError(f"dit_args {linked} come from the latent cache (latent shape, classes); remove them")
+        self.objective = create_objective(objective, **(objective_args or {}))
+        self.optimizer_fn = optimizer
+        self.seed = default_seed(seed)
+        self.sampler = sampler or DEFAULT_SAMPLER[objective]
+        self.dit = self.ema = self.normalizer = None
+        self.cache_info: dict = {}  # cache dir + metadata, saved in checkpoints
+        self.images_seen, self._grid_step, self._micro_step, self._micro = 0, None, None, 0
+        self.__dict__["_autoencoder"] = None  # plain attribute: not a submodule, so never in the state_dict
+        if latent_shape is not None and num_classes is not None:
+            self._build(tuple(latent_shape), int(num_classes))
+
+    # ------------------------------------------------------------------ model
+    def _build(self, latent_shape: tuple[int, int, int], num_classes: int) -> None:
+        c, h, w = latent_shape
+        if h != w:
+            raise ValueError(f"the DiT takes square latents, the cache holds {c}x{h}x{w}")
+        self.hparams.latent_shape, self.hparams.num_classes = [c, h, w], num_classes
+        self.dit = create_dit(self.hparams.dit, **{**(self.hparams.dit_args or {}), "input_size": h,
+                                                   "in_channels": c, "num_classes": num_classes})
+        self.ema = EMA(self.dit, self.hparams.ema_decay, self.hparams.ema_warmup) if self.hparams.ema_decay else None
+        self.normalizer = LatentNormalizer(c)
+
+    def configure_model(self) -> None:
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "latent_shape"):
+            if self.dit is None:
+                raise ValueError("DiffusionModule sizes its DiT from a LatentDataModule (latent shape, classes); "
+                                 "train with one, or load a checkpoint")
+            return
+        shape, ncls = tuple(dm.latent_shape), int(dm.num_classes)
+        if self.dit is None:
+            self._build(shape, ncls)
+        elif (list(shape), ncls) != (list(self.hparams.latent_shape), self.hparams.num_classes):
+            raise ValueError(f"this DiT was built for {self.hparams.latent_shape} latents and "
+                             f"{self.hparams.num_classes} classes, the cache {dm.cache_dir} has {list(shape)} "
+                             f"and {ncls}")
+        self.normalizer.load_state_dict(dm.normalizer.state_dict())
+        self.cache_info = {"dir": os.path.abspath(dm.cache_dir), "metadata": dm.metadata}
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.hparams.num_classes)
+
+    @property
+    def eval_net(self) -> torch.nn.Module:
+        """The weights used for sampling: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else self.dit
+
+    # ------------------------------------------------------------------ training
+    def configure_optimizers(self):
+        opt = self.optimizer_fn(param_groups(self.dit))
+        if not self.hparams.warmup_steps:
+            return opt
+        warmup = self.hparams.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        clip = gradient_clip_val or self.hparams.grad_clip
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch["latent"], batch["label"]
+        # Lightning's batch_idx restarts differently after a mid-epoch resume; count micro-batches per step.
+        self._micro = self._micro + 1 if self._micro_step == self.global_step else 0
+        self._micro_step = self.global_step
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed_of(self.seed, self.global_rank, self.global_step, self._micro))
+            loss = self.objective.loss(self.dit, x, y)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"non-finite diffusion loss {loss.item()} at step {self.global_step}; "
+                                     f"stopping before the update, so the last checkpoint is the last good one")
+        n = x.shape[0]
+        self.images_seen += n * self.trainer.world_size
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=n)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
+        self.log("train/images_seen", float(self.images_seen), batch_size=n)
+        return loss
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: ModelCheckpoint saves in its on_train_batch_end, which runs before
+        # the module's, and the EMA in a checkpoint must include the step its weights include.
+        if self.ema is not None:
+            self.ema.update(self.dit, self.global_step + 1)  # global_step counts this step after the hook
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        every, step = self.hparams.sample_every_n_steps, self.global_step
+        if every and step % every == 0 and step != self._grid_step and self.trainer.is_global_zero:
+            self._grid_step = step  # once per step, also with gradient accumulation
+            self.save_sample_grid()
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(self, labels: torch.Tensor, seed: int = 0, steps: int | None = None, sampler: str | None = None,
+               cfg_scale: float | None = None, cfg_interval: tuple[float, float] | None = None,
+               decode: bool = True) -> torch.Tensor:
+        """Samples for labels (B,) with the EMA weights: images (B, 3, H, W) in [-1, 1], or normalised latents."""
+        hp = self.hparams
+        net = self.eval_net
+        cfg_scale = hp.cfg_scale if cfg_scale is None else cfg_scale
+        if cfg_scale != 1.0 and net.y_embedder.embedding_table.num_embeddings == self.num_classes:
+            raise ValueError(f"cfg_scale={cfg_scale} needs a null class, but this DiT was trained without label "
+                             f"dropout (dit_args.class_dropout_prob = 0)")
+        was_training = net.training
+        net.eval()  # no label dropout while sampling
+        g = torch.Generator().manual_seed(seed)  # CPU noise: the same samples on any device
+        noise = torch.randn((labels.shape[0], *hp.latent_shape), generator=g).to(self.device)
+        kwargs = dict(steps=steps or hp.sample_steps, sampler=sampler or self.sampler,
+                      cfg_scale=cfg_scale,
+                      cfg_interval=cfg_interval if cfg_interval is not None else hp.cfg_interval,
+                      null_label=self.num_classes)
+        if isinstance(self.objective, DDPM):
+            kwargs["generator"] = g
+        z = self.objective.sample(net, noise, labels.to(self.device), **kwargs)
+        net.train(was_training)
+        return self.decode(z) if decode else z
+
+    def set_decoder(self, autoencoder: FrozenAutoencoder | AutoencoderSpec | None = None,
+                    cache_dir: str | None = None) -> None:
+        """Decode with another autoencoder and/or with the statistics of another cache folder."""
+        if cache_dir is not None:
+            self.normalizer.load_state_dict(LatentNormalizer.from_cache(cache_dir).state_dict())
+            self.cache_info = {"dir": os.path.abspath(cache_dir), "metadata": read_metadata(cache_dir)}
+        if isinstance(autoencoder, dict):
+            autoencoder = load_autoencoder(**autoencoder)
+        if autoencoder is not None:
+            self._check_decoder(autoencoder)
+        self.__dict__["_autoencoder"] = autoencoder
+
+    def _check_decoder(self, ae: FrozenAutoencoder) -> None:
+        made_by = self.cache_info.get("metadata", {}).get("autoencoder")
+        if made_by:
+            expected = {k: made_by.get(k) for k in ("kind", "encoder_hash")}  # the same latent space
+            bad = identity_mismatch(expected, ae.identity())
+            if bad:
+                raise ValueError(f"the latents were made by {describe_identity(made_by)}; decoding them with "
+                                 f"{describe_identity(ae.identity())} (differs in {bad}) would give wrong images")
+
+    @property
+    def autoencoder(self) -> FrozenAutoencoder:
+        """The decoder of samples: loaded on first use from `autoencoder`, else from the cache's metadata."""
+        if self.__dict__["_autoencoder"] is None:
+            spec = self.hparams.autoencoder or self.cache_info.get("metadata", {}).get("autoencoder_spec")
+            if not spec:
+                raise ValueError("no autoencoder to decode samples: set model.autoencoder {kind, path}")
+            self.set_decoder(dict(spec))
+        return self.__dict__["_autoencoder"].to(self.device)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, c, h, w) -> images (B, 3, H, W) in [-1, 1]."""
+        return self.autoencoder.decode(self.normalizer.denormalize(z)).clamp(-1, 1)
+
+    def save_sample_grid(self) -> str:
+        n = self.hparams.sample_grid_size
+        images = self.sample(torch.arange(n) % self.num_classes, seed=self.seed)
+        out_dir = os.path.join(getattr(self.logger, "log_dir", None) or self.trainer.default_root_dir, "samples")
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, f"step{self.global_step:07d}.png")
+        save_image(make_grid(images.cpu(), nrow=int(n ** 0.5), normalize=True, value_range=(-1, 1)), path)
+        return path
+
+    # ------------------------------------------------------------------ checkpoint
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["images_seen"] = self.images_seen
+        checkpoint["latent_cache"] = self.cache_info
+
+    def on_load_checkpoint(self, checkpoint):
+        self.images_seen = checkpoint.get("images_seen", 0)
+        saved = checkpoint.get("latent_cache") or {}
+        current = self.cache_info.get("metadata")
+        if current and saved.get("metadata"):
+            bad = identity_mismatch({k: saved["metadata"]["autoencoder"].get(k) for k in ("kind", "encoder_hash")},
+                                    current["autoencoder"])
+            if bad:
+                raise ValueError(f"this checkpoint was trained on latents of "
+                                 f"{describe_identity(saved['metadata']['autoencoder'])}, the cache "
+                                 f"{self.cache_info['dir']} holds latents of "
+                                 f"{describe_identity(current['autoencoder'])}")
+        if not current:
+            self.cache_info = saved
