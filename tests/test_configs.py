@@ -46,3 +46,19 @@ def test_autoencoder_configs_build_their_model(path):
     net = cli.model.net
     c, h, w = net.latent_shape()
     assert h == w == net.latent_size
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "ablations", "demo", "*.yaml"))),
+                         ids=os.path.basename)
+def test_demo_ablation_twins_train_through_the_cli(path, tmp_path):
+    """Each demo twin of the ablation grid trains two steps through the CLI (tiny data, same overlays)."""
+    out = str(tmp_path)
+    lightning_main(["fit", *_stack(path), "--model.init_args.max_steps=2", "--data.init_args.train_per_class=2",
+                    "--data.init_args.val_per_class=1", "--data.init_args.global_batch_size=8",
+                    "--trainer.check_val_every_n_epoch=1", f"--trainer.logger.init_args.save_dir={out}"])
+    name = os.path.splitext(os.path.basename(path))[0]
+    ckpt = torch.load(os.path.join(out, f"ablation_{name}", "checkpoints", "last.ckpt"), weights_only=False)
+    assert ckpt["step_count"] == 2
+    has_ssl = any(k.startswith("ssl.") for k in ckpt["state_dict"])
+    assert has_ssl == (name not in ("stc_only", "none"))
