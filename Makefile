@@ -8,7 +8,7 @@ RUNS   ?= runs/demo
 # Nothing downloads at run time: models come from local caches or are random in tests.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: install test test-fast demo clean
+.PHONY: install test test-fast demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ demo: $(STAMP)
 	$(OFFLINE) $(BIN)/tcae-ldm predict --config configs/demo/cache_latents_tcae.yaml
 	$(OFFLINE) $(BIN)/tcae-ldm fit --config configs/demo/dit_on_tcae.yaml
 	$(OFFLINE) $(BIN)/tcae-ldm sample --ckpt $(RUNS)/dit_tcae/checkpoints/last.ckpt --out $(RUNS)/dit_tcae/samples_final --num 64
+
+# Cost and throughput of TC-AE vs DC-AE (and the DiT on their latents), measured side by side.
+bench: $(STAMP)
+	$(OFFLINE) $(BIN)/tcae-ldm bench --out $(RUNS)/bench.json
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache

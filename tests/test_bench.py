@@ -1,0 +1,129 @@
+"""`tcae-ldm bench`: what it reports (tiny presets), how it times, and the cost counts it relies on."""
+import inspect
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tcae_ldm import bench, bench_lib
+from tcae_ldm.metrics.flops import count_gmacs
+from tcae_ldm.models.tcae import create_tcae
+
+TINY_AES = ["TC-AE-T/p4-c16", "TC-AE-T/p4-c16:vanilla", "DC-AE-tiny"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny networks gain nothing from a thread pool, and a busy CPU makes it stall
+    try:
+        report = bench.main(["--tiny", "--repeats", "2", "--device", "cpu", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    return report, json.loads(out.read_text()), bench.tables(report)
+
+
+def test_tiny_bench_json(tiny_run):
+    _, saved, _ = tiny_run
+    assert {"env", "settings", "reference", "autoencoders", "dits", "dit_latents", "data", "notes"} <= set(saved)
+    assert saved["reference"] == "DC-AE-tiny" and list(saved["autoencoders"]) == TINY_AES
+    for name, ae in saved["autoencoders"].items():
+        assert ae["latent_shape"] == [16, 2, 2]  # the same token count for every autoencoder
+        assert ae["gmacs"]["total"] == pytest.approx(ae["gmacs"]["encode"] + ae["gmacs"]["decode"])
+        assert ae["params_m"] > 0 and ae["gmacs_256"]["total"] > ae["gmacs"]["total"]
+        for mode in ("encode", "decode", "train"):
+            r = ae["throughput"]["fp32"][mode]
+            assert len(r["times_s"]) == 2 and r["items_per_s"] == pytest.approx(2 / r["median_s"])
+            assert r["peak_mem_mb"] is None or r["peak_mem_mb"] > 0
+            ref = saved["autoencoders"]["DC-AE-tiny"]["throughput"]["fp32"][mode]["items_per_s"]
+            assert r["ratio_vs_reference"] == pytest.approx(r["items_per_s"] / ref)
+    assert saved["autoencoders"]["DC-AE-tiny"]["gmacs_ratio_vs_reference"] == 1.0
+    dit = saved["dits"]["DiT-T/1@16x2x2"]
+    assert dit["latents_of"] == TINY_AES and dit["throughput"]["fp32"]["train"]["items_per_s"] > 0
+    img, lat = saved["data"]["images"], saved["data"]["latents 16x2x2"]
+    assert img["feeds"].startswith("TC-AE-T/p4-c16") and lat["feeds"] == "DiT-T/1@16x2x2 train fp32"
+    assert lat["source"].startswith("LatentDataModule")  # the real reader, not the fallback
+    for d in (img, lat):
+        assert d["loader_over_step"] == pytest.approx(d["items_per_s"] / d["step_items_per_s"])
+        assert d["verdict"] in ("ok", "INPUT-BOUND")
+
+
+def test_tiny_bench_table(tiny_run):
+    _, _, text = tiny_run
+    for title in ("Cost (GMACs", "Autoencoder throughput", "DiT training step", "Input pipelines"):
+        assert title in text
+    for header in ("params M", "GMACs enc", "GMACs dec", "e+d@256", "encode", "decode", "train step",
+                   "peak MB e/d/t", "loader/step"):
+        assert header in text
+    lines = [line.split() for line in text.splitlines()]
+    for name in TINY_AES:
+        assert [cells[0] for cells in lines if cells].count(name) == 2  # its cost row and its fp32 speed row
+        assert [name, "fp32"] in [cells[:2] for cells in lines]
+    assert ["DiT-T/1", "16x2x2"] in [cells[:2] for cells in lines]
+    assert "(1.00x)" in next(line for line in text.splitlines() if line.startswith("DC-AE-tiny") and "fp32" in line)
+
+
+def test_rounds_interleave_models_and_errors_do_not_stop_the_run():
+    calls = []
+
+    def make(key, fail=False):
+        def fn():
+            calls.append(key)
+            if fail and calls.count(key) > 1:
+                raise RuntimeError("boom\nsecond line")
+        return bench_lib.Case(key, fn, items=4)
+
+    cases = [make("A"), make("B", fail=True), make("C")]
+    bench_lib.time_interleaved(cases, repeats=3, device=torch.device("cpu"))
+    # warm-up A B C, then rounds A B C, A C, A C: B failed in its first timed call and left the rotation
+    assert calls == ["A", "B", "C", "A", "B", "C", "A", "C", "A", "C"]
+    assert cases[1].result == {"error": "RuntimeError: boom"}
+    assert len(cases[0].result["times_s"]) == 3 and cases[0].result["items_per_s"] > 0
+
+
+def test_gmacs_match_hand_counts():
+    assert count_gmacs(nn.Linear(64, 32), torch.randn(10, 64)) * 1e9 == 10 * 64 * 32
+    conv = nn.Conv2d(3, 8, kernel_size=3, padding=1, stride=2)
+    # 8 output channels x 8x8 positions, each a 3x3x3 dot product
+    assert count_gmacs(conv, torch.randn(1, 3, 16, 16)) * 1e9 == 8 * 8 * 8 * 27
+
+
+def test_dcae_f32c32_config_and_cost():
+    from diffusers import AutoencoderDC
+
+    assert set(bench_lib.DCAE_F32C32_CONFIG) <= set(inspect.signature(AutoencoderDC.__init__).parameters)
+    dc = bench_lib.autoencoder_cost("DC-AE-f32c32", 256, 32)
+    assert dc["latent_shape"] == [32, 8, 8]
+    assert dc["gmacs"]["total"] == pytest.approx(606.9, rel=0.005)  # the published 607 GMACs
+    assert dc["params_m"] == pytest.approx(323.4, abs=0.1)
+    tc = bench_lib.autoencoder_cost("TC-AE-B/p8-c128", 256, 32)
+    assert tc["latent_shape"] == [128, 8, 8]
+    assert tc["gmacs"]["total"] <= 164 and tc["gmacs"]["total"] <= 0.30 * dc["gmacs"]["total"]
+
+
+def test_peak_table_by_device_name():
+    assert bench_lib.peak_bf16_tflops("NVIDIA H200") == 989.0
+    assert bench_lib.peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bench_lib.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert bench_lib.peak_bf16_tflops("Some Future GPU") is None
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile's CPU backend (inductor) needs a C++ compiler, none on PATH")
+def test_compile_in_place_keeps_state_dict_keys_and_outputs():
+    torch.manual_seed(0)
+    net = create_tcae("TC-AE-T/p4-c16", image_size=32, latent_size=2).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    keys = list(net.state_dict())
+    with torch.no_grad():
+        ref_rec, ref_z = net(x)
+    assert all(k.startswith("_orig_mod.") for k in torch.compile(net).state_dict())  # why a wrapper is avoided
+    net.compile()  # nn.Module.compile: in place, forward compiled on first call
+    assert list(net.state_dict()) == keys
+    with torch.no_grad():
+        rec, z = net(x)
+    torch.testing.assert_close(z, ref_z, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(rec, ref_rec, rtol=1e-4, atol=1e-5)
