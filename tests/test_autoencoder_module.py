@@ -180,3 +180,24 @@ def test_ssl_without_views_and_ssl_in_decoder_finetune_are_refused():
         _ssl_module(phase="decoder_finetune")
     with pytest.raises(KeyError, match="data.init_args.views"):
         _trainer("/tmp/tcae_ssl_noviews").fit(_ssl_module(max_steps=1), _data())
+
+
+def test_joint_checkpoint_rebuilds_its_encoder_with_the_cls_token(tmp_path):
+    """The [CLS] token takes part in the encoder's attention: caches and finetunes must keep it."""
+    from tcae_ldm.models.autoencoders import TCAEAutoencoder
+
+    torch.manual_seed(0)
+    joint = _ssl_module(max_steps=1)
+    _trainer(str(tmp_path / "joint")).fit(joint, _ssl_data())
+    ckpt = str(tmp_path / "joint" / "ckpt" / "last.ckpt")
+    frozen = TCAEAutoencoder.from_checkpoint(ckpt)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(frozen.encode(x), joint.eval_net.encode(x))
+    with pytest.raises(ValueError, match="cls_token: true"):
+        _module(phase="decoder_finetune", init_from=ckpt, ema_decay=None).setup("fit")
+    ft = _module(phase="decoder_finetune", init_from=ckpt, ema_decay=None,
+                 net_args={"image_size": 32, "latent_size": 2, "cls_token": True})
+    ft.setup("fit")
+    with torch.no_grad():
+        assert torch.equal(ft.net.encode(x), joint.eval_net.encode(x))

@@ -48,7 +48,11 @@ class AutoencoderModule(L.LightningModule):
         self.automatic_optimization = False
         if ssl is not None and phase == "decoder_finetune":
             raise ValueError("decoder_finetune trains the decoder only: set model.ssl to null")
-        self.net = create_tcae(net, **{**(net_args or {}), **({"cls_token": True} if ssl else {})})
+        # iBOT needs a [CLS] token in the encoder; it is recorded in net_args because it takes part in the
+        # encoder's attention, so every later rebuild of this network (finetune, cache, export) needs it too.
+        net_args = {**(net_args or {}), **({"cls_token": True} if ssl else {})}
+        self.hparams["net_args"] = net_args
+        self.net = create_tcae(net, **net_args)
         self.loss = ReconstructionLoss(loss)
         self.ssl = iBOTObjective(self.net.encoder, self.net.width, ssl) if ssl is not None else None
         self.optimizer_fn, self.disc_optimizer_fn, self.init_from = optimizer, disc_optimizer, init_from
@@ -68,12 +72,12 @@ class AutoencoderModule(L.LightningModule):
         state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
         prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "net."
         weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        own = self.net.state_dict()
-        weights = {k: v for k, v in weights.items() if k in own or k != "encoder.cls_token"}  # SSL-only token
         missing, unexpected = self.net.load_state_dict(weights, strict=False)
-        if unexpected or [k for k in missing if k != "encoder.cls_token"]:
+        if missing or unexpected:
+            hint = (" (the encoder was trained with iBOT's [CLS] token: set model.net_args.cls_token: true)"
+                    if "encoder.cls_token" in unexpected else "")
             raise ValueError(f"checkpoint {path} does not fit net={self.hparams.net}: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+                             f"unexpected {unexpected[:5]}{hint}")
         log.info("initialised the autoencoder from %s (%s)", path, prefix.rstrip("."))
 
     def setup(self, stage: str) -> None:

@@ -180,7 +180,9 @@ class TCAEAutoencoder(FrozenAutoencoder):
         state = ckpt["state_dict"]
         prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "net."
         weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        return cls._build(tcae_config(hp["net"], hp.get("net_args")), weights, hp["net"], _normpath(path), dtype)
+        config = tcae_config(hp["net"], hp.get("net_args"))
+        config["cls_token"] = "encoder.cls_token" in weights  # it takes part in the encoder's attention
+        return cls._build(config, weights, hp["net"], _normpath(path), dtype)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: str = "fp32") -> "TCAEAutoencoder":
