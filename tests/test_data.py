@@ -101,3 +101,10 @@ def test_demo_datamodule_is_deterministic_and_labelled():
     assert np.array_equal(a.train_set.images, b.train_set.images)
     item = a.val_set[15]
     assert item["image"].shape == (3, 32, 32) and item["label"] == 7
+
+
+def test_demo_validation_crops_do_not_depend_on_the_training_count():
+    a = DemoPhotosDataModule(image_size=32, train_per_class=4, val_per_class=2)
+    b = DemoPhotosDataModule(image_size=32, train_per_class=1, val_per_class=2)
+    a.setup(), b.setup()
+    assert np.array_equal(a.val_set.images, b.val_set.images)

@@ -65,13 +65,14 @@ class DemoPhotosDataset(Dataset):
 def build_demo_split(image_size: int, train_per_class: int, val_per_class: int, val_fraction: float,
                      scale: tuple[float, float], seed: int):
     """(train images, train labels, val images, val labels) with disjoint source regions."""
-    rng = np.random.default_rng(seed)
+    # Separate streams: the validation crops do not change when the number of training crops does.
+    rng_train, rng_val = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
     tr_x, tr_y, va_x, va_y = [], [], [], []
     for label, (name, photo) in enumerate(load_demo_photos().items()):
         w = photo.shape[1]
         cut = int(round(w * (1 - val_fraction)))
-        tr_x.append(draw_crops(photo, (0, cut), train_per_class, image_size, scale, rng))
-        va_x.append(draw_crops(photo, (cut, w), val_per_class, image_size, scale, rng))
+        tr_x.append(draw_crops(photo, (0, cut), train_per_class, image_size, scale, rng_train))
+        va_x.append(draw_crops(photo, (cut, w), val_per_class, image_size, scale, rng_val))
         tr_y += [label] * train_per_class
         va_y += [label] * val_per_class
     return np.concatenate(tr_x), np.array(tr_y), np.concatenate(va_x), np.array(va_y)
