@@ -1,4 +1,5 @@
-# tcae-ldm: `make demo` runs the CPU demo on the embedded photos, `make test` runs the suite.
+# tcae-ldm: `make demo` runs the CPU demo on the embedded photos, `make test` runs the suite,
+# `make compare-demo` answers TC-AE vs DC-AE in miniature, `make bench` measures cost and speed.
 # Both create .venv on first use and install the package with its test extras.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -8,7 +9,7 @@ RUNS   ?= runs/demo
 # Nothing downloads at run time: models come from local caches or are random in tests.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast fid-demo demo compare-demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,13 +24,49 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m pytest -q -m "not slow"
 
-# The whole chain on CPU: TC-AE -> its report -> latent cache -> DiT -> samples.
-demo: $(STAMP)
-	$(OFFLINE) $(BIN)/tcae-ldm fit --config configs/demo/tcae.yaml
-	$(OFFLINE) $(BIN)/tcae-ldm ae-report --ckpt $(RUNS)/tcae/checkpoints/last.ckpt --out $(RUNS)/tcae
-	$(OFFLINE) $(BIN)/tcae-ldm predict --config configs/demo/cache_latents_tcae.yaml
-	$(OFFLINE) $(BIN)/tcae-ldm fit --config configs/demo/dit_on_tcae.yaml
-	$(OFFLINE) $(BIN)/tcae-ldm sample --ckpt $(RUNS)/dit_tcae/checkpoints/last.ckpt --out $(RUNS)/dit_tcae/samples_final --num 64
+# ---------------------------------------------------------------------------------------------------------------
+# CPU demo on the embedded photos. Each step leaves a marker (.done, or the cache's metadata.json, written last),
+# so a rerun skips the steps that are newer than their configs and inputs; `rm -rf runs/demo` starts over.
+#   make demo          TC-AE -> its report -> latent cache -> DiT (with the gFID-proxy curve) -> samples
+#   make compare-demo  the same chain for a DC-AE trained with the same losses and budget, then `tcae-ldm compare`
+# ---------------------------------------------------------------------------------------------------------------
+FID      := $(RUNS)/fid
+FEATURES := $(FID)/demo-classifier.pt
+FID_REF  := $(FID)/demo_train_demo-classifier.npz
+TCAE_AE  := $(RUNS)/tcae/.done
+DCAE_AE  := $(RUNS)/dcae/.done
+
+# The offline FID proxy: a small classifier of the 8 photos (rfid_/gfid_demo-classifier) and the train crops' stats.
+$(FEATURES): | $(STAMP)
+	$(OFFLINE) $(BIN)/python -m tcae_ldm.metrics.features train-demo-classifier --out $@
+$(FID_REF): $(FEATURES)
+	$(OFFLINE) $(BIN)/tcae-ldm fid-stats --demo --split train --features demo-classifier --weights $(FEATURES) --out $@
+
+# Autoencoders: train, then compare with the bicubic baseline at the same float budget.
+$(RUNS)/%/.done: configs/demo/%.yaml $(FEATURES) | $(STAMP)
+	$(OFFLINE) $(BIN)/tcae-ldm fit --config configs/demo/$*.yaml
+	$(OFFLINE) $(BIN)/tcae-ldm ae-report --ckpt $(RUNS)/$*/checkpoints/last.ckpt --out $(RUNS)/$* --image-size 64
+	touch $@
+
+# Latent caches of the training crops and their flips.
+$(RUNS)/latents_%/metadata.json: configs/demo/cache_latents_%.yaml $(RUNS)/%/.done
+	$(OFFLINE) $(BIN)/tcae-ldm predict --config configs/demo/cache_latents_$*.yaml
+
+# The same DiT on each cache, logging gen/gfid_demo-classifier every 100 steps; then a final sample grid.
+$(RUNS)/dit_%/.done: configs/demo/dit_on_%.yaml $(RUNS)/latents_%/metadata.json $(FID_REF)
+	$(OFFLINE) $(BIN)/tcae-ldm fit --config configs/demo/dit_on_$*.yaml
+	$(OFFLINE) $(BIN)/tcae-ldm sample --ckpt $(RUNS)/dit_$*/checkpoints/last.ckpt --out $(RUNS)/dit_$*/samples_final --num 64
+	touch $@
+
+# Markers and caches are results, not intermediates: make must never delete them.
+.SECONDARY:
+
+fid-demo: $(FID_REF)
+
+demo: $(RUNS)/dit_tcae/.done
+
+compare-demo: $(RUNS)/dit_tcae/.done $(RUNS)/dit_dcae/.done
+	$(OFFLINE) $(BIN)/tcae-ldm compare $(RUNS)/dit_dcae $(RUNS)/dit_tcae --baseline dit_dcae --out $(RUNS)/compare
 
 # Cost and throughput of TC-AE vs DC-AE (and the DiT on their latents), measured side by side.
 bench: $(STAMP)

@@ -40,7 +40,8 @@ def test_autoencoder_configs_build_their_model(path):
     """Instantiate the module on the meta device (no memory, no init cost): geometry errors surface here."""
     with torch.device("meta"):
         cli = lightning_main([*_stack(path), "--model.init_args.loss.lpips_weight=0",
-                              "--model.init_args.metrics_lpips=null", "--model.init_args.init_from=null",
+                              "--model.init_args.metrics_lpips=null", "--model.init_args.metrics_fid=null",
+                              "--model.init_args.init_from=null",
                               "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
                               "--trainer.precision=32-true"], run=False)
     net = cli.model.net

@@ -1,5 +1,9 @@
 """AutoencoderModule: trains a TC-AE with alpha * L_rec + L_iBOT (L_rec = L1 + LPIPS + GAN) by manual optimisation.
 
+The same module trains a DC-AE (diffusers AutoencoderDC) with the same reconstruction losses (`net: DC-AE-...`),
+so the two tokenizers of a comparison differ only in their architecture, and evaluates either one
+(`tcae-ldm validate` / `test`: PSNR, SSIM, LPIPS and rFID with a named feature network).
+
 It orchestrates; the networks live in tcae_ldm.models and the losses in tcae_ldm.losses. One training
 step = one forward of the autoencoder, one backward of (generator loss + critic loss), then a step of each
 optimizer. The generator loss reads the critic's weights detached (see ReconstructionLoss.critic), so the
@@ -21,8 +25,10 @@ from tcae_ldm.lit.schedules import param_groups, set_lr, warmup_cosine
 from tcae_ldm.losses.lpips import FrozenLPIPS, build_lpips
 from tcae_ldm.losses.reconstruction import ReconstructionLoss, ReconstructionLossConfig
 from tcae_ldm.losses.ssl import SSLConfig, iBOTObjective
+from tcae_ldm.metrics.features import build_feature_extractor
+from tcae_ldm.metrics.fid import ReconstructionFID
 from tcae_ldm.metrics.reconstruction import ReconstructionMetrics
-from tcae_ldm.models.tcae import create_tcae
+from tcae_ldm.models.zoo import autoencoder_family, create_autoencoder
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +38,14 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class AutoencoderModule(L.LightningModule):
-    """TC-AE training: phase 'joint' trains the whole autoencoder (with iBOT when `ssl` is set),
-    'decoder_finetune' freezes the encoder and so the latent space."""
+    """Autoencoder training: phase 'joint' trains the whole autoencoder (with iBOT when `ssl` is set; TC-AE only),
+    'decoder_finetune' freezes the encoder and so the latent space.
+
+    net / net_args: a preset of tcae_ldm.models.zoo and overrides of its constructor arguments.
+    metrics_fid: feature network of the rFID logged by validation and testing (see tcae_ldm.metrics.features;
+    `inception` is the papers' rFID, `demo-classifier` the offline demo's proxy, None turns it off), with
+    metrics_fid_weights its weight file (default: the network's standard location).
+    """
 
     def __init__(self, net: str = "TC-AE-B/p8-c128", net_args: dict | None = None,
                  loss: ReconstructionLossConfig | None = None, ssl: SSLConfig | None = None,
@@ -42,17 +54,21 @@ class AutoencoderModule(L.LightningModule):
                  max_steps: int = 100_000, warmup_steps: int = 0, min_lr_ratio: float = 0.0,
                  grad_clip: float | None = 1.0, ema_decay: float | None = None,
                  phase: Literal["joint", "decoder_finetune"] = "joint", init_from: str | None = None,
-                 metrics_lpips: str | None = "pretrained", val_grid_images: int = 8):
+                 metrics_lpips: str | None = "pretrained", metrics_fid: str | None = None,
+                 metrics_fid_weights: str | None = None, val_grid_images: int = 8):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "disc_optimizer"])
         self.automatic_optimization = False
         if ssl is not None and phase == "decoder_finetune":
             raise ValueError("decoder_finetune trains the decoder only: set model.ssl to null")
+        if ssl is not None and autoencoder_family(net) != "tcae":
+            raise ValueError(f"iBOT reads the tokens of a ViT encoder; {net} is a convolutional DC-AE: set model.ssl "
+                             f"to null")
         # iBOT needs a [CLS] token in the encoder; it is recorded in net_args because it takes part in the
         # encoder's attention, so every later rebuild of this network (finetune, cache, export) needs it too.
         net_args = {**(net_args or {}), **({"cls_token": True} if ssl else {})}
         self.hparams["net_args"] = net_args
-        self.net = create_tcae(net, **net_args)
+        self.net = create_autoencoder(net, **net_args)
         self.loss = ReconstructionLoss(loss)
         self.ssl = iBOTObjective(self.net.encoder, self.net.width, ssl) if ssl is not None else None
         self.optimizer_fn, self.disc_optimizer_fn, self.init_from = optimizer, disc_optimizer, init_from
@@ -63,7 +79,8 @@ class AutoencoderModule(L.LightningModule):
         self.ema = EMA(self.net, ema_decay) if ema_decay else None
         lpips = self.loss.lpips if self.loss.lpips is not None else (
             FrozenLPIPS(build_lpips(metrics_lpips)) if metrics_lpips else None)
-        self.val_metrics = ReconstructionMetrics(lpips)
+        fid = ReconstructionFID(build_feature_extractor(metrics_fid, metrics_fid_weights)) if metrics_fid else None
+        self.val_metrics = ReconstructionMetrics(lpips, fid)
         self.step_count = 0  # generator updates; trainer.global_step counts both optimizers' steps
 
     # ------------------------------------------------------------------ setup
@@ -117,7 +134,7 @@ class AutoencoderModule(L.LightningModule):
         opts = self.optimizers()
         opts = opts if isinstance(opts, list) else [opts]
         x_rec, z = self.reconstruct(x)
-        loss, logs = self.loss.generator_loss(x, x_rec, step, last_layer=self.net.decoder.last_layer)
+        loss, logs = self.loss.generator_loss(x, x_rec, step, last_layer=self.net.last_layer)
         logs["loss_g"] = loss.detach()
         total = loss
         if self.ssl is not None:

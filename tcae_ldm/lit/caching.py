@@ -86,7 +86,8 @@ class LatentCacheModule(L.LightningModule):
 
     def cache_metadata(self, image_size: int) -> dict:
         return {"autoencoder": self.autoencoder.identity(), "autoencoder_spec": self.spec,
-                "latent_shape": list(self.autoencoder.latent_shape(image_size))}
+                "latent_shape": list(self.autoencoder.latent_shape(image_size)),
+                "autoencoder_gmacs": round(self.autoencoder.gmacs(image_size), 4)}
 
 
 def cache_latents(autoencoder: AutoencoderSpec, images: ImageDataModule, output_dir: str, batch_size: int = 64,

@@ -294,7 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     from tcae_ldm.lit.autoencoder import AutoencoderModule
-    module = AutoencoderModule.load_from_checkpoint(args.ckpt, map_location="cpu", metrics_lpips=None)
+    module = AutoencoderModule.load_from_checkpoint(args.ckpt, map_location="cpu", metrics_lpips=None,
+                                                  metrics_fid=None)
     net = module.eval_net.to(args.device)
     dm = build_datamodule(args, module.net.image_size)
     results = {"checkpoint": os.path.abspath(args.ckpt), "step": module.step_count,

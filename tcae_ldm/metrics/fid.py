@@ -191,3 +191,32 @@ class FIDMetric(nn.Module):
 
     def reset(self) -> None:
         self.stats.reset()
+
+
+class ReconstructionFID(nn.Module):
+    """rFID: Frechet distance between the features of the images and of their reconstructions, both
+    accumulated over the whole evaluation (and all ranks), as autoencoder papers report it."""
+
+    def __init__(self, extractor):
+        super().__init__()
+        self._extractor = [extractor]  # a measuring instrument: outside the module tree, as in FIDMetric
+        self.name = metric_name("rfid", extractor.name)
+        self.real, self.fake = FrechetStats(extractor.dim), FrechetStats(extractor.dim)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, x_rec: torch.Tensor) -> None:
+        """x, x_rec: (B, 3, H, W) in [-1, 1] (reconstructions are quantised to 8 bits like saved images)."""
+        ext = self._extractor[0]
+        params = next(ext.parameters(), None)
+        if params is not None and params.device != x.device:
+            ext.to(x.device)
+        self.real.update(ext(x))
+        self.fake.update(ext(x_rec.clamp(-1, 1)))
+
+    def compute(self) -> float:
+        real, fake = self.real.reduced(), self.fake.reduced()
+        return frechet_distance(*fake.mean_cov(), *real.mean_cov())
+
+    def reset(self) -> None:
+        self.real.reset()
+        self.fake.reset()

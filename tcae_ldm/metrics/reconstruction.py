@@ -1,4 +1,5 @@
-"""Reconstruction metrics: PSNR, SSIM (on [0, 1] images) and LPIPS (named by its backbone), DDP-reduced."""
+"""Reconstruction metrics: PSNR, SSIM (on [0, 1] images), LPIPS (named by its backbone) and rFID (named by its
+feature network), DDP-reduced."""
 from __future__ import annotations
 
 import torch
@@ -16,13 +17,14 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class ReconstructionMetrics(nn.Module):
     """Accumulates per-image PSNR / SSIM / LPIPS over a validation epoch; compute() returns a name -> value dict."""
 
-    def __init__(self, lpips=None):
-        """lpips: a callable (x, y) -> per-image distances, e.g. tcae_ldm.losses.lpips.FrozenLPIPS."""
+    def __init__(self, lpips=None, fid=None):
+        """lpips: a callable (x, y) -> per-image distances, e.g. tcae_ldm.losses.lpips.FrozenLPIPS;
+        fid: a tcae_ldm.metrics.fid.ReconstructionFID."""
         super().__init__()
         self.psnr_mean = MeanMetric()  # per-image PSNR averaged over images, as autoencoder papers report it
         self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self.lpips_mean = MeanMetric()
-        self.lpips = lpips
+        self.lpips, self.fid = lpips, fid
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, x_rec: torch.Tensor) -> None:
@@ -32,13 +34,19 @@ class ReconstructionMetrics(nn.Module):
         self.ssim.update(b, a)
         if self.lpips is not None:
             self.lpips_mean.update(self.lpips(x, x_rec.clamp(-1, 1)))
+        if self.fid is not None:
+            self.fid.update(x, x_rec)
 
     def compute(self) -> dict[str, torch.Tensor]:
         out = {"psnr": self.psnr_mean.compute(), "ssim": self.ssim.compute()}
         if self.lpips is not None:
             out["lpips_vgg"] = self.lpips_mean.compute()
+        if self.fid is not None:
+            out[self.fid.name] = torch.tensor(self.fid.compute())  # every rank: the statistics are all-reduced
         return out
 
     def reset(self) -> None:
         for m in (self.psnr_mean, self.ssim, self.lpips_mean):
             m.reset()
+        if self.fid is not None:
+            self.fid.reset()

@@ -1,4 +1,5 @@
-"""Frozen autoencoders behind one interface: TC-AE (our checkpoints or saved folders) and DC-AE (diffusers).
+"""Frozen autoencoders behind one interface: TC-AE (our checkpoints or saved folders) and DC-AE (diffusers
+folders and Hub ids, or a DC-AE trained by our AutoencoderModule).
 
 x in [-1, 1] (B, 3, H, W) <-> z (B, c, h, w). Every stage after autoencoder training (latent cache, DiT
 sampling, benchmarks) goes through this interface, so TC-AE and DC-AE latents are handled identically.
@@ -18,6 +19,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from tcae_ldm.metrics.flops import count_gmacs
+from tcae_ldm.models.dcae import DCAE_PRESETS, dcae_config
 from tcae_ldm.models.tcae import TCAE, TCAE_PRESETS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -27,7 +30,7 @@ MATCH_KEYS = ("kind", "name", "config_hash", "weights_hash", "encoder_hash", "pa
 class AutoencoderSpec(TypedDict):
     """How to load a frozen autoencoder; a config value (``autoencoder: {kind, path, dtype}``)."""
     kind: Literal["tcae", "dcae"]
-    path: str  # tcae: AutoencoderModule checkpoint or save_pretrained folder; dcae: hub id or local folder
+    path: str  # an AutoencoderModule checkpoint file, or tcae: a save_pretrained folder / dcae: a hub id or folder
     dtype: NotRequired[Literal["fp32", "bf16"]]  # bf16 runs the network under autocast; latents are fp32
 
 
@@ -71,6 +74,22 @@ def describe_identity(identity: dict) -> str:
     short = {k: str(identity.get(k, "?"))[:12] for k in ("config_hash", "weights_hash")}
     return (f"{identity.get('kind')} {identity.get('name')!r} (config {short['config_hash']}, weights "
             f"{short['weights_hash']}, from {identity.get('path')})")
+
+
+def read_module_checkpoint(path: str, family: str) -> tuple[dict, dict]:
+    """(hyper_parameters, autoencoder weights) of an AutoencoderModule checkpoint; the EMA weights when present."""
+    # Our own training checkpoints (trusted): their hyper-parameters may hold config dataclasses.
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    hp = ckpt.get("hyper_parameters") or {}
+    if "net" not in hp or "state_dict" not in ckpt:
+        raise ValueError(f"{path} is not an AutoencoderModule checkpoint (no hyper_parameters.net / state_dict)")
+    presets = TCAE_PRESETS if family == "tcae" else DCAE_PRESETS
+    if hp["net"] not in presets:
+        other = "dcae" if family == "tcae" else "tcae"
+        raise ValueError(f"{path} holds a {hp['net']} autoencoder, not a {family} one: load it with kind '{other}'")
+    state = ckpt["state_dict"]
+    prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "net."
+    return hp, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 #################################################################################
@@ -119,6 +138,13 @@ class FrozenAutoencoder(nn.Module):
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
         """(c, h, w) of the latent of a square image of this size."""
         raise NotImplementedError
+
+    def gmacs(self, image_size: int) -> float:
+        """Encode + decode GMACs of one square image of this size (MACs, as the papers count them)."""
+        device = next(self.model.parameters()).device
+        x = torch.zeros(1, 3, image_size, image_size, device=device)
+        z = torch.zeros(1, *self.latent_shape(image_size), device=device)
+        return count_gmacs(self.model.encoder, x) + count_gmacs(self.model.decoder, z)
 
     def identity(self) -> dict:
         """What made a latent: kind, name, path, config (+ hash), hashes of all weights and of the encoder's.
@@ -172,14 +198,7 @@ class TCAEAutoencoder(FrozenAutoencoder):
 
     @classmethod
     def from_checkpoint(cls, path: str, dtype: str = "fp32") -> "TCAEAutoencoder":
-        # Our own training checkpoints (trusted): their hyper-parameters may hold config dataclasses.
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        hp = ckpt.get("hyper_parameters") or {}
-        if "net" not in hp or "state_dict" not in ckpt:
-            raise ValueError(f"{path} is not an AutoencoderModule checkpoint (no hyper_parameters.net / state_dict)")
-        state = ckpt["state_dict"]
-        prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "net."
-        weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        hp, weights = read_module_checkpoint(path, "tcae")
         config = tcae_config(hp["net"], hp.get("net_args"))
         config["cls_token"] = "encoder.cls_token" in weights  # it takes part in the encoder's attention
         return cls._build(config, weights, hp["net"], _normpath(path), dtype)
@@ -249,6 +268,25 @@ class DCAEAutoencoder(FrozenAutoencoder):
         return cls(model, name_or_path, _normpath(name_or_path), cls._public_config(model), dtype)
 
     @classmethod
+    def from_checkpoint(cls, path: str, dtype: str = "fp32") -> "DCAEAutoencoder":
+        """A DC-AE trained by AutoencoderModule (`net: DC-AE-...`)."""
+        from diffusers import AutoencoderDC
+
+        hp, weights = read_module_checkpoint(path, "dcae")
+        # `pretrained` only initialised the training run; the checkpoint holds the trained weights
+        overrides = {k: v for k, v in (hp.get("net_args") or {}).items() if k != "pretrained"}
+        model = AutoencoderDC(**dcae_config(hp["net"], overrides))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"DC-AE weights in {path} do not fit {hp['net']}: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        return cls(model, hp["net"], _normpath(path), cls._public_config(model), dtype)
+
+    def save_pretrained(self, path: str) -> None:
+        """A diffusers folder (config.json + diffusion_pytorch_model.safetensors) that from_pretrained reads."""
+        self.model.save_pretrained(path)
+
+    @classmethod
     def from_config(cls, config: dict, dtype: str = "fp32", name: str = "AutoencoderDC(config)") -> "DCAEAutoencoder":
         """A randomly initialised AutoencoderDC from constructor kwargs (tests, benchmarks)."""
         from diffusers import AutoencoderDC
@@ -262,7 +300,7 @@ class DCAEAutoencoder(FrozenAutoencoder):
 #################################################################################
 
 def load_autoencoder(kind: str, path: str, dtype: str = "fp32") -> FrozenAutoencoder:
-    """kind 'tcae': checkpoint file or save_pretrained folder; kind 'dcae': hub id or local folder."""
+    """kind 'tcae': checkpoint file or save_pretrained folder; kind 'dcae': checkpoint file, hub id or local folder."""
     if kind == "tcae":
         if os.path.isdir(path):
             return TCAEAutoencoder.from_pretrained(path, dtype)
@@ -271,5 +309,7 @@ def load_autoencoder(kind: str, path: str, dtype: str = "fp32") -> FrozenAutoenc
                                     f"`tcae-ldm fit --config configs/tcae.yaml`, or export it with save_pretrained)")
         return TCAEAutoencoder.from_checkpoint(path, dtype)
     if kind == "dcae":
+        if os.path.isfile(path):
+            return DCAEAutoencoder.from_checkpoint(path, dtype)
         return DCAEAutoencoder.from_pretrained(path, dtype)
     raise ValueError(f"autoencoder kind must be 'tcae' or 'dcae', got {kind!r}")

@@ -311,6 +311,11 @@ class TCAE(nn.Module):
         z = self.encode(x)
         return self.decode(z), z
 
+    @property
+    def last_layer(self) -> nn.Parameter:
+        """Weight whose gradient norms set the adaptive GAN weight."""
+        return self.decoder.last_layer
+
 
 #################################################################################
 #                                   Presets                                     #

@@ -1,0 +1,132 @@
+"""DC-AE (Chen et al. 2024, "Deep Compression Autoencoder") behind TC-AE's training interface.
+
+The network is diffusers' `AutoencoderDC`, unchanged. `DCAE` holds its encoder and decoder under the same
+attribute names, so its state_dict is AutoencoderDC's: a DC-AE trained by AutoencoderModule loads into
+`AutoencoderDC(**config)` as it is, and a published diffusers DC-AE initialises a DCAE as it is.
+
+    DC-AE/f32c32        mit-han-lab/dc-ae-f32c32-in-1.0-diffusers: 256x256 -> 32x8x8, 323.4M params,
+                        606.9 GMACs encode + decode (the paper's baseline at TC-AE's latent shape)
+    DC-AE-S/f16c32      the CPU demo's: the same design (residual conv stages at high resolution, EfficientViT
+                        stages at low resolution, decoder deeper than encoder) at 1/4 width, 64x64 -> 32x4x4
+    DC-AE-T/f16c16      tests: 32x32 -> 16x2x2
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+_TYPES = ["ResBlock"] * 3 + ["EfficientViTBlock"] * 3
+_DECODER_NORMS = ["batch_norm"] * 3 + ["rms_norm"] * 3
+_DECODER_ACTS = ["relu"] * 3 + ["silu"] * 3
+
+# mit-han-lab/dc-ae-f32c32-in-1.0-diffusers, as diffusers' scripts/convert_dcae_to_diffusers.py writes it: no
+# multi-scale attention branch (that is the SANA variant's, whose conv/interpolate resamplers and single norm /
+# activation also differ), pixel-(un)shuffle resamplers (the signature's defaults).
+DCAE_PRESETS = {
+    "DC-AE/f32c32": dict(
+        in_channels=3, latent_channels=32, attention_head_dim=32,
+        encoder_block_types=_TYPES, decoder_block_types=_TYPES,
+        encoder_block_out_channels=[128, 256, 512, 512, 1024, 1024],
+        decoder_block_out_channels=[128, 256, 512, 512, 1024, 1024],
+        encoder_layers_per_block=[0, 4, 8, 2, 2, 2], decoder_layers_per_block=[0, 5, 10, 2, 2, 2],
+        encoder_qkv_multiscales=[[]] * 6, decoder_qkv_multiscales=[[]] * 6,
+        downsample_block_type="pixel_unshuffle", upsample_block_type="pixel_shuffle",
+        decoder_norm_types=_DECODER_NORMS, decoder_act_fns=_DECODER_ACTS, scaling_factor=0.3189),
+    # f16: the first (widest, highest-resolution) f32c32 stage is dropped; widths / 4, depths ~ / 4.
+    "DC-AE-S/f16c32": dict(
+        in_channels=3, latent_channels=32, attention_head_dim=32,
+        encoder_block_types=_TYPES[1:], decoder_block_types=_TYPES[1:],
+        encoder_block_out_channels=[32, 64, 128, 128, 256], decoder_block_out_channels=[32, 64, 128, 128, 256],
+        encoder_layers_per_block=[0, 2, 2, 1, 1], decoder_layers_per_block=[0, 2, 3, 1, 1],
+        encoder_qkv_multiscales=[[]] * 5, decoder_qkv_multiscales=[[]] * 5,
+        decoder_norm_types=_DECODER_NORMS[1:], decoder_act_fns=_DECODER_ACTS[1:]),
+    "DC-AE-T/f16c16": dict(
+        in_channels=3, latent_channels=16, attention_head_dim=8,
+        encoder_block_types=_TYPES[1:], decoder_block_types=_TYPES[1:],
+        encoder_block_out_channels=[8, 16, 32, 32, 64], decoder_block_out_channels=[8, 16, 32, 32, 64],
+        encoder_layers_per_block=[0, 1, 1, 1, 1], decoder_layers_per_block=[0, 1, 1, 1, 1],
+        encoder_qkv_multiscales=[[]] * 5, decoder_qkv_multiscales=[[]] * 5,
+        decoder_norm_types=_DECODER_NORMS[1:], decoder_act_fns=_DECODER_ACTS[1:]),
+}
+
+
+def dcae_factor(config: dict) -> int:
+    """Spatial downsampling factor: every encoder stage but the last halves the resolution."""
+    return 2 ** (len(config["encoder_block_out_channels"]) - 1)
+
+
+class DCAE(nn.Module):
+    """AutoencoderDC's encoder and decoder with TC-AE's interface: encode, decode, forward -> (x_rec, z),
+    latent_shape and last_layer (for the adaptive GAN weight). Latents are raw (scaling_factor is not applied:
+    the latent cache normalises every autoencoder's latents the same way)."""
+
+    def __init__(self, **config):
+        super().__init__()
+        from diffusers import AutoencoderDC
+
+        model = AutoencoderDC(**config)
+        self.config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+        self.encoder, self.decoder = model.encoder, model.decoder  # AutoencoderDC's own modules and keys
+        self.factor = dcae_factor(self.config)
+
+    def latent_shape(self, image_size: int) -> tuple[int, int, int]:
+        """(c, h, w) of the latent of a square image of this size."""
+        if image_size % self.factor:
+            raise ValueError(f"image_size={image_size} is not divisible by DC-AE's downsampling factor {self.factor}")
+        return self.config["latent_channels"], image_size // self.factor, image_size // self.factor
+
+    def encode(self, x):  # (B, 3, H, W) -> (B, c, H/f, W/f); what AutoencoderDC.encode computes without tiling
+        return self.encoder(x)
+
+    def decode(self, z):  # (B, c, h, w) -> (B, 3, h*f, w*f)
+        return self.decoder(z)
+
+    def forward(self, x):
+        z = self.encode(x)
+        return self.decode(z), z
+
+    @property
+    def last_layer(self) -> nn.Parameter:
+        """Weight whose gradient norms set the adaptive GAN weight: the decoder's output convolution."""
+        out = self.decoder.conv_out
+        return out.weight if isinstance(out, nn.Conv2d) else out.conv.weight
+
+    def to_diffusers(self):
+        """An AutoencoderDC holding these weights (for `save_pretrained` or any diffusers pipeline)."""
+        from diffusers import AutoencoderDC
+
+        model = AutoencoderDC(**self.config)
+        model.load_state_dict(self.state_dict())
+        return model
+
+
+def dcae_config(name: str, overrides: dict | None = None) -> dict:
+    """AutoencoderDC kwargs of a preset + overrides."""
+    if name not in DCAE_PRESETS:
+        raise KeyError(f"unknown DC-AE preset {name!r}; choose one of {sorted(DCAE_PRESETS)}")
+    return {**DCAE_PRESETS[name], **(overrides or {})}
+
+
+def create_dcae(name: str, pretrained: str | None = None, **overrides) -> DCAE:
+    """A DC-AE preset, randomly initialised, or with the weights of a diffusers AutoencoderDC (`pretrained`:
+    a local folder, or a Hub id already in the local Hugging Face cache); its config must match the preset's."""
+    config = dcae_config(name, overrides)
+    net = DCAE(**config)
+    if pretrained is not None:
+        from tcae_ldm.models.autoencoders import DCAEAutoencoder
+
+        source = DCAEAutoencoder.from_pretrained(pretrained).model
+        theirs = {k: v for k, v in dict(source.config).items() if not k.startswith("_")}
+        diff = sorted(k for k in net.config if _norm(net.config[k]) != _norm(theirs.get(k)))
+        if diff:
+            raise ValueError(f"pretrained DC-AE {pretrained!r} does not match preset {name!r} in {diff}: "
+                             f"{ {k: theirs.get(k) for k in diff} } vs { {k: net.config[k] for k in diff} }")
+        net.load_state_dict(source.state_dict())
+    return net
+
+
+def _norm(value):
+    """Configs read from JSON hold lists where presets hold tuples."""
+    if isinstance(value, (list, tuple)):
+        return [_norm(v) for v in value]
+    return value
+
