@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LightningCLI
 EXTRA_COMMANDS = {
     "sample": "tcae_ldm.sample",                  # DiT checkpoint -> PNGs, grid, ADM-style .npz
     "fid-stats": "tcae_ldm.metrics.fid_stats",    # reference FID statistics of an image folder / datamodule
+    "fid": "tcae_ldm.metrics.fid_score",          # FID of a sample .npz / folder against reference statistics
     "diagnose": "tcae_ldm.metrics.diagnostics",   # linear probes and latent spectrum of an autoencoder
     "ae-report": "tcae_ldm.metrics.ae_report",    # autoencoder vs bicubic baseline on validation images
     "compare": "tcae_ldm.compare",                # convergence plot + table from several DiT runs

@@ -1,4 +1,5 @@
 """DiffusionModule through the CLI: linked latent shape, checkpoint contents, exact resume, EMA sampling, `sample`."""
+import json
 import os
 
 import numpy as np
@@ -14,6 +15,17 @@ from tests.test_latent_cache import tiny_tcae_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo", "dit_on_tcae.yaml")
+
+
+def callbacks_arg(every_n_train_steps: int = 1, gen_eval: dict | None = None) -> str:
+    """--trainer.callbacks replacing the demo config's list: last.ckpt every N steps, and optionally a
+    GenerationEvalCallback with the given init_args (the demo's needs the demo-classifier's weight file)."""
+    cbs = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": "runs/demo/dit_tcae/checkpoints", "every_n_train_steps": every_n_train_steps,
+                          "save_top_k": 0, "save_last": True}}]
+    if gen_eval is not None:
+        cbs.append({"class_path": "tcae_ldm.lit.generation.GenerationEvalCallback", "init_args": gen_eval})
+    return f"--trainer.callbacks={json.dumps(cbs)}"
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +47,7 @@ def runs(tmp_path_factory):
                       "--data.expect_autoencoder.name=TC-AE-T/p4-c16", "--data.global_batch_size=8",
                       "--model.dit=DiT-T/1", "--model.dit_args={class_dropout_prob: 0.1}", "--model.sample_steps=2",
                       "--model.sample_every_n_steps=2", "--model.sample_grid_size=4", "--model.warmup_steps=3",
-                      "--trainer.callbacks.every_n_train_steps=1", "--trainer.log_every_n_steps=1",
+                      callbacks_arg(), "--trainer.log_every_n_steps=1",
                       f"--trainer.max_steps={steps}"] + (["--ckpt_path=last"] if i else []))
             out[name] = root / name / "runs" / "demo" / "dit_tcae"
     finally:

@@ -1,4 +1,6 @@
 """FID: Frechet distance against closed forms, exact running statistics, reference files, feature networks."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -9,8 +11,9 @@ from tcae_ldm.data.transforms import center_crop_arr
 from tcae_ldm.metrics import features as feats
 from tcae_ldm.metrics.features import (INCEPTION_FILE, INCEPTION_URL, MissingFeatureWeightsError, RandomFeatures,
                                        build_feature_extractor, train_demo_classifier)
-from tcae_ldm.metrics.fid import (FIDMetric, FrechetStats, ReferenceStats, frechet_distance, load_stats, metric_name,
-                                  save_stats)
+from tcae_ldm.metrics.fid import (FIDMetric, FrechetStats, ReconstructionFID, ReferenceStats, frechet_distance,
+                                  load_stats, metric_name, save_stats)
+from tcae_ldm.metrics.reconstruction import ReconstructionMetrics
 from tcae_ldm.metrics.fid_stats import main as fid_stats_main
 
 
@@ -163,6 +166,28 @@ def test_fid_metric_zero_on_reference_and_grows_with_shift():
         FIDMetric(other, ref)
 
 
+def test_rfid_is_the_frechet_distance_of_real_and_reconstructed_features():
+    ext = RandomFeatures(dim=8, seed=0)
+    x = images(0)
+    x_rec = (x + 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
+    rfid = ReconstructionFID(ext)
+    assert rfid.name == "rfid_random" and not list(rfid.parameters())
+    for a, b in zip(x.split(7), x_rec.split(7)):          # batches of any size add up to the one-shot statistics
+        rfid.update(a, b)
+    f_real, f_fake = ext(x).double().numpy(), ext(x_rec).double().numpy()
+    expected = frechet_distance(f_fake.mean(0), np.cov(f_fake, rowvar=False), f_real.mean(0), np.cov(f_real, rowvar=False))
+    assert rfid.compute() == pytest.approx(expected, rel=1e-6)
+    rfid.reset()
+    rfid.update(x, x)
+    assert abs(rfid.compute()) < 1e-6                     # a perfect reconstruction scores 0
+    metrics = ReconstructionMetrics(fid=ReconstructionFID(ext))
+    metrics.update(x, x_rec)
+    out = metrics.compute()
+    assert set(out) == {"psnr", "ssim", "rfid_random"} and float(out["rfid_random"]) == pytest.approx(expected, rel=1e-6)
+    metrics.reset()
+    assert metrics.fid.real.count == 0
+
+
 def test_random_features_are_fixed_by_seed_and_leave_global_rng_alone():
     torch.manual_seed(123)
     expected = torch.rand(1)
@@ -223,3 +248,29 @@ def test_fid_stats_command_on_the_demo_split(tmp_path):
     fid_stats_main(["--demo", "--split", "val", "--features", "random", "--out", str(out), "--max-images", "40"])
     ref = load_stats(str(out))
     assert (ref.count, ref.mu.shape, ref.features) == (40, (feats.RandomFeatures().dim,), "random")
+
+
+def test_fid_command_scores_an_adm_npz_and_a_folder_alike(tmp_path, capsys):
+    from tcae_ldm.metrics.fid_score import main as fid_main
+
+    arr = ((images(3, n=40) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    np.savez(tmp_path / "samples.npz", arr_0=arr)
+    os.makedirs(tmp_path / "pngs")
+    for i, a in enumerate(arr):
+        Image.fromarray(a).save(tmp_path / "pngs" / f"{i:03d}.png")
+    ext = build_feature_extractor("random")            # what --features random builds
+    ref = FrechetStats(ext.dim)
+    ref.update(ext(images(4, n=40)))
+    ref.save(str(tmp_path / "ref.npz"), features="random")
+    f = ext(torch.from_numpy(arr).permute(0, 3, 1, 2)).double().numpy()
+    expected = frechet_distance(f.mean(0), np.cov(f, rowvar=False), *ref.mean_cov())
+    out = fid_main([str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"), "--features", "random",
+                    "--batch-size", "16", "--out", str(tmp_path / "fid.json")])
+    assert out["gfid_random"] == pytest.approx(expected, rel=1e-6) and out["num_samples"] == 40
+    assert "gfid_random = " in capsys.readouterr().out
+    folder = fid_main([str(tmp_path / "pngs"), "--ref", str(tmp_path / "ref.npz"), "--features", "random"])
+    assert folder["gfid_random"] == pytest.approx(expected, rel=1e-6)
+    np.savez(tmp_path / "bad.npz", images=arr)
+    with pytest.raises(SystemExit):
+        fid_main([str(tmp_path / "bad.npz"), "--ref", str(tmp_path / "ref.npz"), "--features", "random"])
+    assert "has no 'arr_0' array" in capsys.readouterr().err
