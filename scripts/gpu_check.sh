@@ -64,7 +64,7 @@ fi
 COMPILE_RC=skipped
 if [ "$(left)" -gt 60 ]; then
     timeout $(( $(left) - 5 )) "$PY" -m tcae_ldm.cli bench --compile --precisions bf16 --repeats "$REPEATS" \
-        --autoencoders TC-AE-B/p8-c128,DC-AE-f32c32 --dits DiT-B/1 --out "$OUT/bench_compile.json" \
+        --autoencoders TC-AE-B/p8-c128,DC-AE/f32c32 --dits DiT-B/1 --out "$OUT/bench_compile.json" \
         > "$OUT/bench_compile.txt" 2>&1
     COMPILE_RC=$?
     [ "$COMPILE_RC" = 124 ] && COMPILE_RC="124 (out of time; raise BUDGET_S)"

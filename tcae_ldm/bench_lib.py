@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tcae_ldm.metrics.flops import count_gmacs, count_params
+from tcae_ldm.models.dcae import DCAE_PRESETS, create_dcae
+from tcae_ldm.models.dcae import dcae_factor as dcae_config_factor
 from tcae_ldm.models.dit import create_dit
 from tcae_ldm.models.tcae import create_tcae
 
@@ -31,33 +33,6 @@ INPUT_TARGET = 3.0  # a loader should deliver >= 3x what the training step it fe
 #################################################################################
 #                               Networks under test                             #
 #################################################################################
-
-_DCAE_TYPES = ["ResBlock"] * 3 + ["EfficientViTBlock"] * 3
-# mit-han-lab/dc-ae-f32c32-in-1.0-diffusers, as diffusers' scripts/convert_dcae_to_diffusers.py writes it:
-# no multi-scale attention branch (that is the SANA variant's, whose conv/interpolate resamplers and single
-# norm / activation also differ), pixel-(un)shuffle resamplers (the signature's defaults). 323.4M
-# parameters, 606.9 GMACs encode + decode at 256x256.
-DCAE_F32C32_CONFIG = dict(
-    in_channels=3, latent_channels=32, attention_head_dim=32,
-    encoder_block_types=_DCAE_TYPES, decoder_block_types=_DCAE_TYPES,
-    encoder_block_out_channels=[128, 256, 512, 512, 1024, 1024],
-    decoder_block_out_channels=[128, 256, 512, 512, 1024, 1024],
-    encoder_layers_per_block=[0, 4, 8, 2, 2, 2], decoder_layers_per_block=[0, 5, 10, 2, 2, 2],
-    encoder_qkv_multiscales=[[]] * 6, decoder_qkv_multiscales=[[]] * 6,
-    downsample_block_type="pixel_unshuffle", upsample_block_type="pixel_shuffle",
-    decoder_norm_types=["batch_norm"] * 3 + ["rms_norm"] * 3, decoder_act_fns=["relu"] * 3 + ["silu"] * 3,
-    scaling_factor=0.3189,
-)
-# The same architecture family at f16 with 8-wide heads: 32x32 images -> 16x2x2 latents, like TC-AE-T/p4-c16.
-DCAE_TINY_CONFIG = dict(
-    in_channels=3, latent_channels=16, attention_head_dim=8,
-    encoder_block_types=_DCAE_TYPES[1:], decoder_block_types=_DCAE_TYPES[1:],
-    encoder_block_out_channels=[8, 16, 32, 32, 64], decoder_block_out_channels=[8, 16, 32, 32, 64],
-    encoder_layers_per_block=[0, 1, 1, 1, 1], decoder_layers_per_block=[0, 1, 1, 1, 1],
-    encoder_qkv_multiscales=[[]] * 5, decoder_qkv_multiscales=[[]] * 5,
-    decoder_norm_types=["batch_norm"] * 2 + ["rms_norm"] * 3, decoder_act_fns=["relu"] * 2 + ["silu"] * 3,
-)
-DCAE_CONFIGS = {"DC-AE-f32c32": DCAE_F32C32_CONFIG, "DC-AE-tiny": DCAE_TINY_CONFIG}
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks in TFLOP/s, matched in order against the device name.
 PEAK_BF16_TFLOPS = [("GH200", 989.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0),
@@ -70,11 +45,14 @@ def peak_bf16_tflops(device_name: str) -> float | None:
 
 
 def is_dcae(name: str) -> bool:
-    return name in DCAE_CONFIGS
+    return name in DCAE_PRESETS
 
 
 def dcae_factor(name: str) -> int:
-    return 2 ** (len(DCAE_CONFIGS[name]["encoder_block_out_channels"]) - 1)  # every stage but the last halves
+    return dcae_config_factor(DCAE_PRESETS[name])
+
+
+TCAE_VARIANTS = {"": {}, "vanilla": {"staged": False}, "ckpt": {"grad_checkpointing": True}}
 
 
 @dataclass
@@ -88,25 +66,22 @@ class Net:
 
 
 def build_autoencoder(name: str, image_size: int, factor: int) -> Net:
-    """'TC-AE-<preset>[:vanilla]' with a latent grid image_size / factor, or a DC-AE of DCAE_CONFIGS.
+    """'TC-AE-<preset>[:vanilla|:ckpt]' with a latent grid image_size / factor, or a DC-AE preset
+    (tcae_ldm.models.dcae: AutoencoderDC's own encoder and decoder). ':vanilla' is staged=False, ':ckpt' the
+    same network with activation checkpointing of the high-token stages (only training steps differ).
 
     Built on the current default device (use `with torch.device(...)`), random weights, nothing downloaded.
     """
     if is_dcae(name):
-        from diffusers import AutoencoderDC
-
-        m = AutoencoderDC(**DCAE_CONFIGS[name])
-        f = dcae_factor(name)
-        if image_size % f:
-            raise ValueError(f"image_size={image_size} is not divisible by {name}'s downsampling factor {f}")
-        shape = (m.config.latent_channels, image_size // f, image_size // f)
-        return Net(name, m, lambda x: m.encode(x).latent, lambda z: m.decode(z).sample, shape)
+        m = create_dcae(name)
+        return Net(name, m, m.encode, m.decode, m.latent_shape(image_size))
     preset, _, variant = name.partition(":")
-    if variant not in ("", "vanilla"):
-        raise ValueError(f"unknown TC-AE variant {variant!r} in {name!r}; the only one is ':vanilla' (staged=False)")
+    if variant not in TCAE_VARIANTS:
+        raise ValueError(f"unknown TC-AE variant {variant!r} in {name!r}; use ':vanilla' (staged=False) or ':ckpt' "
+                         f"(activation checkpointing)")
     if image_size % factor:
         raise ValueError(f"image_size={image_size} is not divisible by the latent downsampling factor {factor}")
-    net = create_tcae(preset, image_size=image_size, latent_size=image_size // factor, staged=variant != "vanilla")
+    net = create_tcae(preset, image_size=image_size, latent_size=image_size // factor, **TCAE_VARIANTS[variant])
     return Net(name, net, net.encode, net.decode, net.latent_shape(image_size))
 
 
@@ -121,7 +96,6 @@ def compiled_twin(net: Net) -> Net:
     # default of 8 would silently fall back to eager in a run with several TC-AEs and precisions.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     m = net.module
-    # AutoencoderDC.encode/decode add no maths around encoder/decoder (tiling and slicing are off).
     return Net(net.name, m, torch.compile(m.encoder), torch.compile(m.decoder), net.latent_shape)
 
 

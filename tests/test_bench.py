@@ -11,7 +11,7 @@ from tcae_ldm import bench, bench_lib
 from tcae_ldm.metrics.flops import count_gmacs
 from tcae_ldm.models.tcae import create_tcae
 
-TINY_AES = ["TC-AE-T/p4-c16", "TC-AE-T/p4-c16:vanilla", "DC-AE-tiny"]
+TINY_AES = ["TC-AE-T/p4-c16", "TC-AE-T/p4-c16:vanilla", "DC-AE-T/f16c16"]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def tiny_run(tmp_path_factory):
 def test_tiny_bench_json(tiny_run):
     _, saved, _ = tiny_run
     assert {"env", "settings", "reference", "autoencoders", "dits", "dit_latents", "data", "notes"} <= set(saved)
-    assert saved["reference"] == "DC-AE-tiny" and list(saved["autoencoders"]) == TINY_AES
+    assert saved["reference"] == "DC-AE-T/f16c16" and list(saved["autoencoders"]) == TINY_AES
     for name, ae in saved["autoencoders"].items():
         assert ae["latent_shape"] == [16, 2, 2]  # the same token count for every autoencoder
         assert ae["gmacs"]["total"] == pytest.approx(ae["gmacs"]["encode"] + ae["gmacs"]["decode"])
@@ -38,9 +38,9 @@ def test_tiny_bench_json(tiny_run):
             r = ae["throughput"]["fp32"][mode]
             assert len(r["times_s"]) == 2 and r["items_per_s"] == pytest.approx(2 / r["median_s"])
             assert r["peak_mem_mb"] is None or r["peak_mem_mb"] > 0
-            ref = saved["autoencoders"]["DC-AE-tiny"]["throughput"]["fp32"][mode]["items_per_s"]
+            ref = saved["autoencoders"]["DC-AE-T/f16c16"]["throughput"]["fp32"][mode]["items_per_s"]
             assert r["ratio_vs_reference"] == pytest.approx(r["items_per_s"] / ref)
-    assert saved["autoencoders"]["DC-AE-tiny"]["gmacs_ratio_vs_reference"] == 1.0
+    assert saved["autoencoders"]["DC-AE-T/f16c16"]["gmacs_ratio_vs_reference"] == 1.0
     dit = saved["dits"]["DiT-T/1@16x2x2"]
     assert dit["latents_of"] == TINY_AES and dit["throughput"]["fp32"]["train"]["items_per_s"] > 0
     img, lat = saved["data"]["images"], saved["data"]["latents 16x2x2"]
@@ -63,7 +63,7 @@ def test_tiny_bench_table(tiny_run):
         assert [cells[0] for cells in lines if cells].count(name) == 2  # its cost row and its fp32 speed row
         assert [name, "fp32"] in [cells[:2] for cells in lines]
     assert ["DiT-T/1", "16x2x2"] in [cells[:2] for cells in lines]
-    assert "(1.00x)" in next(line for line in text.splitlines() if line.startswith("DC-AE-tiny") and "fp32" in line)
+    assert "(1.00x)" in next(line for line in text.splitlines() if line.startswith("DC-AE-T/f16c16") and "fp32" in line)
 
 
 def test_rounds_interleave_models_and_errors_do_not_stop_the_run():
@@ -94,8 +94,8 @@ def test_gmacs_match_hand_counts():
 def test_dcae_f32c32_config_and_cost():
     from diffusers import AutoencoderDC
 
-    assert set(bench_lib.DCAE_F32C32_CONFIG) <= set(inspect.signature(AutoencoderDC.__init__).parameters)
-    dc = bench_lib.autoencoder_cost("DC-AE-f32c32", 256, 32)
+    assert set(bench_lib.DCAE_PRESETS["DC-AE/f32c32"]) <= set(inspect.signature(AutoencoderDC.__init__).parameters)
+    dc = bench_lib.autoencoder_cost("DC-AE/f32c32", 256, 32)
     assert dc["latent_shape"] == [32, 8, 8]
     assert dc["gmacs"]["total"] == pytest.approx(606.9, rel=0.005)  # the published 607 GMACs
     assert dc["params_m"] == pytest.approx(323.4, abs=0.1)
@@ -127,3 +127,14 @@ def test_compile_in_place_keeps_state_dict_keys_and_outputs():
         rec, z = net(x)
     torch.testing.assert_close(z, ref_z, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(rec, ref_rec, rtol=1e-4, atol=1e-5)
+
+
+def test_checkpointing_variant_and_mode_selection():
+    net = bench_lib.build_autoencoder("TC-AE-T/p4-c16:ckpt", 32, 16)
+    assert net.module.encoder.fine.grad_checkpointing and net.latent_shape == (16, 2, 2)
+    with pytest.raises(ValueError, match="unknown TC-AE variant 'fast'"):
+        bench_lib.build_autoencoder("TC-AE-T/p4-c16:fast", 32, 16)
+    args = bench.parse_args(["--tiny", "--modes", "encode,decode", "--device", "cpu"])
+    assert args.modes == ["encode", "decode"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--tiny", "--modes", "infer", "--device", "cpu"])

@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torchvision.utils import make_grid, save_image
 
+from tcae_ldm.lit.compiling import CompileSpec, compile_in_place
 from tcae_ldm.lit.ema import EMA
 from tcae_ldm.lit.schedules import param_groups, set_lr, warmup_cosine
 from tcae_ldm.losses.lpips import FrozenLPIPS, build_lpips
@@ -45,6 +46,8 @@ class AutoencoderModule(L.LightningModule):
     metrics_fid: feature network of the rFID logged by validation and testing (see tcae_ldm.metrics.features;
     `inception` is the papers' rFID, `demo-classifier` the offline demo's proxy, None turns it off), with
     metrics_fid_weights its weight file (default: the network's standard location).
+    compile: torch.compile the encoder and decoder in place (True, or torch.compile kwargs); checkpoints keep
+    their keys, the EMA copy stays eager.
     """
 
     def __init__(self, net: str = "TC-AE-B/p8-c128", net_args: dict | None = None,
@@ -55,7 +58,7 @@ class AutoencoderModule(L.LightningModule):
                  grad_clip: float | None = 1.0, ema_decay: float | None = None,
                  phase: Literal["joint", "decoder_finetune"] = "joint", init_from: str | None = None,
                  metrics_lpips: str | None = "pretrained", metrics_fid: str | None = None,
-                 metrics_fid_weights: str | None = None, val_grid_images: int = 8):
+                 metrics_fid_weights: str | None = None, val_grid_images: int = 8, compile: CompileSpec = False):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "disc_optimizer"])
         self.automatic_optimization = False
@@ -77,6 +80,7 @@ class AutoencoderModule(L.LightningModule):
         if phase == "decoder_finetune":
             self.net.encoder.requires_grad_(False)  # the latent space is fixed from here on
         self.ema = EMA(self.net, ema_decay) if ema_decay else None
+        compile_in_place([self.net.encoder, self.net.decoder], compile)  # after the EMA's (eager) copy
         lpips = self.loss.lpips if self.loss.lpips is not None else (
             FrozenLPIPS(build_lpips(metrics_lpips)) if metrics_lpips else None)
         fid = ReconstructionFID(build_feature_extractor(metrics_fid, metrics_fid_weights)) if metrics_fid else None

@@ -19,6 +19,7 @@ from torchvision.utils import make_grid, save_image
 from tcae_ldm.data.latents import LatentNormalizer, default_seed, read_metadata, seed_of
 from tcae_ldm.diffusion import DDPM, create_objective
 from tcae_ldm.lit.autoencoder import NonFiniteLossError
+from tcae_ldm.lit.compiling import CompileSpec, compile_in_place
 from tcae_ldm.lit.ema import EMA
 from tcae_ldm.lit.schedules import param_groups
 from tcae_ldm.models.autoencoders import (AutoencoderSpec, FrozenAutoencoder, describe_identity, identity_mismatch,
@@ -39,9 +40,12 @@ class DiffusionModule(L.LightningModule):
                  cfg_scale: float = 1.0, cfg_interval: tuple[float, float] | None = None,
                  sample_every_n_steps: int = 0, sample_grid_size: int = 16,
                  autoencoder: AutoencoderSpec | None = None, seed: int | None = None,
-                 latent_shape: tuple[int, int, int] | None = None, num_classes: int | None = None):
+                 latent_shape: tuple[int, int, int] | None = None, num_classes: int | None = None,
+                 compile: CompileSpec = False):
         """latent_shape / num_classes: filled in from the datamodule and stored in checkpoints; leave unset.
-        autoencoder: decodes samples; None uses the one that made the cache (its metadata)."""
+        autoencoder: decodes samples; None uses the one that made the cache (its metadata).
+        compile: torch.compile the trained DiT in place (True, or torch.compile kwargs); checkpoint keys do not
+        change and the EMA copy, which samples, stays eager."""
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
         linked = sorted(set(dit_args or {}) & set(LINKED))
@@ -67,6 +71,7 @@ class DiffusionModule(L.LightningModule):
         self.dit = create_dit(self.hparams.dit, **{**(self.hparams.dit_args or {}), "input_size": h,
                                                    "in_channels": c, "num_classes": num_classes})
         self.ema = EMA(self.dit, self.hparams.ema_decay, self.hparams.ema_warmup) if self.hparams.ema_decay else None
+        compile_in_place([self.dit], self.hparams.get("compile", False))  # after the EMA's (eager) copy
         self.normalizer = LatentNormalizer(c)
 
     def configure_model(self) -> None:

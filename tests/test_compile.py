@@ -1,0 +1,40 @@
+"""The `compile` switch of both training modules: in place, so checkpoints keep their keys and the EMA copy
+stays an eager module averaging the same parameters. (The eager backend checks the wiring in seconds;
+tests/test_bench.py checks that inductor's compiled TC-AE computes what the eager one does.)"""
+import torch
+
+from tcae_ldm.lit.diffusion import DiffusionModule
+from tests.test_autoencoder_module import _data, _module, _trainer
+
+EAGER_BACKEND = {"backend": "eager"}
+
+
+def _compiled(module: torch.nn.Module) -> bool:
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def test_autoencoder_compile_keeps_keys_and_trains_with_ema(tmp_path):
+    torch.manual_seed(0)
+    plain = _module(max_steps=1)
+    torch.manual_seed(0)
+    module = _module(max_steps=1, compile=EAGER_BACKEND)
+    assert _compiled(module.net.encoder) and _compiled(module.net.decoder)
+    assert not _compiled(module.ema.module.encoder)             # the EMA copy was made before compiling
+    assert list(module.state_dict()) == list(plain.state_dict())
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer = _trainer(str(tmp_path))
+    trainer.fit(module, _data())
+    changed = {k for k, v in module.state_dict().items() if not torch.equal(before[k], v)}
+    assert any(k.startswith("net.encoder.") for k in changed) and any(k.startswith("ema.module.") for k in changed)
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert list(ckpt["state_dict"]) == list(plain.state_dict())  # loadable with compile off
+    plain.load_state_dict(ckpt["state_dict"])
+
+
+def test_dit_compile_keeps_keys_and_leaves_the_sampling_ema_eager():
+    kw = dict(dit="DiT-T/1", ema_decay=0.99)
+    plain, module = DiffusionModule(**kw), DiffusionModule(**kw, compile=EAGER_BACKEND)
+    for m in (plain, module):
+        m._build((16, 4, 4), 8)
+    assert _compiled(module.dit) and not _compiled(module.ema.module) and not _compiled(plain.dit)
+    assert list(module.state_dict()) == list(plain.state_dict())
