@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="tcae-ldm bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--autoencoders", type=_csv, help=f"comma list; TC-AE presets (':vanilla' = staged=False, ':ckpt' = "
-                   f"activation checkpointing) and DC-AE presets {sorted(B.DCAE_PRESETS)} "
+                   f"activation checkpointing) and DC-AE presets {sorted(B.DCAE_PRESETS)}, either with ':cl' = "
+                   f"channels-last "
                    f"(default {','.join(PAPER_AUTOENCODERS)})")
     p.add_argument("--modes", type=_csv, default=list(MODES), help=f"autoencoder modes to time (default {','.join(MODES)})")
     p.add_argument("--dits", type=_csv, help="comma list of DiT presets (default: GPU DiT-XL/1,DiT-B/1; CPU DiT-B/1)")
@@ -279,7 +280,8 @@ def run(args) -> dict:
     factor = _factor(args.autoencoders, args.tiny)
     report = {"env": environment(args.device), "settings": {k: (str(v) if k == "device" else v)
                                                              for k, v in vars(args).items()},
-              "reference": next((n for n in args.autoencoders if B.is_dcae(n)), None),
+              "reference": next((n for n in args.autoencoders if B.is_dcae(n) and ":" not in n),
+                                next((n for n in args.autoencoders if B.is_dcae(n)), None)),
               "latent_factor": factor, "autoencoders": {}, "dit_latents": {}, "dits": {}, "data": {},
               "notes": ["train = forward + L1 + backward + AdamW(fused=True) step; the GAN and LPIPS terms cost "
                         "the same for every autoencoder, so they are left out",

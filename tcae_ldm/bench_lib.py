@@ -45,14 +45,16 @@ def peak_bf16_tflops(device_name: str) -> float | None:
 
 
 def is_dcae(name: str) -> bool:
-    return name in DCAE_PRESETS
+    """A DC-AE preset, with or without a variant suffix."""
+    return name.partition(":")[0] in DCAE_PRESETS
 
 
 def dcae_factor(name: str) -> int:
-    return dcae_config_factor(DCAE_PRESETS[name])
+    return dcae_config_factor(DCAE_PRESETS[name.partition(":")[0]])
 
 
 TCAE_VARIANTS = {"": {}, "vanilla": {"staged": False}, "ckpt": {"grad_checkpointing": True}}
+VARIANTS = (*TCAE_VARIANTS, "cl")  # 'cl': weights and inputs in channels-last memory format (any autoencoder)
 
 
 @dataclass
@@ -63,22 +65,28 @@ class Net:
     encode: Callable[[torch.Tensor], torch.Tensor]
     decode: Callable[[torch.Tensor], torch.Tensor]
     latent_shape: tuple[int, int, int]
+    channels_last: bool = False  # inputs are handed over in channels-last memory format
 
 
 def build_autoencoder(name: str, image_size: int, factor: int) -> Net:
-    """'TC-AE-<preset>[:vanilla|:ckpt]' with a latent grid image_size / factor, or a DC-AE preset
-    (tcae_ldm.models.dcae: AutoencoderDC's own encoder and decoder). ':vanilla' is staged=False, ':ckpt' the
-    same network with activation checkpointing of the high-token stages (only training steps differ).
+    """'TC-AE-<preset>[:vanilla|:ckpt|:cl]' with a latent grid image_size / factor, or a DC-AE preset
+    (tcae_ldm.models.dcae: AutoencoderDC's own encoder and decoder)[:cl]. ':vanilla' is staged=False, ':ckpt' the
+    same network with activation checkpointing of the high-token stages (only training steps differ), ':cl' the
+    same network with weights and inputs in channels-last memory format.
 
     Built on the current default device (use `with torch.device(...)`), random weights, nothing downloaded.
     """
-    if is_dcae(name):
-        m = create_dcae(name)
-        return Net(name, m, m.encode, m.decode, m.latent_shape(image_size))
     preset, _, variant = name.partition(":")
-    if variant not in TCAE_VARIANTS:
-        raise ValueError(f"unknown TC-AE variant {variant!r} in {name!r}; use ':vanilla' (staged=False) or ':ckpt' "
-                         f"(activation checkpointing)")
+    if variant not in VARIANTS or (variant and variant != "cl" and is_dcae(preset)):
+        raise ValueError(f"unknown variant {variant!r} in {name!r}; use ':cl' (channels-last), or for TC-AE "
+                         f"':vanilla' (staged=False) or ':ckpt' (activation checkpointing)")
+    if variant == "cl":
+        net = build_autoencoder(preset, image_size, factor)
+        net.module.to(memory_format=torch.channels_last)
+        return Net(name, net.module, net.encode, net.decode, net.latent_shape, channels_last=True)
+    if is_dcae(preset):
+        m = create_dcae(preset)
+        return Net(name, m, m.encode, m.decode, m.latent_shape(image_size))
     if image_size % factor:
         raise ValueError(f"image_size={image_size} is not divisible by the latent downsampling factor {factor}")
     net = create_tcae(preset, image_size=image_size, latent_size=image_size // factor, **TCAE_VARIANTS[variant])
@@ -145,8 +153,9 @@ def ae_calls(net: Net, batch: int, image_size: int, device: torch.device, precis
     comparison about the autoencoders. Train/eval mode is set per group by the caller, not per call.
     """
     gen = torch.Generator(device="cpu").manual_seed(0)
-    x = (torch.rand(batch, 3, image_size, image_size, generator=gen) * 2 - 1).to(device)
-    z = torch.randn(batch, *net.latent_shape, generator=gen).to(device)
+    fmt = torch.channels_last if net.channels_last else torch.contiguous_format
+    x = (torch.rand(batch, 3, image_size, image_size, generator=gen) * 2 - 1).to(device, memory_format=fmt)
+    z = torch.randn(batch, *net.latent_shape, generator=gen).to(device, memory_format=fmt)
 
     @torch.no_grad()
     def encode():

@@ -132,8 +132,13 @@ def test_compile_in_place_keeps_state_dict_keys_and_outputs():
 def test_checkpointing_variant_and_mode_selection():
     net = bench_lib.build_autoencoder("TC-AE-T/p4-c16:ckpt", 32, 16)
     assert net.module.encoder.fine.grad_checkpointing and net.latent_shape == (16, 2, 2)
-    with pytest.raises(ValueError, match="unknown TC-AE variant 'fast'"):
+    with pytest.raises(ValueError, match="unknown variant 'fast'"):
         bench_lib.build_autoencoder("TC-AE-T/p4-c16:fast", 32, 16)
+    with pytest.raises(ValueError, match="unknown variant 'vanilla'"):
+        bench_lib.build_autoencoder("DC-AE-T/f16c16:vanilla", 32, 16)
+    cl = bench_lib.build_autoencoder("DC-AE-T/f16c16:cl", 32, 16)
+    conv = next(p for p in cl.module.parameters() if p.dim() == 4)
+    assert cl.channels_last and conv.is_contiguous(memory_format=torch.channels_last) and bench_lib.is_dcae(cl.name)
     args = bench.parse_args(["--tiny", "--modes", "encode,decode", "--device", "cpu"])
     assert args.modes == ["encode", "decode"]
     with pytest.raises(SystemExit):

@@ -1,4 +1,4 @@
-"""The `compile` switch of both training modules: in place, so checkpoints keep their keys and the EMA copy
+"""The `compile` and `channels_last` switches: the `compile` switch of both training modules: in place, so checkpoints keep their keys and the EMA copy
 stays an eager module averaging the same parameters. (The eager backend checks the wiring in seconds;
 tests/test_bench.py checks that inductor's compiled TC-AE computes what the eager one does.)"""
 import torch
@@ -38,3 +38,18 @@ def test_dit_compile_keeps_keys_and_leaves_the_sampling_ema_eager():
         m._build((16, 4, 4), 8)
     assert _compiled(module.dit) and not _compiled(module.ema.module) and not _compiled(plain.dit)
     assert list(module.state_dict()) == list(plain.state_dict())
+
+
+def test_channels_last_trains_the_same_function(tmp_path):
+    """channels_last changes memory layout, not maths: one step gives the same weights up to float reordering."""
+    results = []
+    for cl in (False, True):
+        torch.manual_seed(0)
+        module = _module(max_steps=1, channels_last=cl)
+        conv = next(p for p in module.loss.discriminator.parameters() if p.dim() == 4)
+        assert conv.is_contiguous(memory_format=torch.channels_last) == cl
+        _trainer(str(tmp_path / str(cl))).fit(module, _data())
+        results.append(module.state_dict())
+    assert list(results[0]) == list(results[1])
+    for k, v in results[0].items():
+        torch.testing.assert_close(results[1][k], v, rtol=1e-3, atol=1e-4, msg=k)
