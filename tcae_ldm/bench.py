@@ -29,6 +29,7 @@ from tcae_ldm.models.tcae import TCAE_PRESETS
 PAPER_AUTOENCODERS = ["TC-AE-B/p8-c128", "TC-AE-B/p8-c128:vanilla", "DC-AE/f32c32"]
 TINY_AUTOENCODERS = ["TC-AE-T/p4-c16", "TC-AE-T/p4-c16:vanilla", "DC-AE-T/f16c16"]
 MODES = B.MODES
+ROUNDTRIP = B.ROUNDTRIP
 # Per machine kind: what fits the time budget (a few minutes). On a CPU the paper-scale networks are timed
 # at 64x64, batch 1, two rounds (one DC-AE training step takes ~20 s at 64x64 on 2 shared cores, minutes at
 # 256x256) and in fp32 only (bf16 autocast is many times slower than fp32 on CPUs); GMACs are still also
@@ -215,6 +216,16 @@ def bench_dits(args, report: dict) -> None:
     _free(dev)
 
 
+def add_roundtrip(report: dict) -> None:
+    """encode+decode images/s = 1 / (1/encode + 1/decode), from the two timed modes (the paper's cost unit)."""
+    for entry in report["autoencoders"].values():
+        for key in ("throughput", "compiled"):
+            for modes in entry.get(key, {}).values():
+                e, d = (modes.get(m, {}).get("items_per_s") for m in ("encode", "decode"))
+                if e and d:
+                    modes[ROUNDTRIP] = {"items_per_s": 1.0 / (1.0 / e + 1.0 / d)}
+
+
 def add_ratios(report: dict) -> None:
     """ratio_vs_reference: a figure / the reference's same figure (same precision, mode, eager/compiled);
     speedup: compiled / eager of the same network."""
@@ -308,6 +319,7 @@ def run(args) -> dict:
         bench_autoencoders(args, report, factor)
         bench_dits(args, report)
         bench_data(args, report)
+    add_roundtrip(report)
     add_ratios(report)
     report["env"]["max_rss_mb"] = B.max_rss_mb()
     return report

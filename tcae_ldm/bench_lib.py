@@ -28,6 +28,7 @@ from tcae_ldm.models.dit import create_dit
 from tcae_ldm.models.tcae import create_tcae
 
 MODES = ("encode", "decode", "train")
+ROUNDTRIP = "encode+decode"  # derived from the encode and decode timings: one image through both
 INPUT_TARGET = 3.0  # a loader should deliver >= 3x what the training step it feeds consumes
 
 #################################################################################

@@ -2,7 +2,7 @@
 prints the same: `tables(json.load(open("bench.json")))`."""
 from __future__ import annotations
 
-from tcae_ldm.bench_lib import INPUT_TARGET, MODES
+from tcae_ldm.bench_lib import INPUT_TARGET, MODES, ROUNDTRIP
 
 
 def _f(v, spec: str = ".1f") -> str:
@@ -52,12 +52,12 @@ def _autoencoders(report: dict) -> str:
     rows = []
     for n, e in aes.items():
         for prec, m in e.get("throughput", {}).items():
-            row = [n, prec, *(_speed(m.get(k, {})) for k in MODES),
+            row = [n, prec, *(_speed(m.get(k, {})) for k in (*MODES, ROUNDTRIP)),
                    "/".join(_f(m.get(k, {}).get("peak_mem_mb"), ".0f") for k in MODES)]
             rows.append(row + (["/".join(_f(m.get(k, {}).get("mfu"), ".1%") for k in MODES)] if with_mfu else []))
     return render(f"Autoencoder throughput, images/s (x {report['reference']}, same run; median of {s['repeats']}, "
                   f"batch {s['batch_size']})",
-                  ["autoencoder", "prec", "encode", "decode", "train step", "peak MB e/d/t"]
+                  ["autoencoder", "prec", "encode", "decode", "train step", "enc+dec", "peak MB e/d/t"]
                   + (["MFU e/d/t"] if with_mfu else []), rows)
 
 
@@ -92,11 +92,11 @@ def _compiled(report: dict) -> str | None:
         for n, e in report[table].items():
             for prec, m in e.get("compiled", {}).items():
                 rows.append([n, prec] + [("error" if "error" in m[k] else f"{_f(m[k].get('speedup'), '.2f')}x")
-                                         if k in m else "-" for k in MODES])
+                                         if k in m else "-" for k in (*MODES, ROUNDTRIP)])
     if not rows:
         return None
     return render("torch.compile speed-up (compiled / eager items/s; errors listed below)",
-                  ["network", "prec", "encode", "decode", "train step"], rows)
+                  ["network", "prec", "encode", "decode", "train step", "enc+dec"], rows)
 
 
 def _errors(report: dict) -> list[str]:

@@ -143,3 +143,14 @@ def test_checkpointing_variant_and_mode_selection():
     assert args.modes == ["encode", "decode"]
     with pytest.raises(SystemExit):
         bench.parse_args(["--tiny", "--modes", "infer", "--device", "cpu"])
+
+
+def test_encode_plus_decode_is_derived_from_the_timed_modes(tiny_run):
+    _, saved, text = tiny_run
+    ref = saved["autoencoders"]["DC-AE-T/f16c16"]["throughput"]["fp32"]["encode+decode"]["items_per_s"]
+    for name, entry in saved["autoencoders"].items():
+        m = entry["throughput"]["fp32"]
+        both = 1 / (1 / m["encode"]["items_per_s"] + 1 / m["decode"]["items_per_s"])
+        assert m["encode+decode"]["items_per_s"] == pytest.approx(both)
+        assert m["encode+decode"]["ratio_vs_reference"] == pytest.approx(both / ref)
+    assert "enc+dec" in text
