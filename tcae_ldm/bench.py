@@ -116,12 +116,24 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
+def cpu_has_native_bf16() -> bool | None:
+    """Whether the CPU has bf16 arithmetic (AVX512-BF16 or AMX); without it oneDNN runs bf16 convolutions
+    with reference kernels, orders of magnitude slower than fp32 (None: unknown)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def environment(device: torch.device) -> dict:
     import diffusers
 
     env = {"device": device.type, "torch": torch.__version__, "diffusers": diffusers.__version__,
            "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_native_bf16": cpu_has_native_bf16(),
            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)

@@ -119,4 +119,8 @@ def tables(report: dict) -> str:
         parts.append(_data(report))
     parts.append(_compiled(report))
     footer = [f"max RSS {env['max_rss_mb']:.0f} MB", *_errors(report), *(f"note: {t}" for t in report["notes"])]
+    if env["device"] == "cpu" and "bf16" in s["precisions"] and env.get("cpu_native_bf16") is False:
+        footer.append(f"WARNING: this CPU ({env.get('cpu_capability')}) has no bf16 instructions (AVX512-BF16 / AMX): "
+                      f"bf16 convolutions run on reference kernels, so bf16 figures and ratios measure kernel "
+                      f"coverage, not the networks")
     return "\n\n".join(p for p in parts if p) + "\n\n" + "\n".join(footer)

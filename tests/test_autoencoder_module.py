@@ -17,7 +17,8 @@ TINY = ["--model.init_args.net=TC-AE-T/p4-c16",
         "--model.init_args.net_args={image_size: 32, latent_size: 2}",
         "--model.init_args.loss.disc_channels=8", "--model.init_args.loss.disc_layers=2",
         "--data.init_args.image_size=32", "--data.init_args.train_per_class=2",
-        "--data.init_args.val_per_class=1", "--data.init_args.global_batch_size=8"]
+        "--data.init_args.val_per_class=1", "--data.init_args.global_batch_size=8",
+        "--model.init_args.metrics_fid=random"]  # the demo's demo-classifier needs its weight file
 
 
 def _module(**kw):

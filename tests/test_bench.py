@@ -154,3 +154,12 @@ def test_encode_plus_decode_is_derived_from_the_timed_modes(tiny_run):
         assert m["encode+decode"]["items_per_s"] == pytest.approx(both)
         assert m["encode+decode"]["ratio_vs_reference"] == pytest.approx(both / ref)
     assert "enc+dec" in text
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_is_flagged(tiny_run):
+    _, saved, text = tiny_run
+    assert saved["env"]["cpu_capability"] and "cpu_native_bf16" in saved["env"]
+    assert "no bf16 instructions" not in text                         # fp32 only: nothing to warn about
+    report = {**saved, "settings": {**saved["settings"], "precisions": ["fp32", "bf16"]},
+              "env": {**saved["env"], "cpu_native_bf16": False}}
+    assert "has no bf16 instructions (AVX512-BF16 / AMX)" in bench.tables(report)

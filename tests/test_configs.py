@@ -57,7 +57,7 @@ def test_demo_ablation_twins_train_through_the_cli(path, tmp_path):
     out = str(tmp_path)
     lightning_main(["fit", *_stack(path), "--model.init_args.max_steps=2", "--data.init_args.train_per_class=2",
                     "--data.init_args.val_per_class=1", "--data.init_args.global_batch_size=8",
-                    "--trainer.check_val_every_n_epoch=1", f"--trainer.logger.init_args.save_dir={out}"])
+                    "--model.init_args.metrics_fid=random", "--trainer.check_val_every_n_epoch=1", f"--trainer.logger.init_args.save_dir={out}"])
     name = os.path.splitext(os.path.basename(path))[0]
     ckpt = torch.load(os.path.join(out, f"ablation_{name}", "checkpoints", "last.ckpt"), weights_only=False)
     assert ckpt["step_count"] == 2

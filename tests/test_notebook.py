@@ -22,7 +22,7 @@ def demo_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("nb")
     runs = root / "runs" / "demo"
     lightning_main(["fit", "--config", os.path.join(REPO, "configs/demo/tcae.yaml"), *TINY,
-                    "--model.init_args.max_steps=2", "--model.init_args.metrics_fid=random",
+                    "--model.init_args.max_steps=2",
                     "--trainer.check_val_every_n_epoch=1", f"--trainer.logger.init_args.save_dir={runs}",
                     f"--trainer.callbacks.init_args.dirpath={runs}/tcae/checkpoints"])
     images = DemoPhotosDataModule(image_size=32, train_per_class=2, val_per_class=1)
