@@ -38,7 +38,7 @@ DCAE_AE  := $(RUNS)/dcae/.done
 
 # The offline FID proxy: a small classifier of the 8 photos (rfid_/gfid_demo-classifier) and the train crops' stats.
 $(FEATURES): | $(STAMP)
-	$(OFFLINE) $(BIN)/python -m tcae_ldm.metrics.features train-demo-classifier --out $@
+	$(OFFLINE) $(BIN)/tcae-ldm train-demo-classifier --out $@
 $(FID_REF): $(FEATURES)
 	$(OFFLINE) $(BIN)/tcae-ldm fid-stats --demo --split train --features demo-classifier --weights $(FEATURES) --out $@
 
@@ -53,8 +53,12 @@ $(RUNS)/latents_%/metadata.json: configs/demo/cache_latents_%.yaml $(RUNS)/%/.do
 	$(OFFLINE) $(BIN)/tcae-ldm predict --config configs/demo/cache_latents_$*.yaml
 
 # The same DiT on each cache, logging gen/gfid_demo-classifier every 100 steps; then a final sample grid.
-$(RUNS)/dit_%/.done: configs/demo/dit_on_%.yaml $(RUNS)/latents_%/metadata.json $(FID_REF)
-	$(OFFLINE) $(BIN)/tcae-ldm fit --config configs/demo/dit_on_$*.yaml
+# The DC-AE run is an overlay of the TC-AE one that changes only the cache and the run's name.
+DIT_CONFIGS_tcae := configs/demo/dit_on_tcae.yaml
+DIT_CONFIGS_dcae := configs/demo/dit_on_tcae.yaml configs/demo/dit_on_dcae.yaml
+.SECONDEXPANSION:
+$(RUNS)/dit_%/.done: $$(DIT_CONFIGS_$$*) $(RUNS)/latents_%/metadata.json $(FID_REF)
+	$(OFFLINE) $(BIN)/tcae-ldm fit $(foreach c,$(DIT_CONFIGS_$*),--config $(c))
 	$(OFFLINE) $(BIN)/tcae-ldm sample --ckpt $(RUNS)/dit_$*/checkpoints/last.ckpt --out $(RUNS)/dit_$*/samples_final --num 64
 	touch $@
 

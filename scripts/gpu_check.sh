@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check, about 5 minutes on one H200:
+# GPU check, sized to fit one short device lease:
 #   1. `tcae-ldm bench` at paper scale (TC-AE-B/p8-c128 staged and vanilla, DC-AE f32c32 at 256x256;
 #      DiT-XL/1 and DiT-B/1 on their latents; the input pipelines), bf16, a few repeats;
 #   2. a short bf16-mixed fit of the demo autoencoder on every visible GPU (GAN step included), a latent cache

@@ -4,17 +4,22 @@ import os
 
 import pytest
 import torch
+import yaml
 
 from tcae_ldm.cli import lightning_main
+from tests.tiny import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASES = {"configs/ablations": "configs/tcae.yaml", "configs/ablations/demo": "configs/demo/tcae.yaml"}
+BASES = {"configs/ablations": "configs/tcae.yaml", "configs/ablations/demo": "configs/demo/tcae.yaml",
+         "configs/dit_on_dcae.yaml": "configs/dit_on_tcae.yaml", "configs/demo/dit_on_dcae.yaml": "configs/demo/dit_on_tcae.yaml"}
+# What the DC-AE DiT overlays may change: the cache they read and where the run is written, nothing else.
+DIT_OVERLAY_KEYS = {"trainer.logger.init_args.name", "data.init_args.cache_dir", "data.init_args.expect_autoencoder.kind",
+                    "data.init_args.expect_autoencoder.name"}
 
 
 def _stack(path):
     """Overlays (configs/ablations/...) are used on top of their base config."""
     rel = os.path.relpath(path, REPO)
-    base = BASES.get(os.path.dirname(rel))
+    base = BASES.get(rel) or BASES.get(os.path.dirname(rel))
     return (["--config", os.path.join(REPO, base)] if base else []) + ["--config", path]
 
 
@@ -31,6 +36,28 @@ def test_config_parses_and_prints(path, capsys):
         lightning_main([_subcommand(path), *_stack(path), "--print_config"])
     assert exit_.value.code in (0, None)
     assert "class_path" in capsys.readouterr().out
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
+    if isinstance(tree, list):
+        return {k: v for i, sub in enumerate(tree) for k, v in _flatten(sub, f"{prefix}{i}.").items()}
+    return {prefix[:-1]: tree}
+
+
+@pytest.mark.parametrize("base", ["configs/dit_on_tcae.yaml", "configs/demo/dit_on_tcae.yaml"])
+def test_dit_on_dcae_is_the_same_run_on_another_cache(base, capsys):
+    """"The same DiT and schedule on both latents" is enforced: the resolved configs differ only in the cache."""
+    resolved = []
+    for stack in ([base], [base, base.replace("dit_on_tcae", "dit_on_dcae")]):
+        with pytest.raises(SystemExit):
+            lightning_main(["fit", *[a for c in stack for a in ("--config", os.path.join(REPO, c))], "--print_config"])
+        resolved.append(_flatten(yaml.safe_load(capsys.readouterr().out)))
+    tcae, dcae = resolved
+    differ = {k for k in tcae.keys() | dcae.keys() if tcae.get(k) != dcae.get(k)}
+    assert differ == DIT_OVERLAY_KEYS, differ
+    assert dcae["data.init_args.expect_autoencoder.kind"] == "dcae" and "latents_dcae" in dcae["data.init_args.cache_dir"]
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if "/ablations/" in p or p.endswith(("configs/tcae.yaml",

@@ -6,13 +6,11 @@ import pytest
 from nbclient import NotebookClient
 
 from tcae_ldm.cli import lightning_main
+from tcae_ldm.commands.fid_stats import main as fid_stats_main
 from tcae_ldm.data.demo import DemoPhotosDataModule
 from tcae_ldm.lit.caching import cache_latents
-from tcae_ldm.metrics.fid_stats import main as fid_stats_main
-from tests.test_autoencoder_module import TINY
-from tests.test_dit_module import callbacks_arg
+from tests.tiny import REPO, TINY, callbacks_arg
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "notebooks", "walkthrough.ipynb")
 
 

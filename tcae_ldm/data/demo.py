@@ -7,6 +7,7 @@ Crops are drawn once from a seeded generator and kept in memory as uint8, so eve
 from __future__ import annotations
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -97,3 +98,11 @@ class DemoPhotosDataModule(ImageDataModule):
                                           self.val_fraction, self.crop_scale, self.seed)
         self.train_set = DemoPhotosDataset(tx, ty, train_transform(self.image_size, self.hflip, self.views))
         self.val_set = DemoPhotosDataset(vx, vy, ImageTransform(self.image_size, False))
+
+
+def demo_split_tensors(image_size: int = 64, **datamodule_kwargs) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{'train': (uint8 (N, 3, S, S), labels), 'val': ...}: the demo datamodule's crops, unflipped."""
+    dm = DemoPhotosDataModule(image_size=image_size, **datamodule_kwargs)
+    dm.setup()
+    return {split: (torch.from_numpy(ds.images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(ds.labels).long())
+            for split, ds in (("train", dm.train_set), ("val", dm.val_set))}

@@ -10,12 +10,13 @@ import os
 from typing import Callable
 
 import lightning as L
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from tcae_ldm.data.transforms import ImageTransform
+from tcae_ldm.data.transforms import ImageTransform, center_crop_arr
 from tcae_ldm.data.views import MultiCropConfig, train_transform
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,26 @@ log = logging.getLogger(__name__)
 
 class CorruptImageError(RuntimeError):
     """An image file that PIL cannot decode."""
+
+
+def read_image(path: str) -> Image.Image:
+    """The RGB image in a file, or a CorruptImageError naming the file."""
+    try:
+        with Image.open(path) as f:
+            return f.convert("RGB")
+    except Exception as e:  # PIL raises several types for truncated or non-image files
+        raise CorruptImageError(f"cannot read image {path}: {e}") from e
+
+
+def find_images(root: str) -> list[str]:
+    """Every image file under root, recursively, in a stable order."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder {root!r} does not exist")
+    paths = [os.path.join(d, f) for d, _, files in os.walk(root, followlinks=True) for f in files
+             if f.lower().endswith(IMG_EXTENSIONS)]
+    if not paths:
+        raise FileNotFoundError(f"no image files ({', '.join(IMG_EXTENSIONS)}) under {root!r}")
+    return sorted(paths)
 
 
 def scan_image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
@@ -55,15 +76,27 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, i):
         path, label = self.samples[i]
         try:
-            with Image.open(path) as f:
-                img = f.convert("RGB")
-        except Exception as e:  # PIL raises several types for truncated or non-image files
+            img = read_image(path)
+        except CorruptImageError as e:
             if self.skip_corrupt:
-                log.warning("skipping unreadable image %s (%s)", path, e)
+                log.warning("skipping an unreadable image: %s", e)
                 return None
-            raise CorruptImageError(f"cannot read image {path}: {e} "
-                                    f"(set data.skip_corrupt: true to skip such files)") from e
+            raise CorruptImageError(f"{e} (set data.skip_corrupt: true to skip such files)") from e.__cause__
         return {**self.transform(img), "label": label}
+
+
+class CroppedImageFiles(Dataset):
+    """Image files -> uint8 (3, S, S) ADM centre crops (FID statistics of folders and sample folders)."""
+
+    def __init__(self, paths: list[str], image_size: int):
+        self.paths, self.image_size = paths, image_size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        arr = np.asarray(center_crop_arr(read_image(self.paths[i]), self.image_size), dtype=np.uint8)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
 def collate_skipping(items: list) -> dict:

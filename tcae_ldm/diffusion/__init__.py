@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from .ddpm import DDPM
-from .flow import RectifiedFlow, guided_prediction
+from .flow import RectifiedFlow
+from .guidance import guided_prediction
 
 OBJECTIVES = {"flow": RectifiedFlow, "ddpm": DDPM}
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from .flow import ModelFn, check_cfg, guided_prediction
+from .guidance import ModelFn, check_cfg, guided_prediction
 
 DDPM_SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
 

@@ -12,16 +12,16 @@ single backward gives each optimizer exactly its own gradients and DDP sees one 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from torchvision.utils import make_grid, save_image
 
+from tcae_ldm.latents.frozen import autoencoder_weights
 from tcae_ldm.lit.compiling import CompileSpec, compile_in_place
-from tcae_ldm.lit.ema import EMA
+from tcae_ldm.lit.guards import NonFiniteLossError
+from tcae_ldm.lit.outputs import save_grid
 from tcae_ldm.lit.schedules import param_groups, set_lr, warmup_cosine
 from tcae_ldm.losses.lpips import FrozenLPIPS, build_lpips
 from tcae_ldm.losses.reconstruction import ReconstructionLoss, ReconstructionLossConfig
@@ -29,13 +29,10 @@ from tcae_ldm.losses.ssl import SSLConfig, iBOTObjective
 from tcae_ldm.metrics.features import build_feature_extractor
 from tcae_ldm.metrics.fid import ReconstructionFID
 from tcae_ldm.metrics.reconstruction import ReconstructionMetrics
+from tcae_ldm.models.ema import EMA
 from tcae_ldm.models.zoo import autoencoder_family, create_autoencoder
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A training loss became NaN or inf; the run stops before anything is saved."""
 
 
 class AutoencoderModule(L.LightningModule):
@@ -98,16 +95,14 @@ class AutoencoderModule(L.LightningModule):
     # ------------------------------------------------------------------ setup
     def load_weights(self, path: str) -> None:
         """Initialise the autoencoder from another run's checkpoint (EMA weights when it has them)."""
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-        prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "net."
-        weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        source, weights = autoencoder_weights(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
         missing, unexpected = self.net.load_state_dict(weights, strict=False)
         if missing or unexpected:
             hint = (" (the encoder was trained with iBOT's [CLS] token: set model.net_args.cls_token: true)"
                     if "encoder.cls_token" in unexpected else "")
             raise ValueError(f"checkpoint {path} does not fit net={self.hparams.net}: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}{hint}")
-        log.info("initialised the autoencoder from %s (%s)", path, prefix.rstrip("."))
+        log.info("initialised the autoencoder from %s (%s weights)", path, source)
 
     def setup(self, stage: str) -> None:
         # Initialise from another run only when training starts (not when this module is rebuilt from its own
@@ -216,16 +211,9 @@ class AutoencoderModule(L.LightningModule):
     on_test_epoch_end = on_validation_epoch_end
 
     def _save_grid(self, x, x_rec):
-        """Originals (top row) over reconstructions, saved as PNG and sent to the logger if it takes images."""
-        grid = make_grid(torch.cat([x, x_rec.clamp(-1, 1)]).float().cpu(), nrow=x.shape[0], normalize=True,
-                         value_range=(-1, 1))
-        out_dir = os.path.join(getattr(self.logger, "log_dir", None) or self.trainer.default_root_dir,
-                               "reconstructions")
-        os.makedirs(out_dir, exist_ok=True)
-        save_image(grid, os.path.join(out_dir, f"step{self.step_count:07d}.png"))
-        exp = getattr(self.logger, "experiment", None)
-        if hasattr(exp, "add_image"):
-            exp.add_image("val/reconstructions", grid, self.step_count)
+        """Originals (top row) over reconstructions: reconstructions/step*.png and the logger."""
+        save_grid(self.trainer, torch.cat([x, x_rec]), "reconstructions", self.step_count, "val/reconstructions",
+                  nrow=x.shape[0])
 
     # ------------------------------------------------------------------ checkpoint
     def on_save_checkpoint(self, checkpoint):

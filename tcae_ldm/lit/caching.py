@@ -1,71 +1,17 @@
 """Making a latent cache: `tcae-ldm predict` with a frozen autoencoder turns a split of images into latents.
 
 CacheSourceDataModule serves the images (no flips, no shuffling, with their dataset indices),
-LatentCacheModule encodes each image and its mirror image, and LatentCacheWriter (tcae_ldm.data.latents)
-writes the shards, the statistics and the metadata. cache_latents() runs the same thing from Python.
+LatentCacheModule encodes each image and its mirror image, and LatentCacheWriter writes the shards, the
+statistics and the metadata (both in tcae_ldm.latents.cache). cache_latents() runs the same thing from Python.
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from tcae_ldm.data.images import ImageDataModule, collate_skipping
-from tcae_ldm.data.latents import LatentCacheWriter
-from tcae_ldm.models.autoencoders import AutoencoderSpec, FrozenAutoencoder, load_autoencoder
-
-
-class IndexedDataset(Dataset):
-    """Adds the dataset index to every item, so that shards say which image each latent came from."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        item = self.dataset[i]
-        return None if item is None else {**item, "index": i}  # None: a skipped corrupt file
-
-
-class CacheSourceDataModule(L.LightningDataModule):
-    """The images a cache is made from: a split of an image datamodule, without flips or shuffling."""
-
-    def __init__(self, images: ImageDataModule, batch_size: int = 64, num_workers: int | None = None,
-                 split: Literal["train", "val"] = "train"):
-        super().__init__()
-        self.images, self.batch_size, self.split = images, batch_size, split
-        self.num_workers = images.num_workers if num_workers is None else num_workers
-        self.dataset = None
-
-    @property
-    def image_size(self) -> int:
-        return self.images.image_size
-
-    def setup(self, stage: str | None = None):
-        if self.dataset is not None:
-            return
-        self.images.hflip = False  # the flip is encoded explicitly, as latents_flip
-        self.images.setup("predict")
-        base = getattr(self.images, f"{self.split}_set")
-        if hasattr(getattr(base, "transform", None), "hflip"):
-            base.transform.hflip = False
-        self.dataset = IndexedDataset(base)
-
-    def predict_dataloader(self):
-        # Lightning swaps in an unrepeated distributed sampler under DDP: each index goes to one rank.
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                          collate_fn=collate_skipping, pin_memory=torch.cuda.is_available())
-
-    def cache_metadata(self) -> dict:
-        base = self.dataset.dataset
-        return {"image_size": self.image_size, "num_classes": int(self.images.num_classes),
-                "classes": list(getattr(base, "classes", [])),
-                "dataset": {"datamodule": f"{type(self.images).__module__}.{type(self.images).__qualname__}",
-                            "root": getattr(self.images, "root", None), "split": self.split, "size": len(base)}}
+from tcae_ldm.data.images import ImageDataModule
+from tcae_ldm.latents.cache import CacheSourceDataModule, LatentCacheWriter
+from tcae_ldm.latents.frozen import AutoencoderSpec, FrozenAutoencoder, load_autoencoder
 
 
 class LatentCacheModule(L.LightningModule):

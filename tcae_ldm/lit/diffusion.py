@@ -14,17 +14,23 @@ import os
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from torchvision.utils import make_grid, save_image
 
-from tcae_ldm.data.latents import LatentNormalizer, default_seed, read_metadata, seed_of
 from tcae_ldm.diffusion import DDPM, create_objective
-from tcae_ldm.lit.autoencoder import NonFiniteLossError
+from tcae_ldm.latents.cache import LatentNormalizer, read_metadata
+from tcae_ldm.latents.frozen import (
+    AutoencoderSpec,
+    FrozenAutoencoder,
+    describe_identity,
+    identity_mismatch,
+    load_autoencoder,
+)
 from tcae_ldm.lit.compiling import CompileSpec, compile_in_place
-from tcae_ldm.lit.ema import EMA
+from tcae_ldm.lit.guards import NonFiniteLossError
+from tcae_ldm.lit.outputs import save_grid
 from tcae_ldm.lit.schedules import param_groups
-from tcae_ldm.models.autoencoders import (AutoencoderSpec, FrozenAutoencoder, describe_identity, identity_mismatch,
-                                          load_autoencoder)
 from tcae_ldm.models.dit import create_dit
+from tcae_ldm.models.ema import EMA
+from tcae_ldm.utils.seeding import default_seed, seed_of
 
 LINKED = ("input_size", "in_channels", "num_classes")
 DEFAULT_SAMPLER = {"flow": "euler", "ddpm": "ddpm"}
@@ -211,11 +217,7 @@ class DiffusionModule(L.LightningModule):
     def save_sample_grid(self) -> str:
         n = self.hparams.sample_grid_size
         images = self.sample(torch.arange(n) % self.num_classes, seed=self.seed)
-        out_dir = os.path.join(getattr(self.logger, "log_dir", None) or self.trainer.default_root_dir, "samples")
-        os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, f"step{self.global_step:07d}.png")
-        save_image(make_grid(images.cpu(), nrow=int(n ** 0.5), normalize=True, value_range=(-1, 1)), path)
-        return path
+        return save_grid(self.trainer, images, "samples", self.global_step, "samples", nrow=int(n ** 0.5))
 
     # ------------------------------------------------------------------ checkpoint
     def on_save_checkpoint(self, checkpoint):

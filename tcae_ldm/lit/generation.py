@@ -6,7 +6,7 @@ named feature network and logs, at Lightning's `step`:
 
     gen/gfid_<network>   gen/images_seen   gen/wall_time_s   gen/num_samples
 
-which is the format `tcae-ldm compare` reads. Wall time counts training only: evaluation time is excluded,
+which is the format `tcae-ldm compare` reads (tcae_ldm.metrics.convergence). Wall time counts training only: evaluation time is excluded,
 so runs with different evaluation settings stay comparable. Under DDP each rank samples its share and the
 feature statistics are all-reduced.
 """
@@ -17,7 +17,12 @@ import time
 import lightning as L
 import torch
 
-from tcae_ldm.compare import GEN_PREFIX, IMAGES_SEEN_COLUMN, NUM_SAMPLES_COLUMN, WALL_TIME_COLUMN
+from tcae_ldm.metrics.convergence import (
+    GEN_PREFIX,
+    IMAGES_SEEN_COLUMN,
+    NUM_SAMPLES_COLUMN,
+    WALL_TIME_COLUMN,
+)
 from tcae_ldm.metrics.features import build_feature_extractor
 from tcae_ldm.metrics.fid import FIDMetric
 

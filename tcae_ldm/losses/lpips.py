@@ -6,22 +6,19 @@ cache) or an explicit path, so a missing file is one clear error instead of a do
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 import torch.nn as nn
 
+from tcae_ldm.utils.files import require_weights, torch_hub_file
+
 VGG16_FILE = "vgg16-397923af.pth"
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 
 
-class MissingWeightsError(FileNotFoundError):
-    """A pretrained weight file that the run needs is not on disk."""
-
-
 def default_vgg16_path() -> str:
-    return os.path.join(torch.hub.get_dir(), "checkpoints", VGG16_FILE)
+    return torch_hub_file(VGG16_FILE)
 
 
 def build_lpips(trunk: str = "pretrained") -> nn.Module:
@@ -32,12 +29,11 @@ def build_lpips(trunk: str = "pretrained") -> nn.Module:
         warnings.simplefilter("ignore")  # torchvision's deprecation notice for lpips' `pretrained=` argument
         net = lpips.LPIPS(net="vgg", pnet_rand=True, pretrained=True, verbose=False)
     if trunk != "random":
-        path = default_vgg16_path() if trunk == "pretrained" else trunk
-        if not os.path.isfile(path):
-            raise MissingWeightsError(
-                f"LPIPS needs the VGG16 trunk weights at {path}, which does not exist. Download {VGG16_URL} "
-                f"on a machine with network access and copy it there (torchvision's cache, $TORCH_HOME/hub/"
-                f"checkpoints/), or set the loss's lpips_trunk to the file's path; lpips_weight: 0 turns LPIPS off.")
+        path = require_weights(
+            default_vgg16_path() if trunk == "pretrained" else trunk, "LPIPS (its VGG16 trunk)",
+            f"Download {VGG16_URL} on a machine with network access and copy it there (torchvision's cache, "
+            f"$TORCH_HOME/hub/checkpoints/), or set the loss's lpips_trunk to the file's path; lpips_weight: 0 "
+            f"turns LPIPS off.")
         state = torch.load(path, map_location="cpu", weights_only=True)
         # lpips splits torchvision's `features.{i}` into slices that keep the index i as the module name.
         mapped = {k: state[f"features.{k.split('.', 1)[1]}"] for k in net.net.state_dict()}

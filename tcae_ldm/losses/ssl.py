@@ -14,7 +14,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from tcae_ldm.models.ibot import cosine_momentum, ema_update_, generate_masks, iBOTHeads, iBOTLoss
+from tcae_ldm.losses.ibot import cosine_momentum, iBOTLoss
+from tcae_ldm.losses.masking import generate_masks
+from tcae_ldm.models.ema import ema_update_
+from tcae_ldm.models.ibot import iBOTHeads
 
 
 @dataclass

@@ -1,16 +1,12 @@
-"""`tcae-ldm diagnose`: the latent-space diagnostics behind the paper's claims about TC-AE latents.
+"""Latent-space diagnostics behind the paper's claims about TC-AE latents (`tcae-ldm diagnose`, and a callback).
 
     semantic structure   linear-probe top-1 of mean-pooled image tokens (A1) and of the flattened latent (A2),
                          fitted on the train split and scored on the validation split, next to chance
     collapse             the latent's per-channel variance spectrum and the effective rank of its channel
                          covariance (Roy & Vetterli 2007: exp of the entropy of the normalised eigenvalues)
-
-    tcae-ldm diagnose --ckpt runs/demo/tcae/checkpoints/last.ckpt --out runs/demo/diagnostics
-    tcae-ldm diagnose --ckpt last.ckpt --data-root /data/imagenet --image-size 256 --max-images 10000 --out diag
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -259,48 +255,3 @@ def write_report(results: dict, out_dir: str) -> dict:
     with open(paths["md"], "w") as f:
         f.write(head + format_table(results))
     return paths
-
-
-#################################################################################
-#                                      CLI                                      #
-#################################################################################
-
-def build_datamodule(args, image_size: int):
-    if args.data_root:
-        from tcae_ldm.data.images import ImageFolderDataModule
-        return ImageFolderDataModule(root=args.data_root, image_size=args.image_size or image_size,
-                                     global_batch_size=args.batch_size, num_workers=args.num_workers, hflip=False)
-    from tcae_ldm.data.demo import DemoPhotosDataModule
-    return DemoPhotosDataModule(image_size=args.image_size or image_size, train_per_class=args.train_per_class,
-                                val_per_class=args.val_per_class, global_batch_size=args.batch_size, hflip=False,
-                                num_workers=args.num_workers)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="tcae-ldm diagnose", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="AutoencoderModule checkpoint; EMA weights are used when present")
-    p.add_argument("--out", required=True, help="folder for diagnostics.json and diagnostics.md")
-    p.add_argument("--data", choices=["demo"], default="demo", help="the bundled photos, unless --data-root")
-    p.add_argument("--data-root", help="ImageNet-style folder with train/<class>/ and val/<class>/ instead of demo")
-    p.add_argument("--image-size", type=int, help="image side (default: the network's training size)")
-    p.add_argument("--tokens", choices=TOKEN_STAGES, default="fine", help="image tokens probed for A1")
-    p.add_argument("--max-images", type=int, help="at most this many images per split (seeded random subset)")
-    p.add_argument("--train-per-class", type=int, default=128, help="demo training crops per class")
-    p.add_argument("--val-per-class", type=int, default=16, help="demo validation crops per class")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-
-    from tcae_ldm.lit.autoencoder import AutoencoderModule
-    module = AutoencoderModule.load_from_checkpoint(args.ckpt, map_location="cpu", metrics_lpips=None,
-                                                  metrics_fid=None)
-    net = module.eval_net.to(args.device)
-    dm = build_datamodule(args, module.net.image_size)
-    results = {"checkpoint": os.path.abspath(args.ckpt), "step": module.step_count,
-               **diagnose(net, dm, tokens=args.tokens, max_images=args.max_images, batch_size=args.batch_size,
-                          num_workers=args.num_workers)}
-    write_report(results, args.out)
-    print(format_table(results))
-    return results

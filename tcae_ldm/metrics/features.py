@@ -3,8 +3,8 @@
     inception         torch-fidelity's "inception-v3-compat": the TF-ported Inception of the ADM evaluator,
                       so `gfid_inception` is the number papers report. Weights: torch-fidelity's file in the
                       torch hub cache or a given path; never downloaded here.
-    demo-classifier   a small CNN trained on the demo photos' 8 classes (train_demo_classifier); an offline
-                      proxy for the CPU demo whose numbers are NOT comparable with Inception FIDs.
+    demo-classifier   a small CNN trained on the demo photos' 8 classes (`tcae-ldm train-demo-classifier`); an
+                      offline proxy for the CPU demo whose numbers are NOT comparable with Inception FIDs.
     random            a fixed-seed random conv net, for tests.
 
 The network's name is part of every metric name (gfid_inception, rfid_demo-classifier), so a proxy
@@ -12,7 +12,6 @@ number can never pass for a paper-comparable one.
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
@@ -20,21 +19,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tcae_ldm.data.transforms import to_uint8
-from tcae_ldm.losses.lpips import MissingWeightsError
+from tcae_ldm.utils.files import require_weights, torch_hub_file
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")  # torch_fidelity.feature_extractor_inceptionv3
 INCEPTION_FILE = os.path.basename(INCEPTION_URL)
 DEMO_CLASSIFIER_FILE = "tcae-ldm-demo-classifier.pt"
-
-
-class MissingFeatureWeightsError(MissingWeightsError):
-    """The weight file of a FID feature network is not on disk."""
-
-
-def default_weights_path(file_name: str) -> str:
-    """Where torch.hub (and so torch-fidelity) caches a file: $TORCH_HOME/hub/checkpoints/<file>."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints", file_name)
 
 
 class FeatureExtractor(nn.Module):
@@ -66,14 +56,15 @@ class InceptionFeatures(FeatureExtractor):
 
     def __init__(self, weights_path: str | None = None):
         super().__init__()
-        path = weights_path or default_weights_path(INCEPTION_FILE)
-        if not os.path.isfile(path):  # torch-fidelity would download it silently; fail with a recipe instead
-            raise MissingFeatureWeightsError(
-                f"FID with Inception needs the weight file {INCEPTION_FILE} at {path}, which does not exist. "
-                f"Download {INCEPTION_URL} on a machine with network access and copy it to {path} "
-                f"(torch-fidelity's cache, $TORCH_HOME/hub/checkpoints/), or pass its path as the weights path "
-                f"(--weights). Offline, the demo can use the 'demo-classifier' proxy instead.")
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        # torch-fidelity would download it silently; fail with a recipe instead
+        path = require_weights(
+            weights_path or torch_hub_file(INCEPTION_FILE), f"FID with Inception ({INCEPTION_FILE})",
+            f"Download {INCEPTION_URL} on a machine with network access and copy it there (torch-fidelity's "
+            f"cache, $TORCH_HOME/hub/checkpoints/), or pass its path as the weights path (--weights). Offline, "
+            f"the demo can use the 'demo-classifier' proxy instead.")
+        from torch_fidelity.feature_extractor_inceptionv3 import (
+            FeatureExtractorInceptionV3,
+        )
 
         self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=path)
 
@@ -90,7 +81,7 @@ class ConvFeatureNet(nn.Module):
         widths = [width, 2 * width, 4 * width, dim]
         layers, cin = [], 3
         for i, cout in enumerate(widths):
-            for stride in ((2,) if i == 0 else (2, 1)):  # small, since it trains on a shared CPU in a minute
+            for stride in ((2,) if i == 0 else (2, 1)):  # small: it trains on a CPU
                 layers += [nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
                 cin = cout
         self.trunk = nn.Sequential(*layers)
@@ -146,66 +137,13 @@ class DemoClassifierFeatures(FeatureExtractor):
 
     @classmethod
     def load(cls, path: str | None = None) -> "DemoClassifierFeatures":
-        path = path or default_weights_path(DEMO_CLASSIFIER_FILE)
-        if not os.path.isfile(path):
-            raise MissingFeatureWeightsError(
-                f"the demo-classifier FID network needs its weight file at {path}, which does not exist. "
-                f"Train it (CPU, a minute or so): python -m tcae_ldm.metrics.features train-demo-classifier "
-                f"--out {path}")
+        path = path or torch_hub_file(DEMO_CLASSIFIER_FILE)
+        require_weights(path, "the demo-classifier FID network",
+                        f"Train it on the CPU: tcae-ldm train-demo-classifier --out {path}")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         net = ConvFeatureNet(dim=ckpt["dim"], width=ckpt["width"], num_classes=ckpt["num_classes"])
         net.load_state_dict(ckpt["state_dict"])
         return cls(net, image_size=ckpt["image_size"])
-
-
-def demo_split_tensors(image_size: int = 64, **datamodule_kwargs) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{'train': (uint8 (N, 3, S, S), labels), 'val': ...}: the demo datamodule's crops, unflipped."""
-    from tcae_ldm.data.demo import DemoPhotosDataModule
-
-    dm = DemoPhotosDataModule(image_size=image_size, **datamodule_kwargs)
-    dm.setup()
-    return {split: (torch.from_numpy(ds.images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(ds.labels).long())
-            for split, ds in (("train", dm.train_set), ("val", dm.val_set))}
-
-
-def train_demo_classifier(out_path: str | None, steps: int = 200, batch_size: int = 32, lr: float = 3e-3,
-                          image_size: int = 64, dim: int = 128, width: int = 16, seed: int = 0,
-                          log_every: int = 0, **datamodule_kwargs) -> DemoClassifierFeatures:
-    """Train the demo-classifier on the demo train crops (random flips), save it to out_path (if given),
-    and return it as a feature extractor; its validation accuracy is stored in the file and on the object.
-    datamodule_kwargs (e.g. train_per_class) go to DemoPhotosDataModule; the defaults are the demo's data."""
-    data = demo_split_tensors(image_size, **datamodule_kwargs)
-    (x_tr, y_tr), (x_va, y_va) = data["train"], data["val"]
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = ConvFeatureNet(dim=dim, width=width, num_classes=int(y_tr.max()) + 1)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
-    net.train()
-    for step in range(steps):
-        idx = torch.randint(0, len(x_tr), (batch_size,), generator=gen)
-        x = FeatureExtractor.as_float(x_tr[idx])
-        flip = torch.rand(batch_size, generator=gen) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        loss = F.cross_entropy(net(x), y_tr[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if log_every and (step + 1) % log_every == 0:
-            print(f"step {step + 1}/{steps}  loss {loss.item():.3f}")
-    net.eval()
-    with torch.no_grad():
-        acc = sum((net(FeatureExtractor.as_float(x_va[i:i + 256])).argmax(1) == y_va[i:i + 256]).sum().item()
-                  for i in range(0, len(x_va), 256)) / len(x_va)
-    if out_path:
-        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        torch.save({"state_dict": net.state_dict(), "dim": dim, "width": width, "num_classes": net.head.out_features,
-                    "image_size": image_size, "steps": steps, "val_accuracy": acc}, out_path)
-    extractor = DemoClassifierFeatures(net, image_size=image_size)
-    extractor.val_accuracy = acc
-    return extractor
 
 
 FEATURE_EXTRACTORS = {
@@ -223,21 +161,3 @@ def build_feature_extractor(name: str, weights_path: str | None = None, **kwargs
         raise KeyError(f"unknown FID feature network {name!r}; choose one of {sorted(FEATURE_EXTRACTORS)}")
     return FEATURE_EXTRACTORS[key](weights_path=weights_path, **kwargs)
 
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m tcae_ldm.metrics.features",
-                                description="Train the offline demo-classifier FID proxy on the demo photos.")
-    p.add_argument("command", choices=["train-demo-classifier"])
-    p.add_argument("--out", default=default_weights_path(DEMO_CLASSIFIER_FILE), help="weight file to write")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    ext = train_demo_classifier(args.out, steps=args.steps, batch_size=args.batch_size,
-                                image_size=args.image_size, seed=args.seed, log_every=50)
-    print(f"wrote {args.out}: {ext.dim}-d features, validation accuracy {ext.val_accuracy:.3f}")
-
-
-if __name__ == "__main__":
-    main()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -220,3 +221,14 @@ class ReconstructionFID(nn.Module):
     def reset(self) -> None:
         self.real.reset()
         self.fake.reset()
+
+
+@torch.no_grad()
+def accumulate_stats(batches: Iterable[torch.Tensor], extractor, device: str | torch.device = "cpu",
+                     stats: FrechetStats | None = None) -> FrechetStats:
+    """Feed image batches (uint8 or [-1, 1] float) through the extractor into running statistics."""
+    extractor.to(device)
+    stats = stats or FrechetStats(extractor.dim, device)
+    for x in batches:
+        stats.update(extractor(x.to(device)))
+    return stats

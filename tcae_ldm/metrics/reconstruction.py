@@ -1,9 +1,13 @@
 """Reconstruction metrics: PSNR, SSIM (on [0, 1] images), LPIPS (named by its backbone) and rFID (named by its
-feature network), DDP-reduced."""
+feature network), DDP-reduced; and the bicubic baseline with the latent's float budget, the number any learned
+compressor has to beat."""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.image import StructuralSimilarityIndexMeasure
 
@@ -50,3 +54,31 @@ class ReconstructionMetrics(nn.Module):
             m.reset()
         if self.fid is not None:
             self.fid.reset()
+
+
+def bicubic_side(latent_floats: int) -> int:
+    """Side of the square RGB image holding at most latent_floats values."""
+    return int(math.isqrt(latent_floats // 3))
+
+
+def bicubic_roundtrip(x: torch.Tensor, side: int) -> torch.Tensor:
+    small = F.interpolate(x, size=(side, side), mode="bicubic", antialias=True, align_corners=False)
+    return F.interpolate(small, size=x.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+@torch.no_grad()
+def evaluate_against_bicubic(net, loader, image_size: int) -> dict:
+    """PSNR / SSIM of an autoencoder (forward -> (x_rec, z)) and of the bicubic baseline with the same float
+    budget, on every batch of `loader`."""
+    net = net.eval()
+    c, h, w = net.latent_shape(image_size)
+    side = bicubic_side(c * h * w)
+    ae, bic = ReconstructionMetrics(), ReconstructionMetrics()
+    for batch in loader:
+        x = batch["image"]
+        ae.update(x, net(x)[0])
+        bic.update(x, bicubic_roundtrip(x, side))
+    return {"latent_shape": [c, h, w], "latent_floats": c * h * w, "bicubic_side": side,
+            "bicubic_floats": 3 * side * side, "images": int(ae.psnr_mean.weight.item()),
+            "autoencoder": {k: round(float(v), 4) for k, v in ae.compute().items()},
+            "bicubic": {k: round(float(v), 4) for k, v in bic.compute().items()}}

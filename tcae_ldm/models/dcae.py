@@ -12,6 +12,8 @@ attribute names, so its state_dict is AutoencoderDC's: a DC-AE trained by Autoen
 """
 from __future__ import annotations
 
+import os
+
 import torch.nn as nn
 
 _TYPES = ["ResBlock"] * 3 + ["EfficientViTBlock"] * 3
@@ -49,9 +51,39 @@ DCAE_PRESETS = {
 }
 
 
-def dcae_factor(config: dict) -> int:
-    """Spatial downsampling factor: every encoder stage but the last halves the resolution."""
-    return 2 ** (len(config["encoder_block_out_channels"]) - 1)
+def public_config(model) -> dict:
+    """An AutoencoderDC's constructor arguments (its config without diffusers' private `_` entries)."""
+    return {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+
+
+def dcae_latent_shape(latent_channels: int, spatial_compression_ratio: int, image_size: int) -> tuple[int, int, int]:
+    """(c, h, w) of a DC-AE latent of a square image, or a ValueError naming the factor that does not divide it."""
+    f = spatial_compression_ratio
+    if image_size % f:
+        raise ValueError(f"image_size={image_size} is not divisible by DC-AE's downsampling factor {f}")
+    return latent_channels, image_size // f, image_size // f
+
+
+def hf_offline() -> bool:
+    """Whether the Hugging Face Hub must not be contacted (HF_HUB_OFFLINE)."""
+    from huggingface_hub import constants
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def load_pretrained_dcae(name_or_path: str):
+    """diffusers' AutoencoderDC from a local folder, or from a Hub id (only from the local cache when offline);
+    one FileNotFoundError that says how to provide it when neither is there."""
+    from diffusers import AutoencoderDC
+
+    offline = hf_offline()
+    try:
+        return AutoencoderDC.from_pretrained(name_or_path, local_files_only=offline)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(
+            f"DC-AE model {name_or_path!r} could not be loaded{' offline (HF_HUB_OFFLINE=1)' if offline else ''}: "
+            f"{e}. Provide it by running `huggingface-cli download {name_or_path}` where the Hub is reachable "
+            f"(then copy the Hugging Face cache, $HF_HOME, here), or pass a local folder holding config.json "
+            f"and diffusion_pytorch_model.safetensors as the autoencoder path") from None
 
 
 class DCAE(nn.Module):
@@ -64,15 +96,13 @@ class DCAE(nn.Module):
         from diffusers import AutoencoderDC
 
         model = AutoencoderDC(**config)
-        self.config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+        self.config = public_config(model)
         self.encoder, self.decoder = model.encoder, model.decoder  # AutoencoderDC's own modules and keys
-        self.factor = dcae_factor(self.config)
+        self.spatial_compression_ratio = model.spatial_compression_ratio  # diffusers': 2 ** (stages - 1)
 
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
         """(c, h, w) of the latent of a square image of this size."""
-        if image_size % self.factor:
-            raise ValueError(f"image_size={image_size} is not divisible by DC-AE's downsampling factor {self.factor}")
-        return self.config["latent_channels"], image_size // self.factor, image_size // self.factor
+        return dcae_latent_shape(self.config["latent_channels"], self.spatial_compression_ratio, image_size)
 
     def encode(self, x):  # (B, 3, H, W) -> (B, c, H/f, W/f); what AutoencoderDC.encode computes without tiling
         return self.encoder(x)
@@ -112,10 +142,8 @@ def create_dcae(name: str, pretrained: str | None = None, **overrides) -> DCAE:
     config = dcae_config(name, overrides)
     net = DCAE(**config)
     if pretrained is not None:
-        from tcae_ldm.models.autoencoders import DCAEAutoencoder
-
-        source = DCAEAutoencoder.from_pretrained(pretrained).model
-        theirs = {k: v for k, v in dict(source.config).items() if not k.startswith("_")}
+        source = load_pretrained_dcae(pretrained)
+        theirs = public_config(source)
         diff = sorted(k for k in net.config if _norm(net.config[k]) != _norm(theirs.get(k)))
         if diff:
             raise ValueError(f"pretrained DC-AE {pretrained!r} does not match preset {name!r} in {diff}: "

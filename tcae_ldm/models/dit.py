@@ -208,20 +208,6 @@ class DiT(nn.Module):
         x = self.final_layer(x, c)  # (B, N, p*p*C_out)
         return self.unpatchify(x)  # (B, C_out, H, W)
 
-    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
-        """Classifier-free guidance on a batch whose first half is conditional, second half null-labelled.
-
-        Guidance applies to the first in_channels output channels (the prediction); the remaining ones
-        (learned sigma) are taken from the conditional half. Both halves of the result are the same.
-        """
-        half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half]), t, y)  # (B, C_out, H, W)
-        cond, uncond = out.chunk(2)
-        c = self.in_channels
-        guided = uncond[:, :c] + cfg_scale * (cond[:, :c] - uncond[:, :c])
-        half_out = torch.cat([guided, cond[:, c:]], dim=1)  # (B/2, C_out, H, W)
-        return torch.cat([half_out, half_out])
-
 
 #################################################################################
 #                                   DiT Configs                                 #

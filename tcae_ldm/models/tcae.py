@@ -7,16 +7,19 @@ goes straight to the latent grid (the paper's "vanilla ViT" baseline, same laten
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import Mlp, PatchEmbed, build_sincos2d_pos_embed, resample_abs_pos_embed, trunc_normal_
+from timm.layers import (
+    Mlp,
+    PatchEmbed,
+    build_sincos2d_pos_embed,
+    resample_abs_pos_embed,
+    trunc_normal_,
+)
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
-
 
 #################################################################################
 #                         Geometry: who compresses by how much                  #

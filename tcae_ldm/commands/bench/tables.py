@@ -1,0 +1,126 @@
+"""The fixed-width tables `tcae-ldm bench` prints, rendered from its JSON report alone, so a saved report
+prints the same: `tables(json.load(open("bench.json")))`."""
+from __future__ import annotations
+
+from tcae_ldm.commands.bench.cases import INPUT_TARGET, MODES, ROUNDTRIP
+
+
+def _f(v, spec: str = ".1f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _big(v) -> str:
+    """Ratios from 0.01 to 10^5 in a narrow column."""
+    return "-" if v is None else (f"{v:,.0f}" if v >= 100 else f"{v:.2f}")
+
+
+def _shape(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def _speed(r: dict) -> str:
+    """items/s and, in brackets, the ratio to the reference measured in the same run."""
+    if not r:
+        return "-"
+    if "error" in r:
+        return "error"
+    return f"{r['items_per_s']:.3g} ({_f(r.get('ratio_vs_reference'), '.2f')}x)"
+
+
+def render(title: str, headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([title, line(headers), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+def _cost(report: dict) -> str:
+    size = report["settings"]["image_size"]
+    rows = [[n, _f(e["params_m"]), _shape(e["latent_shape"]), _f(e["gmacs"]["encode"], ".4g"),
+             _f(e["gmacs"]["decode"], ".4g"), _f(e["gmacs"]["total"], ".4g"),
+             _f(e.get("gmacs_256", e["gmacs"])["total"], ".4g"), _f(e["gmacs_ratio_vs_reference"], ".2f")]
+            for n, e in report["autoencoders"].items()]
+    return render(f"Cost (GMACs per image at {size}px; e+d@256 = encode + decode at 256px; x ref = e+d / reference)",
+                  ["autoencoder", "params M", "latent", "GMACs enc", "GMACs dec", "GMACs e+d", "e+d@256", "x ref"],
+                  rows)
+
+
+def _autoencoders(report: dict) -> str:
+    s, aes = report["settings"], report["autoencoders"]
+    with_mfu = report["env"].get("peak_bf16_tflops") is not None
+    rows = []
+    for n, e in aes.items():
+        for prec, m in e.get("throughput", {}).items():
+            row = [n, prec, *(_speed(m.get(k, {})) for k in (*MODES, ROUNDTRIP)),
+                   "/".join(_f(m.get(k, {}).get("peak_mem_mb"), ".0f") for k in MODES)]
+            rows.append(row + (["/".join(_f(m.get(k, {}).get("mfu"), ".1%") for k in MODES)] if with_mfu else []))
+    return render(f"Autoencoder throughput, images/s (x {report['reference']}, same run; median of {s['repeats']}, "
+                  f"batch {s['batch_size']})",
+                  ["autoencoder", "prec", "encode", "decode", "train step", "enc+dec", "peak MB e/d/t"]
+                  + (["MFU e/d/t"] if with_mfu else []), rows)
+
+
+def _dits(report: dict) -> str:
+    s = report["settings"]
+    with_mfu = report["env"].get("peak_bf16_tflops") is not None
+    rows = []
+    for e in report["dits"].values():
+        for prec, m in (e.get("throughput") or {"-": {}}).items():
+            r = m.get("train", {})
+            rows.append([e["dit"], _shape(e["latent_shape"]), ",".join(e["latents_of"]), _f(e["params_m"]),
+                         _f(e["gmacs"], ".4g"), prec, _speed(r), _f(r.get("peak_mem_mb"), ".0f")]
+                        + ([_f(r.get("mfu"), ".1%")] if with_mfu else []))
+    return render(f"DiT training step, latents/s (x the same DiT on the reference's latents; latents of "
+                  f"{s['dit_image_size']}px images, batch {s['dit_batch_size']})",
+                  ["DiT", "latent", "latents of", "params M", "GMACs", "prec", "train step", "peak MB"]
+                  + (["MFU"] if with_mfu else []), rows)
+
+
+def _data(report: dict) -> str:
+    data = report["data"]
+    rows = [[k, _f(d["items_per_s"], ".4g"), d.get("feeds") or "-", _f(d.get("step_items_per_s"), ".3g"),
+             _big(d.get("loader_over_step")), d.get("verdict") or "-"] for k, d in data.items()]
+    return "\n".join([render(f"Input pipelines vs the fastest training step they feed (target >= {INPUT_TARGET:.0f}x)",
+                             ["loader", "items/s", "feeds", "step items/s", "loader/step", "verdict"], rows)]
+                     + [f"  {k}: {d['source']}, {d.get('num_workers', 0)} workers" for k, d in data.items()])
+
+
+def _compiled(report: dict) -> str | None:
+    rows = []
+    for table in ("autoencoders", "dits"):
+        for n, e in report[table].items():
+            for prec, m in e.get("compiled", {}).items():
+                rows.append([n, prec] + [("error" if "error" in m[k] else f"{_f(m[k].get('speedup'), '.2f')}x")
+                                         if k in m else "-" for k in (*MODES, ROUNDTRIP)])
+    if not rows:
+        return None
+    return render("torch.compile speed-up (compiled / eager items/s; errors listed below)",
+                  ["network", "prec", "encode", "decode", "train step", "enc+dec"], rows)
+
+
+def _errors(report: dict) -> list[str]:
+    return [f"error: {n} {variant} {prec} {mode}: {r['error']}"
+            for table in ("autoencoders", "dits") for n, e in report[table].items()
+            for variant in ("throughput", "compiled") for prec, m in e.get(variant, {}).items()
+            for mode, r in m.items() if "error" in r]
+
+
+def tables(report: dict) -> str:
+    s, env = report["settings"], report["env"]
+    where = env.get("device_name") or env["cpu"]
+    head = (f"tcae-ldm bench on {where} ({env['device']}, {env['torch_threads']} threads), torch {env['torch']}; "
+            f"reference {report['reference'] or '-'}")
+    parts = [head, _cost(report)]
+    if any("throughput" in e for e in report["autoencoders"].values()):
+        parts.append(_autoencoders(report))
+    parts.append(_dits(report))
+    if report["data"]:
+        parts.append(_data(report))
+    parts.append(_compiled(report))
+    footer = [f"max RSS {env['max_rss_mb']:.0f} MB", *_errors(report), *(f"note: {t}" for t in report["notes"])]
+    if env["device"] == "cpu" and "bf16" in s["precisions"] and env.get("cpu_native_bf16") is False:
+        footer.append(f"WARNING: this CPU ({env.get('cpu_capability')}) has no bf16 instructions (AVX512-BF16 / AMX): "
+                      f"bf16 convolutions run on reference kernels, so bf16 figures and ratios measure kernel "
+                      f"coverage, not the networks")
+    return "\n\n".join(p for p in parts if p) + "\n\n" + "\n".join(footer)

@@ -1,0 +1,303 @@
+"""Frozen autoencoders behind one interface: TC-AE (our checkpoints or saved folders) and DC-AE (diffusers
+folders and Hub ids, or a DC-AE trained by our AutoencoderModule).
+
+x in [-1, 1] (B, 3, H, W) <-> z (B, c, h, w). Every stage after autoencoder training (latent cache, DiT
+sampling, benchmarks) goes through this interface, so TC-AE and DC-AE latents are handled identically.
+Latents are raw: DC-AE's ``scaling_factor`` is not applied, per-channel normalisation comes from the
+latent cache's statistics instead, the same way for both.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import os
+from typing import Literal, NotRequired, TypedDict
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from tcae_ldm.metrics.flops import count_gmacs
+from tcae_ldm.models.dcae import (
+    DCAE_PRESETS,
+    dcae_config,
+    dcae_latent_shape,
+    load_pretrained_dcae,
+    public_config,
+)
+from tcae_ldm.models.tcae import TCAE, TCAE_PRESETS
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MATCH_KEYS = ("kind", "name", "config_hash", "weights_hash", "encoder_hash", "path")
+
+
+class AutoencoderSpec(TypedDict):
+    """How to load a frozen autoencoder; a config value (``autoencoder: {kind, path, dtype}``)."""
+    kind: Literal["tcae", "dcae"]
+    path: str  # an AutoencoderModule checkpoint file, or tcae: a save_pretrained folder / dcae: a hub id or folder
+    dtype: NotRequired[Literal["fp32", "bf16"]]  # bf16 runs the network under autocast; latents are fp32
+
+
+#################################################################################
+#                        Identity: which autoencoder made a latent              #
+#################################################################################
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def weights_hash(module: nn.Module) -> str:
+    """sha256 over the parameter and buffer bytes: two runs of one architecture never share latents."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _normpath(path: str) -> str:
+    return os.path.realpath(path) if os.path.exists(path) else path
+
+
+def identity_mismatch(expected: dict, actual: dict) -> list[str]:
+    """Keys of ``expected`` (kind, name, config_hash, weights_hash, encoder_hash, path) whose value differs."""
+    bad = []
+    for key in MATCH_KEYS:
+        if expected.get(key) is None:
+            continue
+        want, got = expected[key], actual.get(key)
+        if key == "path":
+            want, got = _normpath(str(want)), _normpath(str(got))
+        if want != got:
+            bad.append(key)
+    return bad
+
+
+def describe_identity(identity: dict) -> str:
+    """One line: kind, name, short hashes and source path."""
+    short = {k: str(identity.get(k, "?"))[:12] for k in ("config_hash", "weights_hash")}
+    return (f"{identity.get('kind')} {identity.get('name')!r} (config {short['config_hash']}, weights "
+            f"{short['weights_hash']}, from {identity.get('path')})")
+
+
+def read_module_checkpoint(path: str, family: str) -> tuple[dict, dict]:
+    """(hyper_parameters, autoencoder weights) of an AutoencoderModule checkpoint; the EMA weights when present."""
+    # Our own training checkpoints (trusted): their hyper-parameters may hold config dataclasses.
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    hp = ckpt.get("hyper_parameters") or {}
+    if "net" not in hp or "state_dict" not in ckpt:
+        raise ValueError(f"{path} is not an AutoencoderModule checkpoint (no hyper_parameters.net / state_dict)")
+    presets = TCAE_PRESETS if family == "tcae" else DCAE_PRESETS
+    if hp["net"] not in presets:
+        other = "dcae" if family == "tcae" else "tcae"
+        raise ValueError(f"{path} holds a {hp['net']} autoencoder, not a {family} one: load it with kind '{other}'")
+    return hp, autoencoder_weights(ckpt["state_dict"])[1]
+
+
+def autoencoder_weights(state_dict: dict) -> tuple[str, dict]:
+    """('ema' or 'net', the autoencoder's weights) of an AutoencoderModule state_dict: the EMA when it has one."""
+    prefix = "ema.module." if any(k.startswith("ema.module.") for k in state_dict) else "net."
+    return prefix.split(".")[0], {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+#################################################################################
+#                                The interface                                  #
+#################################################################################
+
+class FrozenAutoencoder(nn.Module):
+    """A pretrained autoencoder in eval mode without gradients: encode / decode / latent_shape / identity."""
+
+    kind = ""
+
+    def __init__(self, model: nn.Module, name: str, path: str, config: dict, dtype: str = "fp32"):
+        super().__init__()
+        if dtype not in DTYPES:
+            raise ValueError(f"autoencoder dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.model = model.eval().requires_grad_(False)
+        self.name, self.path, self.config, self.dtype_name = name, path, config, dtype
+        self._hashes: dict | None = None
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen: Lightning's model.train() must not switch norms or dropout
+
+    def _autocast(self, device: torch.device):
+        if self.dtype_name == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=DTYPES[self.dtype_name])
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, c, h, w) fp32."""
+        with self._autocast(x.device):
+            return self._encode(x).float()
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, c, h, w) -> (B, 3, H, W), nominally in [-1, 1] (not clamped)."""
+        with self._autocast(z.device):
+            return self._decode(z).float()
+
+    def _encode(self, x):
+        raise NotImplementedError
+
+    def _decode(self, z):
+        raise NotImplementedError
+
+    def latent_shape(self, image_size: int) -> tuple[int, int, int]:
+        """(c, h, w) of the latent of a square image of this size."""
+        raise NotImplementedError
+
+    def gmacs(self, image_size: int) -> float:
+        """Encode + decode GMACs of one square image of this size (MACs, as the papers count them)."""
+        device = next(self.model.parameters()).device
+        x = torch.zeros(1, 3, image_size, image_size, device=device)
+        z = torch.zeros(1, *self.latent_shape(image_size), device=device)
+        return count_gmacs(self.model.encoder, x) + count_gmacs(self.model.decoder, z)
+
+    def identity(self) -> dict:
+        """What made a latent: kind, name, path, config (+ hash), hashes of all weights and of the encoder's.
+
+        Equal encoder hashes mean the same latent space (e.g. before and after decoder finetuning)."""
+        if self._hashes is None:
+            self._hashes = {"weights_hash": weights_hash(self.model), "encoder_hash": weights_hash(self.model.encoder)}
+        return {"kind": self.kind, "name": self.name, "path": self.path, "config": self.config,
+                "config_hash": config_hash(self.config), **self._hashes}
+
+    def spec(self) -> AutoencoderSpec:
+        """Arguments of load_autoencoder that rebuild this autoencoder."""
+        return {"kind": self.kind, "path": self.path, "dtype": self.dtype_name}
+
+
+#################################################################################
+#                                    TC-AE                                      #
+#################################################################################
+
+def tcae_config(net: str, net_args: dict | None = None) -> dict:
+    """Full TCAE constructor kwargs of a preset + overrides (what config.json stores)."""
+    if net not in TCAE_PRESETS:
+        raise KeyError(f"unknown TC-AE preset {net!r}")
+    defaults = {k: p.default for k, p in inspect.signature(TCAE.__init__).parameters.items() if k != "self"}
+    # Gradient checkpointing changes memory, not the function: keep it out of the identity.
+    return {**defaults, **TCAE_PRESETS[net], **(net_args or {}), "grad_checkpointing": False}
+
+
+class TCAEAutoencoder(FrozenAutoencoder):
+    """TC-AE from an AutoencoderModule checkpoint (EMA weights when present) or a save_pretrained folder."""
+
+    kind = "tcae"
+
+    def _encode(self, x):
+        return self.model.encode(x)
+
+    def _decode(self, z):
+        return self.model.decode(z)
+
+    def latent_shape(self, image_size: int) -> tuple[int, int, int]:
+        return self.model.latent_shape(image_size)
+
+    @classmethod
+    def _build(cls, config: dict, weights: dict, name: str, path: str, dtype: str) -> "TCAEAutoencoder":
+        net = TCAE(**config)
+        missing, unexpected = net.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"TC-AE weights in {path} do not fit {name} {config}: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        return cls(net, name, path, config, dtype)
+
+    @classmethod
+    def from_checkpoint(cls, path: str, dtype: str = "fp32") -> "TCAEAutoencoder":
+        hp, weights = read_module_checkpoint(path, "tcae")
+        config = tcae_config(hp["net"], hp.get("net_args"))
+        config["cls_token"] = "encoder.cls_token" in weights  # it takes part in the encoder's attention
+        return cls._build(config, weights, hp["net"], _normpath(path), dtype)
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: str = "fp32") -> "TCAEAutoencoder":
+        """A folder written by save_pretrained: config.json (TCAE kwargs) + model.safetensors."""
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+        name = config.get("_preset") or os.path.basename(os.path.normpath(path))
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
+        weights = load_file(os.path.join(path, "model.safetensors"))
+        return cls._build(config, weights, name, _normpath(path), dtype)
+
+    def save_pretrained(self, path: str) -> None:
+        """Write config.json + model.safetensors, loadable with tcae_ldm.models.tcae alone (diffusers' layout)."""
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump({"_class_name": "TCAE", "_preset": self.name, **self.config}, f, indent=2)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
+                  os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+#################################################################################
+#                                    DC-AE                                      #
+#################################################################################
+
+class DCAEAutoencoder(FrozenAutoencoder):
+    """diffusers AutoencoderDC (e.g. mit-han-lab/dc-ae-f32c32-in-1.0-diffusers), raw latents."""
+
+    kind = "dcae"
+
+    def _encode(self, x):
+        return self.model.encode(x).latent
+
+    def _decode(self, z):
+        return self.model.decode(z).sample
+
+    def latent_shape(self, image_size: int) -> tuple[int, int, int]:
+        return dcae_latent_shape(self.model.config.latent_channels, self.model.spatial_compression_ratio, image_size)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype: str = "fp32") -> "DCAEAutoencoder":
+        model = load_pretrained_dcae(name_or_path)
+        return cls(model, name_or_path, _normpath(name_or_path), public_config(model), dtype)
+
+    @classmethod
+    def from_checkpoint(cls, path: str, dtype: str = "fp32") -> "DCAEAutoencoder":
+        """A DC-AE trained by AutoencoderModule (`net: DC-AE-...`)."""
+        from diffusers import AutoencoderDC
+
+        hp, weights = read_module_checkpoint(path, "dcae")
+        # `pretrained` only initialised the training run; the checkpoint holds the trained weights
+        overrides = {k: v for k, v in (hp.get("net_args") or {}).items() if k != "pretrained"}
+        model = AutoencoderDC(**dcae_config(hp["net"], overrides))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"DC-AE weights in {path} do not fit {hp['net']}: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        return cls(model, hp["net"], _normpath(path), public_config(model), dtype)
+
+    def save_pretrained(self, path: str) -> None:
+        """A diffusers folder (config.json + diffusion_pytorch_model.safetensors) that from_pretrained reads."""
+        self.model.save_pretrained(path)
+
+    @classmethod
+    def from_config(cls, config: dict, dtype: str = "fp32", name: str = "AutoencoderDC(config)") -> "DCAEAutoencoder":
+        """A randomly initialised AutoencoderDC from constructor kwargs (tests, benchmarks)."""
+        from diffusers import AutoencoderDC
+
+        model = AutoencoderDC(**config)
+        return cls(model, name, "", public_config(model), dtype)
+
+
+#################################################################################
+#                                   Factory                                     #
+#################################################################################
+
+def load_autoencoder(kind: str, path: str, dtype: str = "fp32") -> FrozenAutoencoder:
+    """kind 'tcae': checkpoint file or save_pretrained folder; kind 'dcae': checkpoint file, hub id or local folder."""
+    if kind == "tcae":
+        if os.path.isdir(path):
+            return TCAEAutoencoder.from_pretrained(path, dtype)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"TC-AE checkpoint or folder {path!r} does not exist (train one with "
+                                    f"`tcae-ldm fit --config configs/tcae.yaml`, or export it with save_pretrained)")
+        return TCAEAutoencoder.from_checkpoint(path, dtype)
+    if kind == "dcae":
+        if os.path.isfile(path):
+            return DCAEAutoencoder.from_checkpoint(path, dtype)
+        return DCAEAutoencoder.from_pretrained(path, dtype)
+    raise ValueError(f"autoencoder kind must be 'tcae' or 'dcae', got {kind!r}")

@@ -1,0 +1,61 @@
+"""The convergence format: what the generation callback logs during DiT training and `tcae-ldm compare` reads.
+
+A run's metrics.csv (Lightning's CSVLogger) holds, at the trainer's global step (the `step` column):
+    gen/gfid_<network>   gFID-N with the named feature network (tcae_ldm.metrics.features)
+    gen/images_seen      training images seen so far, summed over ranks
+    gen/wall_time_s      training seconds since the run began, evaluation time excluded
+    gen/num_samples      how many generated images the FID used (FID depends on it)
+"""
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+
+GEN_PREFIX = "gen/"
+STEP_COLUMN = "step"                            # Lightning's column: trainer.global_step (optimizer steps)
+GFID_COLUMN = GEN_PREFIX + "gfid_{net}"         # gFID measured with feature network {net} (metrics.features)
+IMAGES_SEEN_COLUMN = GEN_PREFIX + "images_seen"  # training images seen so far, summed over ranks
+WALL_TIME_COLUMN = GEN_PREFIX + "wall_time_s"   # training seconds since the run began, eval time excluded
+NUM_SAMPLES_COLUMN = GEN_PREFIX + "num_samples"  # optional: generated images per FID (FID depends on it)
+METRICS_FILE = "metrics.csv"
+
+
+def read_metrics(path: str) -> dict[int, dict[str, float]]:
+    """step -> {column: value}, merging the rows logged at one step (the last non-empty value wins,
+    which also keeps the re-logged values of a resumed run)."""
+    by_step: dict[int, dict[str, float]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if not row.get(STEP_COLUMN):
+                continue
+            vals = by_step.setdefault(int(float(row[STEP_COLUMN])), {})
+            for k, v in row.items():
+                if k and v not in (None, "") and k != STEP_COLUMN:
+                    try:
+                        vals[k] = float(v)
+                    except ValueError:
+                        pass
+    return dict(sorted(by_step.items()))
+
+
+def steps_to_reach(steps: np.ndarray, values: np.ndarray, level: float) -> float | None:
+    """First training step at which the curve reaches gFID <= level, linearly interpolated; None if never."""
+    hit = np.flatnonzero(values <= level)
+    if not len(hit):
+        return None
+    i = hit[0]
+    if i == 0:
+        return float(steps[0])
+    s0, s1, v0, v1 = steps[i - 1], steps[i], values[i - 1], values[i]
+    return float(s0 + (v0 - level) / (v0 - v1) * (s1 - s0))
+
+
+def auto_levels(steps: np.ndarray, gfid: np.ndarray) -> list[float]:
+    """The baseline's best gFID so far at 25%, 50% and 100% of its training, rounded up to 0.01 (so it
+    reaches them): 'how many steps does each run need to match what the baseline had by then'."""
+    best = np.minimum.accumulate(gfid)
+    levels = {math.ceil(best[np.flatnonzero(steps <= f * steps[-1])[-1]] * 100 - 1e-9) / 100
+              for f in (0.25, 0.5, 1.0) if (steps <= f * steps[-1]).any()}
+    return sorted(levels, reverse=True)

@@ -1,0 +1,1 @@
+"""Ground floor: helpers every stage uses and that import nothing else of the project."""

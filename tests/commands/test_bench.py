@@ -1,0 +1,138 @@
+"""`tcae-ldm bench`: what it reports (tiny presets), how it times, and the cost counts it relies on."""
+import inspect
+import json
+
+import pytest
+import torch
+
+import tcae_ldm.commands.bench.main as bench
+from tcae_ldm.commands.bench import cases, timing
+
+TINY_AES = ["TC-AE-T/p4-c16", "TC-AE-T/p4-c16:vanilla", "DC-AE-T/f16c16"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny networks gain nothing from a thread pool, and a busy CPU makes it stall
+    try:
+        report = bench.main(["--tiny", "--repeats", "2", "--device", "cpu", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    return report, json.loads(out.read_text()), bench.tables(report)
+
+
+def test_tiny_bench_json(tiny_run):
+    _, saved, _ = tiny_run
+    assert {"env", "settings", "reference", "autoencoders", "dits", "dit_latents", "data", "notes"} <= set(saved)
+    assert saved["reference"] == "DC-AE-T/f16c16" and list(saved["autoencoders"]) == TINY_AES
+    for name, ae in saved["autoencoders"].items():
+        assert ae["latent_shape"] == [16, 2, 2]  # the same token count for every autoencoder
+        assert ae["gmacs"]["total"] == pytest.approx(ae["gmacs"]["encode"] + ae["gmacs"]["decode"])
+        assert ae["params_m"] > 0 and ae["gmacs_256"]["total"] > ae["gmacs"]["total"]
+        for mode in ("encode", "decode", "train"):
+            r = ae["throughput"]["fp32"][mode]
+            assert len(r["times_s"]) == 2 and r["items_per_s"] == pytest.approx(2 / r["median_s"])
+            assert r["peak_mem_mb"] is None or r["peak_mem_mb"] > 0
+            ref = saved["autoencoders"]["DC-AE-T/f16c16"]["throughput"]["fp32"][mode]["items_per_s"]
+            assert r["ratio_vs_reference"] == pytest.approx(r["items_per_s"] / ref)
+    assert saved["autoencoders"]["DC-AE-T/f16c16"]["gmacs_ratio_vs_reference"] == 1.0
+    dit = saved["dits"]["DiT-T/1@16x2x2"]
+    assert dit["latents_of"] == TINY_AES and dit["throughput"]["fp32"]["train"]["items_per_s"] > 0
+    img, lat = saved["data"]["images"], saved["data"]["latents 16x2x2"]
+    assert img["feeds"].startswith("TC-AE-T/p4-c16") and lat["feeds"] == "DiT-T/1@16x2x2 train fp32"
+    assert lat["source"].startswith("LatentDataModule")  # the real reader, not the fallback
+    for d in (img, lat):
+        assert d["loader_over_step"] == pytest.approx(d["items_per_s"] / d["step_items_per_s"])
+        assert d["verdict"] in ("ok", "INPUT-BOUND")
+
+
+def test_tiny_bench_table(tiny_run):
+    _, _, text = tiny_run
+    for title in ("Cost (GMACs", "Autoencoder throughput", "DiT training step", "Input pipelines"):
+        assert title in text
+    for header in ("params M", "GMACs enc", "GMACs dec", "e+d@256", "encode", "decode", "train step",
+                   "peak MB e/d/t", "loader/step"):
+        assert header in text
+    lines = [line.split() for line in text.splitlines()]
+    for name in TINY_AES:
+        assert [cells[0] for cells in lines if cells].count(name) == 2  # its cost row and its fp32 speed row
+        assert [name, "fp32"] in [cells[:2] for cells in lines]
+    assert ["DiT-T/1", "16x2x2"] in [cells[:2] for cells in lines]
+    assert "(1.00x)" in next(line for line in text.splitlines() if line.startswith("DC-AE-T/f16c16") and "fp32" in line)
+
+
+def test_rounds_interleave_models_and_errors_do_not_stop_the_run():
+    calls = []
+
+    def make(key, fail=False):
+        def fn():
+            calls.append(key)
+            if fail and calls.count(key) > 1:
+                raise RuntimeError("boom\nsecond line")
+        return timing.Case(key, fn, items=4)
+
+    cases = [make("A"), make("B", fail=True), make("C")]
+    timing.time_interleaved(cases, repeats=3, device=torch.device("cpu"))
+    # warm-up A B C, then rounds A B C, A C, A C: B failed in its first timed call and left the rotation
+    assert calls == ["A", "B", "C", "A", "B", "C", "A", "C", "A", "C"]
+    assert cases[1].result == {"error": "RuntimeError: boom"}
+    assert len(cases[0].result["times_s"]) == 3 and cases[0].result["items_per_s"] > 0
+
+
+def test_dcae_f32c32_config_and_cost():
+    from diffusers import AutoencoderDC
+
+    assert set(cases.DCAE_PRESETS["DC-AE/f32c32"]) <= set(inspect.signature(AutoencoderDC.__init__).parameters)
+    dc = cases.autoencoder_cost("DC-AE/f32c32", 256, 32)
+    assert dc["latent_shape"] == [32, 8, 8]
+    assert dc["gmacs"]["total"] == pytest.approx(606.9, rel=0.005)  # the published 607 GMACs
+    assert dc["params_m"] == pytest.approx(323.4, abs=0.1)
+    tc = cases.autoencoder_cost("TC-AE-B/p8-c128", 256, 32)
+    assert tc["latent_shape"] == [128, 8, 8]
+    assert tc["gmacs"]["total"] <= 164 and tc["gmacs"]["total"] <= 0.30 * dc["gmacs"]["total"]
+
+
+def test_peak_table_by_device_name():
+    assert timing.peak_bf16_tflops("NVIDIA H200") == 989.0
+    assert timing.peak_bf16_tflops("NVIDIA H100 PCIe") == 756.0
+    assert timing.peak_bf16_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert timing.peak_bf16_tflops("Some Future GPU") is None
+
+
+def test_checkpointing_variant_and_mode_selection():
+    net = cases.build_autoencoder("TC-AE-T/p4-c16:ckpt", 32, 16)
+    assert net.module.encoder.fine.grad_checkpointing and net.latent_shape == (16, 2, 2)
+    with pytest.raises(ValueError, match="unknown variant 'fast'"):
+        cases.build_autoencoder("TC-AE-T/p4-c16:fast", 32, 16)
+    with pytest.raises(ValueError, match="unknown variant 'vanilla'"):
+        cases.build_autoencoder("DC-AE-T/f16c16:vanilla", 32, 16)
+    cl = cases.build_autoencoder("DC-AE-T/f16c16:cl", 32, 16)
+    conv = next(p for p in cl.module.parameters() if p.dim() == 4)
+    assert cl.channels_last and conv.is_contiguous(memory_format=torch.channels_last) and cases.is_dcae(cl.name)
+    args = bench.parse_args(["--tiny", "--modes", "encode,decode", "--device", "cpu"])
+    assert args.modes == ["encode", "decode"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--tiny", "--modes", "infer", "--device", "cpu"])
+
+
+def test_encode_plus_decode_is_derived_from_the_timed_modes(tiny_run):
+    _, saved, text = tiny_run
+    ref = saved["autoencoders"]["DC-AE-T/f16c16"]["throughput"]["fp32"]["encode+decode"]["items_per_s"]
+    for name, entry in saved["autoencoders"].items():
+        m = entry["throughput"]["fp32"]
+        both = 1 / (1 / m["encode"]["items_per_s"] + 1 / m["decode"]["items_per_s"])
+        assert m["encode+decode"]["items_per_s"] == pytest.approx(both)
+        assert m["encode+decode"]["ratio_vs_reference"] == pytest.approx(both / ref)
+    assert "enc+dec" in text
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_is_flagged(tiny_run):
+    _, saved, text = tiny_run
+    assert saved["env"]["cpu_capability"] and "cpu_native_bf16" in saved["env"]
+    assert "no bf16 instructions" not in text                         # fp32 only: nothing to warn about
+    report = {**saved, "settings": {**saved["settings"], "precisions": ["fp32", "bf16"]},
+              "env": {**saved["env"], "cpu_native_bf16": False}}
+    assert "has no bf16 instructions (AVX512-BF16 / AMX)" in bench.tables(report)
+

@@ -1,0 +1,154 @@
+"""`tcae-ldm compare` on synthetic CSVLogger run folders: steps-to-level, speed-ups, refusal of mismatched runs."""
+import csv
+import json
+
+import pytest
+import yaml
+
+from tcae_ldm.commands.compare import compare_runs, main
+from tcae_ldm.metrics.convergence import (
+    GFID_COLUMN,
+    IMAGES_SEEN_COLUMN,
+    STEP_COLUMN,
+    WALL_TIME_COLUMN,
+)
+
+DCAE = {"class_path": "tcae_ldm.models.autoencoders.DCAEAutoencoder",
+        "init_args": {"path": "mit-han-lab/dc-ae-f32c32-in-1.0-diffusers"}}
+
+
+TCAE = {"class_path": "tcae_ldm.models.autoencoders.TCAEAutoencoder",
+        "init_args": {"kind": "tcae", "path": "runs/tcae/last.ckpt", "gmacs": 164.0}}
+
+
+# (step, gFID): the baseline reaches 50 at 15000 and 30 at 30000, never 20; the other run reaches
+# 50 at its first point (10000), 30 at 10000 + 15/17 * 10000 and 20 at 30000.
+CURVE_BASE = [(10000, 60.0), (20000, 40.0), (30000, 30.0), (40000, 25.0)]
+
+
+CURVE_FAST = [(10000, 45.0), (20000, 28.0), (30000, 20.0), (40000, 16.0)]
+
+
+def write_run(root, name, curve, autoencoder=DCAE, dit="DiT-XL/1", dataset="imagenet256", net="inception",
+              split_rows=False, version=None, images_per_step=256):
+    run = root / name / version if version else root / name
+    run.mkdir(parents=True)
+    gfid = GFID_COLUMN.format(net=net)
+    cols = ["epoch", STEP_COLUMN, "train/loss", gfid, IMAGES_SEEN_COLUMN, WALL_TIME_COLUMN]
+    with open(run / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for i, (step, value) in enumerate(curve):
+            w.writerow({"epoch": i, STEP_COLUMN: step - 1, "train/loss": 0.5})  # training rows: no gen/ values
+            gen = {gfid: value, IMAGES_SEEN_COLUMN: step * images_per_step, WALL_TIME_COLUMN: step * 0.5}
+            if split_rows:  # the callback's values may land on separate rows of the same step
+                w.writerow({"epoch": i, STEP_COLUMN: step, gfid: value})
+                w.writerow({"epoch": i, STEP_COLUMN: step, WALL_TIME_COLUMN: gen[WALL_TIME_COLUMN],
+                            IMAGES_SEEN_COLUMN: gen[IMAGES_SEEN_COLUMN]})
+            else:
+                w.writerow({"epoch": i, STEP_COLUMN: step, **gen})
+    config = {"model": {"class_path": "tcae_ldm.lit.diffusion.DiffusionModule",
+                        "init_args": {"autoencoder": autoencoder, "dit": dit}},
+              "data": {"class_path": "tcae_ldm.data.latents.LatentDataModule",
+                       "init_args": {"dataset": dataset, "cache_dir": str(root / f"no_cache_{name}")}}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    return run
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return {row["run"]: row for row in csv.DictReader(f)}
+
+
+def test_table_plot_and_hand_computed_speedups(tmp_path):
+    base = write_run(tmp_path, "dit_dcae", CURVE_BASE)
+    fast = write_run(tmp_path, "dit_tcae", CURVE_FAST, autoencoder=TCAE, split_rows=True)
+    out = tmp_path / "cmp"
+    main([str(base), str(fast), "--out", str(out), "--baseline", "dit_dcae", "--levels", "50,30,20"])
+    rows = read_csv(out / "comparison.csv")
+    b, f = rows["dit_dcae"], rows["dit_tcae"]
+    assert float(b["steps_to_50"]) == 15000 and float(b["steps_to_30"]) == 30000
+    assert b["steps_to_20"] == "not reached" and b["speedup_20"] == "not reached"
+    assert float(b["speedup_50"]) == 1.0 and float(b["speedup_30"]) == 1.0
+    assert float(f["steps_to_50"]) == 10000
+    assert float(f["steps_to_30"]) == pytest.approx(10000 + 15 / 17 * 10000, abs=1e-3)
+    assert float(f["steps_to_20"]) == 30000
+    assert float(f["speedup_50"]) == pytest.approx(1.5)
+    assert float(f["speedup_30"]) == pytest.approx(30000 / (10000 + 15 / 17 * 10000), abs=1e-4)  # 1.59375
+    assert f["speedup_20"] == ">1.33"  # the baseline's last step / 30000: a lower bound
+    assert (float(f["final_gfid"]), float(f["best_gfid"]), int(f["best_step"])) == (16.0, 16.0, 40000)
+    assert f["autoencoder"] == "tcae runs/tcae/last.ckpt" and float(f["autoencoder_gmacs"]) == 164.0
+    assert b["autoencoder"] == "DCAEAutoencoder mit-han-lab/dc-ae-f32c32-in-1.0-diffusers"
+    assert b["autoencoder_gmacs"] == "" and f["metric"] == "gfid_inception" and f["dit"] == "DiT-XL/1"
+    md = (out / "comparison.md").read_text()
+    assert "WARNING" not in md and "| 1.59x |" in md and ">1.33x" in md
+    assert (out / "convergence.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mismatched_dit_is_refused_unless_allowed(tmp_path, capsys):
+    base = write_run(tmp_path, "a", CURVE_BASE)
+    other = write_run(tmp_path, "b", CURVE_FAST, autoencoder=TCAE, dit="DiT-B/1")
+    out = tmp_path / "cmp"
+    with pytest.raises(SystemExit) as err:
+        main([str(base), str(other), "--out", str(out), "--levels", "30"])
+    assert err.value.code == 2
+    assert "DiT preset" in capsys.readouterr().err
+    first = (out / "comparison.md").read_text().splitlines()[0]
+    assert first.startswith("> WARNING") and "a=DiT-XL/1" in first and "b=DiT-B/1" in first
+    main([str(base), str(other), "--out", str(out), "--levels", "30", "--allow-mismatch"])  # exits normally
+    assert (out / "comparison.md").read_text().startswith("> WARNING")
+
+
+def test_different_metric_network_or_dataset_is_not_comparable(tmp_path, capsys):
+    base = write_run(tmp_path, "a", CURVE_BASE)
+    proxy = write_run(tmp_path, "b", CURVE_FAST, net="demo-classifier")
+    other_data = write_run(tmp_path, "c", CURVE_FAST, dataset="demo64")
+    result = compare_runs([str(base), str(proxy), str(other_data)], levels=[30])
+    assert any("metric network" in p and "b=demo-classifier" in p for p in result["problems"])
+    assert any("dataset" in p and "c=demo64" in p for p in result["problems"])
+    with pytest.raises(SystemExit) as err:  # asking for a column a run lacks is a usage error naming it
+        main([str(base), str(proxy), "--out", str(tmp_path / "o"), "--metric", "gfid_inception"])
+    assert err.value.code == 2
+    assert "gen/gfid_inception" in capsys.readouterr().err
+
+
+def test_different_global_batch_is_not_comparable(tmp_path):
+    base = write_run(tmp_path, "a", CURVE_BASE)
+    bigger = write_run(tmp_path, "b", CURVE_FAST, images_per_step=512)
+    result = compare_runs([str(base), str(bigger)], levels=[30])
+    assert result["problems"] == ["different images per step: a=256, b=512"]
+
+
+def test_identity_from_the_latent_cache_metadata(tmp_path):
+    """The DiT configs leave model.autoencoder null: the cache's metadata.json says what made the latents."""
+    def cache(name, ae_name, image_size):
+        folder = tmp_path / name
+        folder.mkdir()
+        meta = {"autoencoder": {"kind": name, "name": ae_name, "path": f"ckpt/{name}", "config_hash": "abc"},
+                "image_size": image_size, "dataset": {"datamodule": "tcae_ldm.data.images.ImageFolderDataModule",
+                                                      "root": "/data/imagenet", "split": "train", "size": 1000}}
+        (folder / "metadata.json").write_text(json.dumps(meta))
+        return str(folder)
+
+    runs = [write_run(tmp_path, "a", CURVE_BASE, autoencoder=None, dataset=None),
+            write_run(tmp_path, "b", CURVE_FAST, autoencoder=None, dataset=None)]
+    for run, cache_dir in zip(runs, [cache("dcae", "dc-ae-f32c32-in-1.0", 256), cache("tcae", "TC-AE-B/p8-c128", 512)]):
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        config["data"]["init_args"] = {"cache_dir": cache_dir}
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+    result = compare_runs([str(r) for r in runs], levels=[30])
+    assert [row["autoencoder"] for row in result["rows"]] == ["dcae dc-ae-f32c32-in-1.0", "tcae TC-AE-B/p8-c128"]
+    assert result["runs"][0].identity["dataset"] == "ImageFolderDataModule /data/imagenet"
+    assert result["problems"] == ["different image size: a=256, b=512"]
+
+
+def test_default_levels_come_from_the_baseline_and_version_folders_are_found(tmp_path):
+    base = write_run(tmp_path, "dcae", CURVE_BASE, version="version_0")
+    fast = write_run(tmp_path, "tcae", CURVE_FAST, autoencoder=TCAE)
+    result = compare_runs([str(tmp_path / "dcae"), str(fast)], baseline="dcae/version_0")
+    assert result["baseline"].path == str(base)
+    assert result["levels"] == [60.0, 40.0, 25.0]  # its best by 25%, 50% and 100% of its steps
+    row = result["rows"][1]
+    assert row["speedup_40"] == pytest.approx(20000 / (10000 + 5 / 17 * 10000))
+    assert row["speedup_25"] == pytest.approx(40000 / (20000 + 3 / 8 * 10000))
+

@@ -1,0 +1,131 @@
+"""The frozen-autoencoder interface: TC-AE export / import, EMA preference, DC-AE wrapper, identities."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tcae_ldm.latents.frozen import (
+    DCAEAutoencoder,
+    TCAEAutoencoder,
+    identity_mismatch,
+    load_autoencoder,
+    tcae_config,
+)
+from tcae_ldm.models.tcae import TCAE
+
+NET, NET_ARGS = "TC-AE-T/p4-c16", {"image_size": 32, "latent_size": 4}
+
+
+TINY_DCAE = dict(latent_channels=8, attention_head_dim=8, encoder_block_types=("ResBlock", "EfficientViTBlock"),
+                 decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(16, 32),
+                 decoder_block_out_channels=(16, 32), encoder_layers_per_block=(1, 1),
+                 decoder_layers_per_block=(1, 1), encoder_qkv_multiscales=((), (5,)),
+                 decoder_qkv_multiscales=((), (5,)), decoder_norm_types="rms_norm", decoder_act_fns="silu",
+                 scaling_factor=0.41)
+
+
+def images(n=2, size=32):
+    torch.manual_seed(1)
+    return torch.rand(n, 3, size, size) * 2 - 1
+
+
+@pytest.fixture
+def module_checkpoint(tmp_path):
+    """A real AutoencoderModule's hyper-parameters and state dict, with EMA weights unlike the online ones."""
+    from tcae_ldm.lit.autoencoder import AutoencoderModule
+    from tcae_ldm.losses.reconstruction import ReconstructionLossConfig
+
+    torch.manual_seed(0)
+    module = AutoencoderModule(net=NET, net_args=NET_ARGS, metrics_lpips=None, ema_decay=0.99,
+                               loss=ReconstructionLossConfig(lpips_weight=0.0, gan_weight=0.0))
+    with torch.no_grad():
+        for p in module.ema.module.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    path = tmp_path / "ae.ckpt"
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
+    return str(path), module
+
+
+def test_checkpoint_loads_ema_weights_frozen(module_checkpoint):
+    path, module = module_checkpoint
+    ae = load_autoencoder("tcae", path)
+    assert isinstance(ae, TCAEAutoencoder) and ae.name == NET
+    x = images()
+    torch.testing.assert_close(ae.encode(x), module.ema.module.encode(x))
+    assert not torch.allclose(ae.encode(x), module.net.encode(x))
+    assert ae.latent_shape(32) == (16, 4, 4) == tuple(ae.encode(x).shape[1:])
+    ae.train()
+    assert not ae.training and not ae.model.training  # Lightning's .train() does not unfreeze it
+    assert not any(p.requires_grad for p in ae.parameters())
+    assert not ae.encode(x.requires_grad_()).requires_grad
+
+    state = torch.load(path, weights_only=False)  # without EMA the online weights are used
+    state["state_dict"] = {k: v for k, v in state["state_dict"].items() if not k.startswith("ema.")}
+    torch.save(state, path)
+    torch.testing.assert_close(load_autoencoder("tcae", path).encode(x), module.net.encode(x))
+
+
+def test_save_pretrained_round_trip(module_checkpoint, tmp_path):
+    ae = load_autoencoder("tcae", module_checkpoint[0])
+    ae.save_pretrained(tmp_path / "export")
+    assert sorted(os.listdir(tmp_path / "export")) == ["config.json", "model.safetensors"]
+    back = load_autoencoder("tcae", str(tmp_path / "export"))
+    x = images()
+    assert torch.equal(back.encode(x), ae.encode(x)) and torch.equal(back.decode(ae.encode(x)), ae.decode(ae.encode(x)))
+    same = {k: v for k, v in ae.identity().items() if k != "path"}
+    assert {k: v for k, v in back.identity().items() if k != "path"} == same and back.name == NET
+
+    # The folder needs only the network definition: TCAE(**config) + the safetensors weights.
+    with open(tmp_path / "export" / "config.json") as f:
+        config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    assert config == tcae_config(NET, NET_ARGS)
+    net = TCAE(**config)
+    net.load_state_dict(load_file(tmp_path / "export" / "model.safetensors"))
+    assert torch.equal(net.eval().encode(x), ae.encode(x))
+
+
+def test_bf16_autocast_returns_fp32(module_checkpoint):
+    ae = load_autoencoder("tcae", module_checkpoint[0], dtype="bf16")
+    z = ae.encode(images())
+    assert z.dtype == torch.float32 and ae.decode(z).dtype == torch.float32
+    torch.testing.assert_close(z, load_autoencoder("tcae", module_checkpoint[0]).encode(images()), atol=0.1, rtol=0.1)
+    with pytest.raises(ValueError, match="dtype"):
+        load_autoencoder("tcae", module_checkpoint[0], dtype="fp16")
+
+
+def test_dcae_wrapper_from_config():
+    torch.manual_seed(0)
+    ae = DCAEAutoencoder.from_config(TINY_DCAE)
+    x = images()
+    z = ae.encode(x)
+    assert ae.latent_shape(32) == (8, 16, 16) == tuple(z.shape[1:])
+    assert ae.decode(z).shape == x.shape
+    # Raw latents: the published scaling_factor is not applied (cache statistics normalise instead).
+    torch.testing.assert_close(z, ae.model.encode(x).latent)
+    ident = ae.identity()
+    assert ident["kind"] == "dcae" and not any(k.startswith("_") for k in ident["config"])
+    with pytest.raises(ValueError, match="not divisible"):
+        ae.latent_shape(33)
+
+
+def test_missing_models_give_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(FileNotFoundError, match="mit-han-lab/dc-ae-f32c32-in-1.0-diffusers") as err:
+        load_autoencoder("dcae", "mit-han-lab/dc-ae-f32c32-in-1.0-diffusers")
+    assert "huggingface-cli download" in str(err.value) and "local folder" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_autoencoder("tcae", str(tmp_path / "missing.ckpt"))
+    with pytest.raises(ValueError, match="'tcae' or 'dcae'"):
+        load_autoencoder("sdvae", "x")
+
+
+def test_identity_matching():
+    actual = {"kind": "tcae", "name": NET, "config_hash": "a" * 64, "weights_hash": "b" * 64, "path": "/x/ae.ckpt"}
+    assert identity_mismatch({"kind": "tcae"}, actual) == []
+    assert identity_mismatch({"kind": "tcae", "name": NET, "weights_hash": "b" * 64}, actual) == []
+    assert identity_mismatch({"kind": "dcae", "weights_hash": "c" * 64}, actual) == ["kind", "weights_hash"]
+    assert identity_mismatch({"path": "/x/other.ckpt"}, actual) == ["path"]
+

@@ -1,0 +1,84 @@
+"""DiffusionModule through the CLI: linked latent shape, checkpoint contents, exact resume, EMA sampling, `sample`."""
+import os
+
+import pytest
+import torch
+
+from tcae_ldm.cli import main
+from tcae_ldm.data.demo import DemoPhotosDataModule
+from tcae_ldm.lit.caching import cache_latents
+from tcae_ldm.lit.diffusion import DiffusionModule
+from tests.tiny import REPO, callbacks_arg, tiny_tcae_checkpoint
+
+DEMO = os.path.join(REPO, "configs", "demo", "dit_on_tcae.yaml")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A 16-image cache of 16x4x4 latents, then DiT-T/1 runs from the demo config: 5 steps straight, and
+    3 steps + resume from `last` to 5 (batch 8: the resume falls in the middle of a pass over the cache)."""
+    root = tmp_path_factory.mktemp("dit")
+    ckpt = tiny_tcae_checkpoint(root / "ae.ckpt", seed=0)
+    images = DemoPhotosDataModule(image_size=32, train_per_class=2, val_per_class=1)
+    cache = cache_latents({"kind": "tcae", "path": ckpt}, images, str(root / "latents"), accelerator="cpu")
+    old = os.getcwd()
+    out = {"root": root, "ae": ckpt, "cache": cache}
+    try:
+        for name, phases in (("straight", [5]), ("resumed", [3, 5])):
+            os.makedirs(root / name)
+            os.chdir(root / name)  # the demo config's relative runs/demo/... paths land here
+            for i, steps in enumerate(phases):
+                main(["fit", "--config", DEMO, f"--data.cache_dir={cache}", "--data.expect_image_size=32",
+                      "--data.expect_autoencoder.name=TC-AE-T/p4-c16", "--data.global_batch_size=8",
+                      "--model.dit=DiT-T/1", "--model.dit_args={class_dropout_prob: 0.1}", "--model.sample_steps=2",
+                      "--model.sample_every_n_steps=2", "--model.sample_grid_size=4", "--model.warmup_steps=3",
+                      callbacks_arg(), "--trainer.log_every_n_steps=1",
+                      f"--trainer.max_steps={steps}"] + (["--ckpt_path=last"] if i else []))
+            out[name] = root / name / "runs" / "demo" / "dit_tcae"
+    finally:
+        os.chdir(old)
+    return out
+
+
+def test_checkpoint_records_linked_shape_and_resume_is_exact(runs):
+    a = torch.load(runs["straight"] / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(runs["resumed"] / "checkpoints" / "last.ckpt", weights_only=True)
+    hp = a["hyper_parameters"]
+    assert (hp["latent_shape"], hp["num_classes"], hp["dit"]) == ([16, 4, 4], 8, "DiT-T/1")
+    assert a["global_step"] == b["global_step"] == 5 and a["images_seen"] == 40
+    assert a["latent_cache"]["metadata"]["autoencoder"]["name"] == "TC-AE-T/p4-c16"
+    assert a["state_dict"]["dit.x_embedder.proj.weight"].shape[1] == 16  # in_channels from the cache
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert not any(k.startswith(("autoencoder", "_autoencoder")) for k in a["state_dict"])  # decoder not saved
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    assert not torch.equal(a["state_dict"]["dit.y_embedder.embedding_table.weight"],
+                           a["state_dict"]["ema.module.y_embedder.embedding_table.weight"])
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    log = (runs["straight"] / "metrics.csv").read_text().splitlines()
+    assert {"train/loss", "train/lr", "train/images_seen"} <= set(log[0].split(","))
+    assert sorted(os.listdir(runs["straight"] / "samples")) == ["step0000002.png", "step0000004.png"]
+
+
+def test_sampling_uses_ema_weights_and_decodes(runs):
+    module = DiffusionModule.load_from_checkpoint(runs["straight"] / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert module.eval_net is module.ema.module and module.hparams.latent_shape == [16, 4, 4]
+    y = torch.tensor([0, 3, 7])
+    z = module.sample(y, seed=5, decode=False)
+    assert z.shape == (3, 16, 4, 4)
+    with torch.no_grad():
+        for p in module.dit.parameters():
+            p.zero_()  # the online weights do not take part in sampling
+    assert torch.equal(module.sample(y, seed=5, decode=False), z)
+    with torch.no_grad():
+        module.ema.module.final_layer.linear.bias.add_(1.0)
+    assert not torch.allclose(module.sample(y, seed=5, decode=False), z)
+    x = module.sample(y, seed=5)
+    assert x.shape == (3, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
+
+
+def test_linked_arguments_are_not_repeated():
+    with pytest.raises(ValueError, match="come from the latent cache"):
+        DiffusionModule(dit="DiT-T/1", dit_args={"in_channels": 4})
+

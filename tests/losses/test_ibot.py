@@ -1,0 +1,117 @@
+"""iBOT heads, block-wise masking, loss/centering (single process and gloo), EMA teacher, tiny overfit."""
+import copy
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from tcae_ldm.losses.ibot import cosine_momentum, iBOTLoss
+
+
+def _loss_inputs(B=2, V=4, G=2, N=6, K=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(G * B, N, dtype=torch.bool)
+    masks[0, :3] = True
+    masks[-1, 2:] = True
+    return dict(student_cls=torch.randn(V * B, K, generator=g), student_patch=torch.randn(G * B, N, K, generator=g),
+                teacher_cls=torch.randn(G * B, K, generator=g), teacher_patch=torch.randn(G * B, N, K, generator=g),
+                masks=masks)
+
+
+def _rank_batch(rank):
+    g = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(3 + rank, 4, generator=g), torch.randn(3 + rank, 5, 4, generator=g)  # uneven on purpose
+
+
+def _center_worker(rank, world_size, init_method, out_dir):
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
+    try:
+        crit = iBOTLoss(4, center_momentum=0.9)
+        crit.update_center(*_rank_batch(rank))
+        torch.save({"center": crit.center, "center_patch": crit.center_patch}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_loss_finite_and_weighted():
+    loss = iBOTLoss(5, lambda_cls=0.5, lambda_mim=2.0)(**_loss_inputs(), step=0)
+    assert all(torch.isfinite(v) for v in loss.values())
+    assert torch.allclose(loss["loss"], 0.5 * loss["cls"] + 2.0 * loss["mim"])
+
+
+def test_cls_term_matches_hand_computation():
+    crit = iBOTLoss(3, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_steps=10, student_temp=0.1)
+    assert crit.teacher_temps(0) == (0.04, 0.04) and crit.teacher_temps(20) == pytest.approx((0.07, 0.07))
+    assert crit.teacher_temps(5) == pytest.approx((0.055, 0.055))
+    s = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.2, 0.1]])  # student views 0, 1 of one image
+    t = torch.tensor([[0.2, 0.1, 0.0], [0.0, 0.3, -0.2]])  # teacher views 0, 1
+    out = crit(s, torch.zeros(2, 1, 3), t, torch.zeros(2, 1, 3), torch.zeros(2, 1, dtype=torch.bool), step=0)
+
+    def ce(t_logits, s_logits):
+        p = [math.exp(x / 0.04) for x in t_logits]
+        q = [math.exp(x / 0.1) for x in s_logits]
+        return -sum(pi / sum(p) * math.log(qi / sum(q)) for pi, qi in zip(p, q))
+
+    expected = 0.5 * (ce(t[0].tolist(), s[1].tolist()) + ce(t[1].tolist(), s[0].tolist()))
+    assert out["cls"].item() == pytest.approx(expected, rel=1e-5)
+    assert out["mim"].item() == 0.0  # nothing masked
+
+
+def test_mim_ignores_unmasked_positions():
+    crit = iBOTLoss(5)
+    x = _loss_inputs()
+    base = crit(**x, step=0, update_center=False)
+    x2 = copy.deepcopy(x)
+    x2["student_patch"][~x["masks"]] = torch.randn(int((~x["masks"]).sum()), 5) * 10
+    assert torch.equal(crit(**x2, step=0, update_center=False)["mim"], base["mim"])
+    x2["student_patch"][x["masks"]] += torch.randn(int(x["masks"].sum()), 5)  # (a constant shift would not count)
+    assert crit(**x2, step=0, update_center=False)["mim"] != base["mim"]
+    # Per image mean over its masked tokens, then mean over the two images that have any.
+    t = F.softmax(x["teacher_patch"] / 0.07, -1)
+    ce = -(t * F.log_softmax(x["student_patch"] / 0.1, -1)).sum(-1)
+    expected = 0.5 * (ce[0, :3].mean() + ce[-1, 2:].mean())
+    assert torch.allclose(base["mim"], expected, atol=1e-6)
+
+
+def test_center_update_single_process():
+    crit = iBOTLoss(5, center_momentum=0.9)
+    crit.center.fill_(0.3)
+    crit.center_patch.fill_(-0.1)
+    x = _loss_inputs()
+    c0, cp0 = crit.center.clone(), crit.center_patch.clone()
+    crit(**x, step=0)
+    mean_cls = x["teacher_cls"].mean(0, keepdim=True)
+    mean_patch = x["teacher_patch"].mean((0, 1), keepdim=True)
+    assert torch.allclose(crit.center - c0, 0.1 * (mean_cls - c0), atol=1e-6)
+    assert torch.allclose(crit.center_patch - cp0, 0.1 * (mean_patch - cp0), atol=1e-6)
+    assert crit.center.dtype == torch.float32
+    crit.update_center(x["teacher_cls"].bfloat16(), x["teacher_patch"].bfloat16())  # fp32 regardless
+    assert crit.center.dtype == torch.float32 and "center" in crit.state_dict()
+
+
+@pytest.mark.slow
+def test_center_update_all_reduced_over_gloo(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_center_worker, args=(2, f"tcp://127.0.0.1:{port}", str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    cls = torch.cat([_rank_batch(r)[0] for r in range(2)])
+    patch = torch.cat([_rank_batch(r)[1] for r in range(2)])
+    for res in results:
+        assert torch.allclose(res["center"], 0.1 * cls.mean(0, keepdim=True), atol=1e-6)
+        assert torch.allclose(res["center_patch"], 0.1 * patch.mean((0, 1), keepdim=True), atol=1e-6)
+    assert torch.equal(results[0]["center"], results[1]["center"])
+
+
+def test_momentum_schedule():
+    ms = [cosine_momentum(s, 100) for s in range(101)]
+    assert ms[0] == pytest.approx(0.996) and ms[-1] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(ms, ms[1:]))
+    assert cosine_momentum(500, 100) == 1.0 and cosine_momentum(50, 100, base=0.99) == pytest.approx(0.995)
+

@@ -1,0 +1,161 @@
+"""FID: Frechet distance against closed forms, exact running statistics, reference files, feature networks."""
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+
+from tcae_ldm.metrics.features import RandomFeatures
+from tcae_ldm.metrics.fid import (
+    FIDMetric,
+    FrechetStats,
+    ReconstructionFID,
+    ReferenceStats,
+    frechet_distance,
+    load_stats,
+    save_stats,
+)
+from tcae_ldm.metrics.reconstruction import ReconstructionMetrics
+
+
+def random_spd(dim, seed):
+    a = np.random.default_rng(seed).normal(size=(dim, dim))
+    return a @ a.T / dim + 0.1 * np.eye(dim)
+
+
+def images(seed, n=48, shift=0.0):
+    """Flat random colours plus noise: images whose pooled features differ from image to image."""
+    g = torch.Generator().manual_seed(seed)
+    colour = torch.rand(n, 3, 1, 1, generator=g) - 0.5
+    return (colour + 0.3 * torch.randn(n, 3, 16, 16, generator=g) + shift).clamp(-1, 1)
+
+
+def test_equal_covariances_give_squared_mean_distance():
+    rng = np.random.default_rng(0)
+    mu1, mu2, sigma = rng.normal(size=8), rng.normal(size=8), random_spd(8, 1)
+    assert frechet_distance(mu1, sigma, mu2, sigma) == pytest.approx(np.sum((mu1 - mu2) ** 2), abs=1e-8)
+
+
+def test_diagonal_covariances_closed_form():
+    a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 1.0])
+    mu1, mu2 = np.zeros(3), np.array([1.0, 2.0, 0.0])
+    expected = 5.0 + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, abs=1e-9)
+
+
+def test_general_covariances_match_symmetric_formula():
+    # Tr((S1 S2)^1/2) = Tr((S1^1/2 S2 S1^1/2)^1/2): an independent route through symmetric matrices
+    s1, s2 = random_spd(6, 2), random_spd(6, 3)
+    mu1, mu2 = np.arange(6.0), np.ones(6)
+    r = linalg.sqrtm(s1).real
+    tr = np.sum(np.sqrt(np.linalg.eigvalsh(r @ s2 @ r)))
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+
+
+def test_rank_deficient_statistics_stay_finite():
+    x = np.random.default_rng(4).normal(size=(5, 16))  # fewer samples than dims: singular covariance
+    mu, sigma = x.mean(0), np.cov(x, rowvar=False)
+    d = frechet_distance(mu, sigma, mu, sigma)
+    assert np.isfinite(d) and abs(d) < 1e-2
+
+
+def test_running_statistics_equal_one_shot_mean_and_cov():
+    x = np.random.default_rng(5).normal(loc=3.0, size=(103, 7))
+    stats = FrechetStats(7)
+    for chunk in np.split(x, [10, 11, 50, 90]):  # uneven batches, one of a single sample
+        stats.update(torch.from_numpy(chunk).float())
+    mu, sigma = stats.mean_cov()
+    x32 = x.astype(np.float32).astype(np.float64)  # the features arrived as float32
+    np.testing.assert_allclose(mu, x32.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(x32, rowvar=False, ddof=1), rtol=1e-9, atol=1e-12)
+    assert stats.count == 103
+
+
+def test_merge_and_reduce_add_up_without_double_counting():
+    x = torch.randn(40, 5, dtype=torch.float64)
+    a, b, whole = FrechetStats(5), FrechetStats(5), FrechetStats(5)
+    a.update(x[:15])
+    b.update(x[15:])
+    whole.update(x)
+    a.merge(b)
+    for _ in range(2):  # reduced() returns a copy: calling it again must not change anything
+        mu, sigma = a.reduced().mean_cov()
+    np.testing.assert_allclose(mu, whole.mean_cov()[0], rtol=1e-12)
+    np.testing.assert_allclose(sigma, whole.mean_cov()[1], rtol=1e-10)
+    assert a.count == 40
+    with pytest.raises(ValueError, match=r"\(B, 5\), got \(3, 4\)"):
+        FrechetStats(5).update(torch.randn(3, 4))
+
+
+def test_stats_file_round_trip_and_adm_reference_format(tmp_path):
+    stats = FrechetStats(4)
+    stats.update(torch.randn(20, 4))
+    path = str(tmp_path / "ref.npz")
+    stats.save(path, features="random", source="unit test")
+    ref = load_stats(path, expect_features="random")
+    np.testing.assert_allclose(ref.mu, stats.mean_cov()[0])
+    np.testing.assert_allclose(ref.sigma, stats.mean_cov()[1])
+    assert (ref.features, ref.count) == ("random", 20)
+    with pytest.raises(ValueError, match="'random' network, not 'inception'"):
+        load_stats(path, expect_features="inception")
+    # ADM's VIRTUAL_imagenet256_labeled.npz: images in arr_0 plus mu/sigma and spatial mu_s/sigma_s
+    adm = str(tmp_path / "VIRTUAL_imagenet256_labeled.npz")
+    mu, sigma = np.arange(3.0), np.eye(3)
+    np.savez(adm, arr_0=np.zeros((2, 8, 8, 3), np.uint8), mu=mu, sigma=sigma, mu_s=mu, sigma_s=sigma)
+    ref = load_stats(adm, expect_features="inception")  # says nothing about its network: accepted
+    np.testing.assert_array_equal(ref.mu, mu)
+    np.testing.assert_array_equal(ref.sigma, sigma)
+    assert ref.features is None
+    save_stats(str(tmp_path / "plain.npz"), mu, sigma)
+    assert load_stats(str(tmp_path / "plain.npz")).features is None
+    np.savez(str(tmp_path / "nomu.npz"), arr_0=np.zeros(3))
+    with pytest.raises(ValueError, match="no 'mu'/'sigma'"):
+        load_stats(str(tmp_path / "nomu.npz"))
+
+
+def test_fid_metric_zero_on_reference_and_grows_with_shift():
+    ext = RandomFeatures(dim=16, seed=0)
+    ref = FrechetStats(ext.dim)
+    ref.update(ext(images(0)))
+    ref = ReferenceStats(*ref.mean_cov(), features=ext.name)
+    metric = FIDMetric(ext, ref)
+    assert metric.name == "gfid_random" and not list(metric.parameters())  # the network stays out of checkpoints
+    metric.update(images(0)[:10])
+    metric.update(images(0)[10:])
+    assert abs(metric.compute()) < 1e-3
+    assert metric.compute() == pytest.approx(metric.compute())  # no double counting on repeated compute
+    metric.reset()
+    metric.update(images(1))
+    near = metric.compute()
+    metric.reset()
+    metric.update(images(1, shift=0.4))
+    assert metric.compute() > near > 1e-3
+    with pytest.raises(ValueError, match="16-d"):
+        FIDMetric(RandomFeatures(dim=8), ReferenceStats(ref.mu, ref.sigma))
+    with pytest.raises(ValueError, match="'random' network cannot score 'demo-classifier'"):
+        other = RandomFeatures(dim=16)
+        other.name = "demo-classifier"
+        FIDMetric(other, ref)
+
+
+def test_rfid_is_the_frechet_distance_of_real_and_reconstructed_features():
+    ext = RandomFeatures(dim=8, seed=0)
+    x = images(0)
+    x_rec = (x + 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
+    rfid = ReconstructionFID(ext)
+    assert rfid.name == "rfid_random" and not list(rfid.parameters())
+    for a, b in zip(x.split(7), x_rec.split(7)):          # batches of any size add up to the one-shot statistics
+        rfid.update(a, b)
+    f_real, f_fake = ext(x).double().numpy(), ext(x_rec).double().numpy()
+    expected = frechet_distance(f_fake.mean(0), np.cov(f_fake, rowvar=False), f_real.mean(0), np.cov(f_real, rowvar=False))
+    assert rfid.compute() == pytest.approx(expected, rel=1e-6)
+    rfid.reset()
+    rfid.update(x, x)
+    assert abs(rfid.compute()) < 1e-6                     # a perfect reconstruction scores 0
+    metrics = ReconstructionMetrics(fid=ReconstructionFID(ext))
+    metrics.update(x, x_rec)
+    out = metrics.compute()
+    assert set(out) == {"psnr", "ssim", "rfid_random"} and float(out["rfid_random"]) == pytest.approx(expected, rel=1e-6)
+    metrics.reset()
+    assert metrics.fid.real.count == 0
+

@@ -1,0 +1,106 @@
+"""TC-AE: staged compression geometry, the paper preset's cost, errors at build time, gradients."""
+import pytest
+import torch
+
+from tcae_ldm.metrics.flops import count_gmacs, count_params
+from tcae_ldm.models.tcae import create_tcae
+
+
+def _meta(name, **kw):
+    with torch.device("meta"):
+        return create_tcae(name, **kw)
+
+
+@pytest.mark.parametrize("staged", [True, False])
+@pytest.mark.parametrize("p", [8, 16, 32])
+def test_every_patch_size_gives_the_same_8x8_latent(p, staged):
+    net = _meta(f"TC-AE-B/p{p}-c128", staged=staged)
+    x = torch.empty(2, 3, 256, 256, device="meta")
+    feats = net.encoder.forward_features(x)
+    fine = 256 // p
+    # the intermediate bottleneck cuts tokens by 4 whenever the grid is larger than the latent grid
+    coarse = fine // 2 if (staged and fine > 8) else fine
+    assert feats["fine"].shape == (2, fine, fine, 768)
+    assert feats["coarse"].shape == (2, coarse, coarse, 768)
+    assert feats["latent"].shape == (2, 128, 8, 8)
+    assert net.decode(feats["latent"]).shape == (2, 3, 256, 256)
+    assert net.latent_shape(256) == (128, 8, 8)
+
+
+def test_paper_preset_cost_and_size():
+    """The paper-scale preset stays within the paper's 164 GMACs (encode + decode, one 256x256 image)."""
+    net = _meta("TC-AE-B/p8-c128")
+    x = torch.empty(1, 3, 256, 256, device="meta")
+    gmacs = count_gmacs(net, x)
+    assert count_params(net) == 190_676_288
+    assert gmacs == pytest.approx(161.58, abs=0.05)
+    assert gmacs <= 164
+    # the vanilla twin runs all 12 blocks on 1024 tokens: same parameters up to the bottlenecks, far more compute
+    vanilla = _meta("TC-AE-B/p8-c128", staged=False)
+    assert count_gmacs(vanilla, x) == pytest.approx(214.12, abs=0.05)
+    assert abs(count_params(vanilla) - count_params(net)) / count_params(net) < 0.01
+
+
+def test_compression_ratio_of_paper_preset():
+    net = _meta("TC-AE-B/p8-c128")
+    c, h, w = net.latent_shape(256)
+    assert (256 * 256 * 3) / (c * h * w) == 24.0  # f32c128: 64 tokens of 128 floats
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(image_size=250), ["image_size=250", "patch_size=8"]),
+    (dict(latent_size=5), ["32x32", "5x5"]),
+    (dict(image_size=192, latent_size=8), ["24 / latent grid 8 = 3", "power of 2"]),
+    (dict(width=100), ["width=100", "num_heads=12"]),
+])
+def test_bad_geometry_fails_at_build_naming_the_numbers(kw, words):
+    with pytest.raises(ValueError) as err:
+        _meta("TC-AE-B/p8-c128", **kw)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_unknown_preset_lists_the_options():
+    with pytest.raises(KeyError, match="TC-AE-B/p8-c128"):
+        create_tcae("TC-AE-Q/p8-c128")
+
+
+def test_round_trip_shapes_and_gradients(tiny_net_args):
+    torch.manual_seed(0)
+    net = create_tcae("TC-AE-T/p4-c16", **tiny_net_args)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    x_rec, z = net(x)
+    assert z.shape == (2, 16, 2, 2) and x_rec.shape == x.shape
+    x_rec.square().mean().backward()
+    assert all(p.grad is not None for n, p in net.named_parameters() if "mask_token" not in n)
+
+
+@pytest.mark.parametrize("pos_embed", ["sincos", "learned"])
+def test_encoder_accepts_other_crop_sizes_and_masks(pos_embed, tiny_net_args):
+    """iBOT feeds local crops and masked views through the same encoder."""
+    net = create_tcae("TC-AE-T/p4-c16", pos_embed=pos_embed, cls_token=True, **tiny_net_args)
+    x = torch.randn(3, 3, 16, 16)
+    feats = net.encoder.forward_features(x, upto="coarse")
+    assert feats["fine"].shape == (3, 4, 4, 32) and feats["coarse"].shape == (3, 2, 2, 32)
+    assert feats["coarse_cls"].shape == (3, 1, 32)
+    mask = torch.zeros(3, 4, 4, dtype=torch.bool)
+    mask[0, :2] = True
+    masked = net.encoder.forward_features(x, mask=mask, upto="fine")["fine"]
+    assert torch.allclose(masked[1:], feats["fine"][1:], atol=1e-6)
+    assert not torch.allclose(masked[0], feats["fine"][0])
+    with pytest.raises(ValueError, match="not divisible by patch_size=4"):
+        net.encoder.forward_features(torch.randn(1, 3, 18, 18))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_net_args):
+    torch.manual_seed(0)
+    a = create_tcae("TC-AE-T/p4-c16", **tiny_net_args)
+    b = create_tcae("TC-AE-T/p4-c16", grad_checkpointing=True, **tiny_net_args)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    for m in (a, b):
+        m(x)[0].square().mean().backward()
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        if pa.grad is not None:
+            assert torch.allclose(pa.grad, pb.grad, atol=1e-6), n
+

@@ -1,0 +1,71 @@
+"""Tiny networks, data, trainers and checkpoints shared by the tests: CPU, offline, seconds."""
+import json
+import os
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from tcae_ldm.data.demo import DemoPhotosDataModule
+from tcae_ldm.lit.autoencoder import AutoencoderModule
+from tcae_ldm.losses.reconstruction import ReconstructionLossConfig
+from tcae_ldm.models.tcae import create_tcae
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# CLI overrides that shrink configs/demo/tcae.yaml to a TC-AE-T on 32x32 crops.
+TINY = ["--model.init_args.net=TC-AE-T/p4-c16",
+        "--model.init_args.net_args={image_size: 32, latent_size: 2}",
+        "--model.init_args.loss.disc_channels=8", "--model.init_args.loss.disc_layers=2",
+        "--data.init_args.image_size=32", "--data.init_args.train_per_class=2",
+        "--data.init_args.val_per_class=1", "--data.init_args.global_batch_size=8",
+        "--model.init_args.metrics_fid=random"]  # the demo's demo-classifier needs its weight file
+
+TINY_DCAE = "DC-AE-T/f16c16"  # 32x32 images -> 16x2x2 latents
+
+# A TC-AE-T whose 32x32 images give 16x4x4 latents (latent caches, DiTs).
+NET_ARGS = {"image_size": 32, "latent_size": 4}
+
+
+def tiny_module(**kw):
+    """An AutoencoderModule with a TC-AE-T on 32x32 images (2x2x16 latents), GAN from step 0, 4 steps."""
+    args = dict(net="TC-AE-T/p4-c16", net_args={"image_size": 32, "latent_size": 2},
+                loss=ReconstructionLossConfig(lpips_weight=0.0, gan_weight=0.1, disc_start=0, disc_channels=8,
+                                              disc_layers=2),
+                optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), disc_optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+                max_steps=4, warmup_steps=2, ema_decay=0.9, metrics_lpips=None)
+    return AutoencoderModule(**{**args, **kw})
+
+
+def tiny_data():
+    # 16 crops, one full batch per epoch: the shuffle order cannot change a step
+    return DemoPhotosDataModule(image_size=32, train_per_class=2, val_per_class=1, global_batch_size=16, hflip=False)
+
+
+def tiny_trainer(root, **kw):
+    ckpt = ModelCheckpoint(dirpath=os.path.join(root, "ckpt"), save_last=True, enable_version_counter=False,
+                           save_on_train_epoch_end=True)
+    args = dict(accelerator="cpu", devices=1, max_epochs=-1, logger=False, enable_progress_bar=False,
+                enable_model_summary=False, callbacks=[ckpt], default_root_dir=root, num_sanity_val_steps=0,
+                check_val_every_n_epoch=100)
+    return L.Trainer(**{**args, **kw})
+
+
+def tiny_tcae_checkpoint(path, seed=0):
+    """An AutoencoderModule-shaped checkpoint of a random TC-AE-T (16 x 4 x 4 latents of 32 x 32 images)."""
+    torch.manual_seed(seed)
+    net = create_tcae("TC-AE-T/p4-c16", **NET_ARGS)
+    torch.save({"hyper_parameters": {"net": "TC-AE-T/p4-c16", "net_args": NET_ARGS},
+                "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}}, path)
+    return str(path)
+
+
+def callbacks_arg(every_n_train_steps: int = 1, gen_eval: dict | None = None) -> str:
+    """--trainer.callbacks replacing the demo config's list: last.ckpt every N steps, and optionally a
+    GenerationEvalCallback with the given init_args (the demo's needs the demo-classifier's weight file)."""
+    cbs = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": "runs/demo/dit_tcae/checkpoints", "every_n_train_steps": every_n_train_steps,
+                          "save_top_k": 0, "save_last": True}}]
+    if gen_eval is not None:
+        cbs.append({"class_path": "tcae_ldm.lit.generation.GenerationEvalCallback", "init_args": gen_eval})
+    return f"--trainer.callbacks={json.dumps(cbs)}"
