@@ -47,8 +47,9 @@ def atomic_write(path: str, mode: str = "wb", group_readable: bool = False):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{_host()}.{os.getpid()}.", suffix=TMP_SUFFIX,
                                dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode) as f:
+        with open(tmp, mode) as f:  # by name, so that f.name is the temporary's path
             yield f
             f.flush()
             os.fsync(f.fileno())
