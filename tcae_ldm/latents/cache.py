@@ -28,7 +28,12 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
 from tcae_ldm.data.images import ImageDataModule, collate_skipping
-from tcae_ldm.latents.frozen import MATCH_KEYS, describe_identity, identity_mismatch, load_autoencoder
+from tcae_ldm.latents.frozen import (
+    MATCH_KEYS,
+    describe_identity,
+    identity_mismatch,
+    load_autoencoder,
+)
 from tcae_ldm.latents.shards import (
     CACHE_DTYPES,
     ShardError,

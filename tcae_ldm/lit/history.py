@@ -22,6 +22,10 @@ from tcae_ldm.utils.atomic import atomic_write
 log = logging.getLogger(__name__)
 
 
+def _step(row: dict) -> float:
+    return float(row["step"]) if row.get("step") not in ("", None) else float("inf")
+
+
 def _complete(row: dict) -> bool:
     """False for the cut-off last line a killed process may leave (csv gives missing fields as None)."""
     return None not in row.values() and None not in row
@@ -32,7 +36,7 @@ class HistoryWriter(ExperimentWriter):
 
     def __init__(self, log_dir: str) -> None:
         super().__init__(log_dir)
-        self.rows_written = 0
+        self.rows_written, self._keep = 0, None
         if os.path.isfile(self.metrics_file_path):
             header, rows = self.read()
             self.metrics_keys, self.rows_written = header, len(rows)
@@ -61,21 +65,36 @@ class HistoryWriter(ExperimentWriter):
         self._write(fieldnames, rows)  # atomically: a kill during the rewrite must not lose the history
 
     def save(self) -> None:
+        if self.metrics and self._keep is not None:  # the resumed run logs its first rows: settle the history now
+            self.settle(min(int(m["step"]) for m in self.metrics))
         n = len(self.metrics)
         super().save()
         self.rows_written += n
 
-    def truncate(self, keep_rows: int | None = None, before_step: int | None = None) -> int:
-        """Keep the first `keep_rows` rows, or the rows logged at a step < `before_step`; returns rows dropped."""
+    @property
+    def rows(self) -> int:
+        """Rows of this run's history so far, logged or buffered (call settle() first after keep_first())."""
+        return self.rows_written + len(self.metrics)
+
+    @property
+    def unsettled(self) -> bool:
+        return self._keep is not None
+
+    def keep_first(self, rows: int) -> None:
+        """A resumed run: its checkpoint had seen the first `rows` rows. The history is settled when the run logs its
+        first row (or saves its first checkpoint): a resumed run that logs nothing (it had already finished, or dies
+        before its first step) leaves the history as it was."""
+        self._keep = rows
+
+    def settle(self, first_new_step: int) -> None:
+        """Keep the rows the checkpoint had seen, and of the later rows those logged at a step before the resumed
+        run's first one (Lightning logs a step's training row just after the checkpoint of that step is saved, and
+        a resumed run does not log it again); drop the rest, which the resumed run logs anew."""
         header, rows = self.read()
-        if keep_rows is not None:
-            kept = rows[:keep_rows]
-        else:
-            kept = [r for r in rows if r.get("step") in ("", None) or int(float(r["step"])) < before_step]
+        keep = rows[: self._keep] + [r for r in rows[self._keep:] if _step(r) < first_new_step]
         if header:
-            self._write(header, kept)  # also drops a line cut off by a kill
-        self.rows_written = len(kept)
-        return len(rows) - len(kept)
+            self._write(header, keep)  # also drops a line cut off by a kill
+        self.rows_written, self._keep = len(keep), None
 
     def move_aside(self) -> str | None:
         """Rename an existing metrics.csv to metrics-<time>.csv and start an empty history; returns the new name."""
@@ -87,7 +106,7 @@ class HistoryWriter(ExperimentWriter):
             n += 1
             target = os.path.join(self.log_dir, f"metrics-{stamp}-{n}.csv")
         os.replace(self.metrics_file_path, target)
-        self.metrics_keys, self.rows_written = [], 0
+        self.metrics_keys, self.rows_written, self._keep = [], 0, None
         return target
 
 

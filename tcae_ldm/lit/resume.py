@@ -3,8 +3,8 @@
 - checkpoints are written atomically and read with a clear error (tcae_ldm.lit.checkpointing); temporaries that a
   killed run left beside them are removed when the next run starts;
 - the metrics history continues: each checkpoint records how many rows every HistoryCSVLogger had written when
-  it was saved, and a run resumed from it keeps exactly those rows (the later ones are logged again by the
-  resumed run); a fresh run moves an existing history aside;
+  it was saved; a run resumed from it keeps those rows and the later ones it will not log again, and replaces
+  the rest (HistoryWriter.settle); a fresh run moves an existing history aside;
 - a learning rate changed on the command line of a resume is applied (Lightning would silently keep the
   checkpoint's), and the change is logged in one line.
 """
@@ -15,7 +15,10 @@ import math
 
 import lightning as L
 
-from tcae_ldm.lit.checkpointing import clean_checkpoint_folders, install_atomic_checkpoints
+from tcae_ldm.lit.checkpointing import (
+    clean_checkpoint_folders,
+    install_atomic_checkpoints,
+)
 from tcae_ldm.lit.history import HistoryCSVLogger
 
 log = logging.getLogger(__name__)
@@ -48,8 +51,10 @@ class SafeResume(L.Callback):
         if trainer.is_global_zero:
             rows = []
             for lg in _history_loggers(trainer):
+                if lg.experiment.unsettled:  # resumed, nothing logged yet
+                    lg.experiment.settle(trainer.fit_loop.epoch_loop._batches_that_stepped)
                 lg.save()  # rows logged before this checkpoint are on disk before it is
-                rows.append(lg.experiment.rows_written)
+                rows.append(lg.experiment.rows)
             checkpoint[HISTORY_KEY] = rows
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
@@ -78,10 +83,8 @@ class SafeResume(L.Callback):
                     log.warning("%s held the history of an earlier run; it was moved to %s and this fresh run "
                                 "starts a new one (resume with --ckpt_path to continue it instead)",
                                 writer.metrics_file_path, moved)
-            elif self._resumed_rows is not None and i < len(self._resumed_rows):
-                writer.truncate(keep_rows=self._resumed_rows[i])
-            else:  # a checkpoint from before the row count was recorded: cut by Lightning's logging step
-                writer.truncate(before_step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+            else:  # a checkpoint written before row counts were recorded: 0, then the later rows are kept by step
+                writer.keep_first(self._resumed_rows[i] if self._resumed_rows and i < len(self._resumed_rows) else 0)
 
     def _apply_configured_lrs(self, trainer) -> None:
         for i, (opt, configured) in enumerate(zip(trainer.optimizers, self._configured_lrs)):

@@ -7,7 +7,12 @@ import sys
 
 import pytest
 
-from tcae_ldm.utils.atomic import TMP_SUFFIX, atomic_write, remove_stale_temporaries, write_bytes_atomic
+from tcae_ldm.utils.atomic import (
+    TMP_SUFFIX,
+    atomic_write,
+    remove_stale_temporaries,
+    write_bytes_atomic,
+)
 
 
 def test_failure_half_way_keeps_the_old_file_and_removes_the_temporary(tmp_path, monkeypatch):
