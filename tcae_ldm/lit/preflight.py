@@ -155,15 +155,16 @@ def estimate_checkpoint_bytes(module, dm=None) -> int | None:
     """About the size of one checkpoint: the state_dict plus two AdamW moments per trainable parameter. A module
     whose networks are built later (DiffusionModule.configure_model) is sized from a twin on the meta device."""
     state, trainable = _state_nbytes(module)
-    if state == 0 and hasattr(dm, "latent_shape"):
+    if state == 0 and hasattr(dm, "cache_dir"):
         try:
+            meta = read_metadata(dm.cache_dir)
             params = inspect.signature(type(module).__init__).parameters
             kwargs = {k: v for k, v in module.hparams.items() if k in params}
             with torch.device("meta"):
-                twin = type(module)(**{**kwargs, "latent_shape": tuple(dm.latent_shape),
-                                       "num_classes": int(dm.num_classes)})
+                twin = type(module)(**{**kwargs, "latent_shape": tuple(meta["latent_shape"]),
+                                       "num_classes": int(meta["num_classes"])})
             state, trainable = _state_nbytes(twin)
-        except Exception:  # the cache problem is reported by the data checks
+        except Exception:  # a missing cache is reported by the data checks
             return None
     return state + 2 * trainable if state else None
 
