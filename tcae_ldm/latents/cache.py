@@ -17,7 +17,7 @@ import glob
 import io
 import json
 import os
-from typing import Literal
+from typing import Literal, TypedDict
 
 import lightning as L
 import torch
@@ -381,6 +381,16 @@ def upgrade_cache(cache_dir: str) -> None:
     _write_json(os.path.join(cache_dir, METADATA_FILE), {**meta, "format": CACHE_FORMAT, "shard_info": infos,
                                                          "stats_file": STATS_FILE})
     os.remove(os.path.join(cache_dir, OLD_STATS_FILE))
+
+
+class ExpectedAutoencoder(TypedDict, total=False):
+    """What a run expects of the autoencoder that made its cache (a config value; a misspelt key fails parsing)."""
+    kind: Literal["tcae", "dcae"]
+    name: str          # the preset (or DC-AE hub id)
+    path: str          # its checkpoint / folder / hub id: the cache's encoder weights must equal these
+    config_hash: str
+    weights_hash: str
+    encoder_hash: str
 
 
 def check_expected_keys(expect_autoencoder: dict | None) -> None:

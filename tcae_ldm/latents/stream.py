@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from tcae_ldm.data.images import ImageDataModule
 from tcae_ldm.latents.cache import (
+    ExpectedAutoencoder,
     LatentNormalizer,
     check_cache,
     check_expected_keys,
@@ -150,7 +151,7 @@ class LatentDataModule(L.LightningDataModule):
     per_device_batch_size = ImageDataModule.per_device_batch_size  # the same global -> per-device rule
 
     def __init__(self, cache_dir: str, global_batch_size: int = 256, num_workers: int = 4, in_memory: bool = True,
-                 random_flip: bool = True, expect_autoencoder: dict | None = None,
+                 random_flip: bool = True, expect_autoencoder: ExpectedAutoencoder | None = None,
                  expect_image_size: int | None = None, seed: int | None = None, pin_memory: bool = True,
                  persistent_workers: bool = True):
         super().__init__()

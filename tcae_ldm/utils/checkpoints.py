@@ -63,6 +63,13 @@ def damaged_checkpoint_message(path: str, why: str) -> str:
     return f"checkpoint {path} cannot be read: {why}; {hint}"
 
 
+def check_checkpoint_file(path: str) -> None:
+    """CorruptCheckpointError (one line: the file, what is wrong, what to resume from) when `path` is damaged."""
+    why = checkpoint_damage(path)
+    if why is not None:
+        raise CorruptCheckpointError(damaged_checkpoint_message(path, why))
+
+
 def read_checkpoint(path: str, map_location="cpu", weights_only: bool | None = False, what: str = "checkpoint") -> dict:
     """torch.load of a checkpoint file, with one line naming the file when it is missing or damaged.
 
@@ -70,7 +77,5 @@ def read_checkpoint(path: str, map_location="cpu", weights_only: bool | None = F
     config objects)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path} does not exist")
-    why = checkpoint_damage(path)  # torch.load does not check the CRCs: a garbled tensor would load silently
-    if why is not None:
-        raise CorruptCheckpointError(damaged_checkpoint_message(path, why))
+    check_checkpoint_file(path)  # torch.load does not check the CRCs: a garbled tensor would load silently
     return torch.load(path, map_location=map_location, weights_only=weights_only)

@@ -8,7 +8,13 @@ import torch
 from tcae_ldm.cli import main
 from tcae_ldm.data.images import ImageFolderDataModule
 from tcae_ldm.lit.preflight import PreflightError, estimate_checkpoint_bytes
-from tests.tiny import callbacks_arg, dit_argv, tiny_latent_cache, tiny_module, tiny_trainer
+from tests.tiny import (
+    callbacks_arg,
+    dit_argv,
+    tiny_latent_cache,
+    tiny_module,
+    tiny_trainer,
+)
 
 Usage = collections.namedtuple("Usage", "total used free")
 
