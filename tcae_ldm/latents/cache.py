@@ -1,5 +1,5 @@
 """The latent cache: its on-disk format, the writer that fills it (the predict side of `tcae-ldm predict`), the
-images it is made from, the per-channel normaliser, and the checks that refuse a cache the run did not expect.
+images it is made from and the per-channel normaliser.
 
 A cache is one folder, laid out so that LightningDiT's latent loader (datasets/img_latent_dataset.py, which reads
 every *.safetensors file of the folder and latents_stats.pt) reads it unchanged:
@@ -8,8 +8,9 @@ every *.safetensors file of the folder and latents_stats.pt) reads it unchanged:
   metadata.json                      autoencoder identity + spec, image size, latent shape, count, classes, and
                                      each shard's rows, size and CRC-32
 Every file is written atomically (group-readable) and metadata.json last, so a folder without it is an unfinished
-cache and is refused. Format 1 caches (stats.safetensors, no shard sizes) are still read; upgrade_cache()
-converts one in place (LightningDiT's loader would take stats.safetensors for a shard).
+cache and is refused. Format 1 caches (stats.safetensors, no shard sizes) are still read;
+tcae_ldm.latents.checks.upgrade_cache() converts one in place (LightningDiT's loader would take
+stats.safetensors for a shard). The checks that refuse a damaged or foreign cache are in tcae_ldm.latents.checks.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import glob
 import io
 import json
 import os
-from typing import Literal, TypedDict
+from typing import Literal
 
 import lightning as L
 import torch
@@ -28,20 +29,8 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
 from tcae_ldm.data.images import ImageDataModule, collate_skipping
-from tcae_ldm.latents.frozen import (
-    MATCH_KEYS,
-    describe_identity,
-    identity_mismatch,
-    load_autoencoder,
-)
-from tcae_ldm.latents.shards import (
-    CACHE_DTYPES,
-    ShardError,
-    load_shard,
-    shard_problems,
-    shard_rows,
-    write_shard,
-)
+from tcae_ldm.latents.frozen import describe_identity
+from tcae_ldm.latents.shards import CACHE_DTYPES, ShardError, load_shard, write_shard
 from tcae_ldm.utils.atomic import write_bytes_atomic
 
 SHARD_GLOB = "shard-r*-*.safetensors"
@@ -176,7 +165,7 @@ def save_shard(path: str, data: dict, dtype: str) -> tuple[torch.Tensor, dict]:
     return _channel_sums(shard["latents"], shard["latents_flip"]), info
 
 
-def _write_json(path: str, obj: dict) -> None:
+def write_json(path: str, obj: dict) -> None:
     write_bytes_atomic(path, json.dumps(obj, indent=2).encode(), group_readable=True)
 
 
@@ -196,7 +185,7 @@ def finish_cache(output_dir: str, sums: torch.Tensor, count: int, shards: dict[s
     meta = {"format": CACHE_FORMAT, **meta, "count": int(count), "dtype": dtype, "shards": sorted(shards),
             "shard_info": {k: shards[k] for k in sorted(shards)}, "stats_file": STATS_FILE,
             "stats": "per-channel mean/std over latents and latents_flip"}
-    _write_json(os.path.join(output_dir, METADATA_FILE), meta)
+    write_json(os.path.join(output_dir, METADATA_FILE), meta)
 
 
 def write_cache(output_dir: str, latents: torch.Tensor, latents_flip: torch.Tensor, labels: torch.Tensor,
@@ -215,7 +204,7 @@ def write_cache(output_dir: str, latents: torch.Tensor, latents_flip: torch.Tens
 def cache_files(cache_dir: str) -> list[str]:
     """Every file a caching run writes that is in the folder (shards of any run, statistics, metadata)."""
     names = (STATS_FILE, OLD_STATS_FILE, METADATA_FILE)
-    return sorted(glob.glob(os.path.join(cache_dir, "*.safetensors")) + [
+    return sorted(glob.glob(os.path.join(cache_dir, SHARD_GLOB)) + [
         p for p in (os.path.join(cache_dir, n) for n in names) if os.path.exists(p)])
 
 
@@ -237,6 +226,10 @@ class LatentCacheWriter(BasePredictionWriter):
             return
         self._buffer, self._buffered, self._seen, self._shards = [], 0, set(), {}  # shards: path -> (sums, info)
         old = cache_files(self.output_dir)
+        foreign = sorted(set(glob.glob(os.path.join(self.output_dir, "*.safetensors"))) - set(old))
+        if foreign:  # never deleted, and LightningDiT's loader would read them as shards
+            raise FileExistsError(f"latent cache folder {self.output_dir} holds other .safetensors files "
+                                  f"({os.path.basename(foreign[0])}, ...); choose an empty output_dir")
         if old and not self.overwrite:
             if os.path.isfile(os.path.join(self.output_dir, METADATA_FILE)):
                 meta = read_metadata(self.output_dir)
@@ -311,7 +304,7 @@ class LatentCacheWriter(BasePredictionWriter):
 
 
 #################################################################################
-#                 Reading: metadata, integrity, expected autoencoder            #
+#                 Reading: metadata (its checks: tcae_ldm.latents.checks)       #
 #################################################################################
 
 def read_metadata(cache_dir: str) -> dict:
@@ -330,99 +323,3 @@ def read_metadata(cache_dir: str) -> dict:
         raise ValueError(f"latent cache {cache_dir} has format {meta['format']}; this code reads up to "
                          f"{CACHE_FORMAT}: update tcae-ldm")
     return meta
-
-
-def cache_problems(cache_dir: str, metadata: dict) -> list[str]:
-    """Everything wrong between metadata.json and the files of a cache (headers and sizes only: cheap)."""
-    infos = metadata.get("shard_info") or {}
-    problems = []
-    rows = 0
-    for name in metadata.get("shards", []):
-        path = os.path.join(cache_dir, name)
-        found = shard_problems(path, infos.get(name), metadata.get("latent_shape"), metadata.get("dtype"))
-        problems += found
-        if not found:
-            rows += infos[name]["rows"] if name in infos else shard_rows(path)
-    listed = set(metadata.get("shards", []))
-    extra = sorted(os.path.basename(p) for p in glob.glob(os.path.join(cache_dir, "*.safetensors"))
-                   if os.path.basename(p) not in listed and os.path.basename(p) != OLD_STATS_FILE)
-    if extra:
-        problems.append(f"latent cache {cache_dir} holds shards that metadata.json does not list: {extra[:5]} (left "
-                        f"from another caching run? any *.safetensors file is read as a shard by LightningDiT)")
-    if not problems and "count" in metadata and rows != metadata["count"]:
-        problems.append(f"latent cache {cache_dir}: metadata.json counts {metadata['count']} latents, its shards hold "
-                        f"{rows}")
-    if not any(os.path.isfile(os.path.join(cache_dir, n)) for n in (STATS_FILE, OLD_STATS_FILE)):
-        problems.append(f"latent cache {cache_dir} has no {STATS_FILE}")
-    return problems
-
-
-def verify_cache(cache_dir: str, metadata: dict) -> None:
-    """Raise ShardError naming every shard that is missing, truncated, garbled or disagrees with metadata.json."""
-    problems = cache_problems(cache_dir, metadata)
-    if problems:
-        raise ShardError("; ".join(problems) + " (re-cache, or restore the missing files)")
-
-
-def upgrade_cache(cache_dir: str) -> None:
-    """Convert a format-1 cache in place: latents_stats.pt instead of stats.safetensors (which LightningDiT's loader
-    would read as a shard), and each shard's size and CRC-32 in metadata.json."""
-    import zlib
-
-    meta = read_metadata(cache_dir)
-    if meta.get("format", 1) >= CACHE_FORMAT:
-        return
-    verify_cache(cache_dir, meta)
-    infos = {}
-    for name in meta["shards"]:
-        blob = open(os.path.join(cache_dir, name), "rb").read()
-        infos[name] = {"rows": shard_rows(os.path.join(cache_dir, name)), "bytes": len(blob), "crc32": zlib.crc32(blob)}
-    write_stats(cache_dir, *read_stats(cache_dir))
-    _write_json(os.path.join(cache_dir, METADATA_FILE), {**meta, "format": CACHE_FORMAT, "shard_info": infos,
-                                                         "stats_file": STATS_FILE})
-    os.remove(os.path.join(cache_dir, OLD_STATS_FILE))
-
-
-class ExpectedAutoencoder(TypedDict, total=False):
-    """What a run expects of the autoencoder that made its cache (a config value; a misspelt key fails parsing)."""
-    kind: Literal["tcae", "dcae"]
-    name: str          # the preset (or DC-AE hub id)
-    path: str          # its checkpoint / folder / hub id: the cache's encoder weights must equal these
-    config_hash: str
-    weights_hash: str
-    encoder_hash: str
-
-
-def check_expected_keys(expect_autoencoder: dict | None) -> None:
-    """A misspelt key would silently switch the check off: unknown keys are an error naming them."""
-    unknown = sorted(set(expect_autoencoder or {}) - set(MATCH_KEYS))
-    if unknown:
-        raise ValueError(f"expect_autoencoder has unknown keys {unknown}; it takes {list(MATCH_KEYS)}")
-
-
-def check_cache(metadata: dict, cache_dir: str, expect_autoencoder: dict | None = None,
-                expect_image_size: int | None = None) -> None:
-    """Refuse a cache made by another autoencoder or at another resolution than the run expects.
-
-    With expect_autoencoder.path, the autoencoder at that path is loaded and its encoder's weights compared with
-    the ones the cache recorded (latents depend on the encoder only, so a decoder-finetuned checkpoint of the same
-    encoder matches): another run of the same preset, or the same file trained further, is refused."""
-    check_expected_keys(expect_autoencoder)
-    made_by = metadata["autoencoder"]
-    if expect_autoencoder:
-        expected = {k: v for k, v in expect_autoencoder.items() if k != "path"}
-        bad = identity_mismatch(expected, made_by)
-        path = expect_autoencoder.get("path")
-        if path and not bad:
-            actual = load_autoencoder(expected.get("kind") or made_by["kind"], str(path)).identity()
-            key = "encoder_hash" if made_by.get("encoder_hash") else "weights_hash"
-            if made_by.get(key) and made_by[key] != actual[key]:
-                bad.append(f"weights: {key} {made_by[key][:12]} in the cache, {actual[key][:12]} at {path}")
-        if bad:
-            raise ValueError(f"latent cache {cache_dir} was made by {describe_identity(made_by)}, "
-                             f"but this run expects {describe_identity(expect_autoencoder)} (differs in {bad}); "
-                             f"re-cache with the expected autoencoder or point cache_dir at its cache")
-    if expect_image_size is not None and metadata["image_size"] != expect_image_size:
-        raise ValueError(f"latent cache {cache_dir} holds latents of {metadata['image_size']}x"
-                         f"{metadata['image_size']} images, but this run expects {expect_image_size}x"
-                         f"{expect_image_size} (made by {describe_identity(made_by)})")

@@ -10,12 +10,11 @@ from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from tcae_ldm.data.images import ImageDataModule
-from tcae_ldm.latents.cache import (
+from tcae_ldm.latents.cache import LatentNormalizer, read_metadata
+from tcae_ldm.latents.checks import (
     ExpectedAutoencoder,
-    LatentNormalizer,
     check_cache,
     check_expected_keys,
-    read_metadata,
     verify_cache,
 )
 from tcae_ldm.latents.shards import ShardError, check_finite, load_shard

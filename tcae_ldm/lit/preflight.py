@@ -16,7 +16,8 @@ import shutil
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from tcae_ldm.latents.cache import cache_problems, read_metadata
+from tcae_ldm.latents.cache import read_metadata
+from tcae_ldm.latents.checks import cache_problems
 from tcae_ldm.lit.outputs import log_dir
 from tcae_ldm.losses.lpips import default_vgg16_path
 from tcae_ldm.metrics.features import DEMO_CLASSIFIER_FILE, INCEPTION_FILE

@@ -98,7 +98,7 @@ def test_a_format_1_cache_is_still_read_and_upgrade_makes_it_lightningdit_readab
 
     from safetensors.torch import save_file
 
-    from tcae_ldm.latents.cache import upgrade_cache
+    from tcae_ldm.latents.checks import upgrade_cache
     from tcae_ldm.latents.stream import LatentDataModule
 
     old = tmp_path / "old"
