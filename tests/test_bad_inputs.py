@@ -88,6 +88,9 @@ CASES = [
     Case("caching into a finished cache again", lambda p: cache_latents(
         {"kind": "tcae", "path": p["ae"]}, _images(), p["cache"], accelerator="cpu"),
          "latent cache folder {cache} already holds a complete cache (16 latents made by tcae"),
+    Case("caching into a folder of other .safetensors files", lambda p: cache_latents(
+        {"kind": "tcae", "path": p["ae"]}, _images(), p["foreign"], accelerator="cpu", overwrite=True),
+         "latent cache folder {foreign} holds other .safetensors files (model.safetensors, ...)"),
     Case("a cache dtype that does not exist", lambda p: LatentCacheWriter(p["root"], dtype="fp16"),
          "cache dtype must be one of ['bf16', 'fp32'], got 'fp16'"),
     Case("a latent stream without max_steps", dit(2, "--trainer.max_steps=-1"),
@@ -169,6 +172,9 @@ def paths(tmp_path_factory):
     (root / "ae_truncated.ckpt").write_bytes(open(ae, "rb").read()[:500])
     p.update(dit_truncated=str(root / "damaged" / "last.ckpt"), empty_ckpt=str(root / "empty" / "last.ckpt"),
              ae_truncated=str(root / "ae_truncated.ckpt"), images=str(root / "images"))
+    os.makedirs(root / "foreign")
+    (root / "foreign" / "model.safetensors").write_bytes(b"weights of something else")
+    p["foreign"] = str(root / "foreign")
     os.makedirs(root / "images" / "train" / "a")
     (root / "images" / "train" / "a" / "broken.jpg").write_text("not a jpeg")
     os.makedirs(root / "images" / "val" / "a")
