@@ -6,10 +6,13 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
+
+from tcae_ldm.utils.checkpoints import check_checkpoint_file
 
 # The project's commands: name -> module of tcae_ldm.commands whose main(argv) runs it (imported only when called).
 COMMANDS = {
@@ -24,9 +27,20 @@ COMMANDS = {
 }
 
 
+class CheckedCkptCLI(LightningCLI):
+    """LightningCLI whose `--ckpt_path FILE` is checked before Lightning reads its hyper-parameters (with a bare
+    torch.load, whose error on a truncated file names neither the file nor what to resume from)."""
+
+    def _parse_ckpt_path(self) -> None:
+        path = self.config.get(self.config.get("subcommand") or "", {}).get("ckpt_path")
+        if path and os.path.isfile(path):
+            check_checkpoint_file(path)
+        super()._parse_ckpt_path()
+
+
 def lightning_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     """LightningCLI in subclass mode: configs name the module and datamodule by class_path."""
-    return LightningCLI(
+    return CheckedCkptCLI(
         L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
         save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False, args=args, run=run)
 

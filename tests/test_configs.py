@@ -13,7 +13,7 @@ BASES = {"configs/ablations": "configs/tcae.yaml", "configs/ablations/demo": "co
          "configs/dit_on_dcae.yaml": "configs/dit_on_tcae.yaml", "configs/demo/dit_on_dcae.yaml": "configs/demo/dit_on_tcae.yaml"}
 # What the DC-AE DiT overlays may change: the cache they read and where the run is written, nothing else.
 DIT_OVERLAY_KEYS = {"trainer.logger.init_args.name", "data.init_args.cache_dir", "data.init_args.expect_autoencoder.kind",
-                    "data.init_args.expect_autoencoder.name"}
+                    "data.init_args.expect_autoencoder.name", "data.init_args.expect_autoencoder.path"}
 
 
 def _stack(path):

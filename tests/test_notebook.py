@@ -36,6 +36,7 @@ def demo_runs(tmp_path_factory):
         lightning_main(["fit", "--config", os.path.join(REPO, "configs/demo/dit_on_tcae.yaml"),
                         f"--data.cache_dir={cache}", "--data.expect_image_size=32",
                         "--data.expect_autoencoder.name=TC-AE-T/p4-c16", "--data.global_batch_size=8",
+                        f"--data.expect_autoencoder.path={runs}/tcae/checkpoints/last.ckpt",
                         "--model.dit=DiT-T/1", "--model.sample_steps=2", "--model.sample_every_n_steps=0",
                         callbacks_arg(2, gen_eval), "--trainer.log_every_n_steps=1", "--trainer.max_steps=4"])
     finally:

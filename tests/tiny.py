@@ -69,3 +69,33 @@ def callbacks_arg(every_n_train_steps: int = 1, gen_eval: dict | None = None) ->
     if gen_eval is not None:
         cbs.append({"class_path": "tcae_ldm.lit.generation.GenerationEvalCallback", "init_args": gen_eval})
     return f"--trainer.callbacks={json.dumps(cbs)}"
+
+
+def tiny_latent_cache(root):
+    """(autoencoder checkpoint, latent cache dir): a random TC-AE-T's 16x4x4 latents of the 16 tiny demo crops."""
+    from tcae_ldm.lit.caching import cache_latents
+
+    ckpt = tiny_tcae_checkpoint(os.path.join(root, "ae.ckpt"), seed=0)
+    images = DemoPhotosDataModule(image_size=32, train_per_class=2, val_per_class=1)
+    return ckpt, cache_latents({"kind": "tcae", "path": ckpt}, images, os.path.join(root, "latents"), accelerator="cpu")
+
+
+def dit_argv(cache: str, ae_ckpt: str, max_steps: int, *extra: str) -> list[str]:
+    """`tcae-ldm fit` arguments of the demo DiT config shrunk to a DiT-T/1 on a tiny_latent_cache, batch 8, a
+    last.ckpt every step, logging every step (in the folder runs/demo/dit_tcae under the working directory)."""
+    return ["fit", "--config", os.path.join(REPO, "configs", "demo", "dit_on_tcae.yaml"), f"--data.cache_dir={cache}",
+            "--data.expect_image_size=32", "--data.expect_autoencoder.name=TC-AE-T/p4-c16",
+            f"--data.expect_autoencoder.path={ae_ckpt}", "--data.global_batch_size=8", "--model.dit=DiT-T/1",
+            "--model.sample_steps=2", "--model.sample_every_n_steps=0", "--model.warmup_steps=3",
+            "--trainer.log_every_n_steps=1", f"--trainer.max_steps={max_steps}", *extra]
+
+
+def isolated_env(**extra: str) -> dict:
+    """The environment of a child process, independent of the caller's: one OpenMP / MKL thread (forked ranks
+    deadlock in OpenMP when the parent set a larger pool), offline, no inherited Lightning / DDP variables, this
+    checkout first on the path."""
+    inherited = ("OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "PL_", "TORCHELASTIC_")
+    ddp = {"LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR",
+           "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(inherited) and k not in ddp}
+    return {**env, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **extra}

@@ -1,15 +1,21 @@
 """The latent cache: its on-disk format, the writer that fills it (the predict side of `tcae-ldm predict`), the
-images it is made from, the per-channel normaliser, and the checks that refuse a cache the run did not expect.
+images it is made from and the per-channel normaliser.
 
-A cache is one folder:
+A cache is one folder, laid out so that LightningDiT's latent loader (datasets/img_latent_dataset.py, which reads
+every *.safetensors file of the folder and latents_stats.pt) reads it unchanged:
   shard-r{rank}-{i:05d}.safetensors  latents, latents_flip (N, c, h, w); labels, indices (N,) int64
-  stats.safetensors                  mean, std (c,): per channel, over every latent and its flip
-  metadata.json                      autoencoder identity + spec, image size, latent shape, count, classes
-metadata.json is written last, so a folder without it is an unfinished cache and is refused.
+  latents_stats.pt                   {mean, std}: (1, c, 1, 1) per channel, over every latent and its flip
+  metadata.json                      autoencoder identity + spec, image size, latent shape, count, classes, and
+                                     each shard's rows, size and CRC-32
+Every file is written atomically (group-readable) and metadata.json last, so a folder without it is an unfinished
+cache and is refused. Format 1 caches (stats.safetensors, no shard sizes) are still read;
+tcae_ldm.latents.checks.upgrade_cache() converts one in place (LightningDiT's loader would take
+stats.safetensors for a shard). The checks that refuse a damaged or foreign cache are in tcae_ldm.latents.checks.
 """
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 from typing import Literal
@@ -19,14 +25,19 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from lightning.pytorch.callbacks import BasePredictionWriter
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
 from tcae_ldm.data.images import ImageDataModule, collate_skipping
-from tcae_ldm.latents.frozen import describe_identity, identity_mismatch
+from tcae_ldm.latents.frozen import describe_identity
+from tcae_ldm.latents.shards import CACHE_DTYPES, ShardError, load_shard, write_shard
+from tcae_ldm.utils.atomic import write_bytes_atomic
 
 SHARD_GLOB = "shard-r*-*.safetensors"
-CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CACHE_FORMAT = 2
+STATS_FILE = "latents_stats.pt"         # LightningDiT's name and layout: {"mean", "std"} of shape (1, c, 1, 1)
+OLD_STATS_FILE = "stats.safetensors"    # format 1
+METADATA_FILE = "metadata.json"
 
 
 #################################################################################
@@ -88,6 +99,21 @@ class CacheSourceDataModule(L.LightningDataModule):
 #                               Normalisation                                   #
 #################################################################################
 
+def read_stats(cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, std), each (c,), of a cache (latents_stats.pt, or a format-1 stats.safetensors)."""
+    path = os.path.join(cache_dir, STATS_FILE)
+    if os.path.isfile(path):
+        try:
+            stats = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ShardError(f"latent statistics {path} cannot be read ({e}); re-cache") from None
+    elif os.path.isfile(os.path.join(cache_dir, OLD_STATS_FILE)):
+        stats = load_file(os.path.join(cache_dir, OLD_STATS_FILE))
+    else:
+        raise FileNotFoundError(f"latent cache {cache_dir} has no {STATS_FILE}; re-cache")
+    return stats["mean"].float().flatten(), stats["std"].float().flatten()
+
+
 class LatentNormalizer(nn.Module):
     """Per-channel (z - mean) / std and its inverse; the only place that maps cache latents <-> DiT space."""
 
@@ -98,10 +124,10 @@ class LatentNormalizer(nn.Module):
 
     @classmethod
     def from_cache(cls, cache_dir: str) -> "LatentNormalizer":
-        stats = load_file(os.path.join(cache_dir, "stats.safetensors"))
-        norm = cls(stats["mean"].numel())
-        norm.mean.copy_(stats["mean"])
-        norm.std.copy_(stats["std"])
+        mean, std = read_stats(cache_dir)
+        norm = cls(mean.numel())
+        norm.mean.copy_(mean)
+        norm.std.copy_(std)
         return norm
 
     def _view(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -132,28 +158,34 @@ def _channel_sums(*zs: torch.Tensor) -> torch.Tensor:
     return torch.stack([z.sum(1), (z * z).sum(1), torch.full_like(z[:, 0], z.shape[1])])
 
 
-def save_shard(path: str, data: dict, dtype: str) -> torch.Tensor:
-    """Write one shard {latents, latents_flip, labels, indices}; returns its per-channel sums (of the stored
-    values). Written under a temporary name first, so a crash never leaves a half-written shard."""
-    cast = CACHE_DTYPES[dtype]
-    shard = {"latents": data["latents"].to(cast).contiguous(), "latents_flip": data["latents_flip"].to(cast).contiguous(),
-             "labels": data["labels"].long().contiguous(), "indices": data["indices"].long().contiguous()}
-    save_file(shard, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    return _channel_sums(shard["latents"], shard["latents_flip"])
+def save_shard(path: str, data: dict, dtype: str) -> tuple[torch.Tensor, dict]:
+    """Write one shard {latents, latents_flip, labels, indices} atomically; returns the per-channel sums of the
+    stored values and the shard's {rows, bytes, crc32} for metadata.json."""
+    shard, info = write_shard(path, data, dtype)
+    return _channel_sums(shard["latents"], shard["latents_flip"]), info
 
 
-def finish_cache(output_dir: str, sums: torch.Tensor, count: int, shards: list[str], meta: dict, dtype: str) -> None:
-    """Write stats.safetensors from the reduced sums (3, c), then metadata.json, the mark of a complete cache."""
+def write_json(path: str, obj: dict) -> None:
+    write_bytes_atomic(path, json.dumps(obj, indent=2).encode(), group_readable=True)
+
+
+def write_stats(output_dir: str, mean: torch.Tensor, std: torch.Tensor) -> None:
+    buf = io.BytesIO()
+    torch.save({"mean": mean.float().view(1, -1, 1, 1), "std": std.float().view(1, -1, 1, 1)}, buf)
+    write_bytes_atomic(os.path.join(output_dir, STATS_FILE), buf.getvalue(), group_readable=True)
+
+
+def finish_cache(output_dir: str, sums: torch.Tensor, count: int, shards: dict[str, dict], meta: dict,
+                 dtype: str) -> None:
+    """Write latents_stats.pt from the reduced sums (3, c), then metadata.json (shards: name -> {rows, bytes,
+    crc32}), the mark of a complete cache."""
     mean = sums[0] / sums[2]
     std = (sums[1] / sums[2] - mean * mean).clamp_min(1e-12).sqrt()
-    save_file({"mean": mean.float(), "std": std.float()}, os.path.join(output_dir, "stats.safetensors"))
-    meta = {"format": 1, **meta, "count": int(count), "dtype": dtype, "shards": sorted(shards),
+    write_stats(output_dir, mean, std)
+    meta = {"format": CACHE_FORMAT, **meta, "count": int(count), "dtype": dtype, "shards": sorted(shards),
+            "shard_info": {k: shards[k] for k in sorted(shards)}, "stats_file": STATS_FILE,
             "stats": "per-channel mean/std over latents and latents_flip"}
-    tmp = os.path.join(output_dir, "metadata.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(tmp, os.path.join(output_dir, "metadata.json"))
+    write_json(os.path.join(output_dir, METADATA_FILE), meta)
 
 
 def write_cache(output_dir: str, latents: torch.Tensor, latents_flip: torch.Tensor, labels: torch.Tensor,
@@ -164,15 +196,22 @@ def write_cache(output_dir: str, latents: torch.Tensor, latents_flip: torch.Tens
     name = "shard-r0-00000.safetensors"
     data = {"latents": latents, "latents_flip": latents_flip, "labels": labels,
             "indices": torch.arange(len(latents))}
-    sums = save_shard(os.path.join(output_dir, name), data, dtype)
-    finish_cache(output_dir, sums, len(latents), [name], meta, dtype)
+    sums, info = save_shard(os.path.join(output_dir, name), data, dtype)
+    finish_cache(output_dir, sums, len(latents), {name: info}, meta, dtype)
     return output_dir
+
+
+def cache_files(cache_dir: str) -> list[str]:
+    """Every file a caching run writes that is in the folder (shards of any run, statistics, metadata)."""
+    names = (STATS_FILE, OLD_STATS_FILE, METADATA_FILE)
+    return sorted(glob.glob(os.path.join(cache_dir, SHARD_GLOB)) + [
+        p for p in (os.path.join(cache_dir, n) for n in names) if os.path.exists(p)])
 
 
 class LatentCacheWriter(BasePredictionWriter):
     """Writes predict outputs {latents, latents_flip, labels, indices} as per-rank shards of shard_size items.
 
-    At the end, statistics are reduced across ranks and rank 0 writes stats.safetensors and metadata.json
+    At the end, statistics are reduced across ranks and rank 0 writes latents_stats.pt and metadata.json
     from the module's cache_metadata(image_size) and the datamodule's cache_metadata().
     """
 
@@ -185,13 +224,21 @@ class LatentCacheWriter(BasePredictionWriter):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "predict":
             return
-        self._buffer, self._buffered, self._seen, self._shards = [], 0, set(), {}  # shards: path -> sums
-        old = glob.glob(os.path.join(self.output_dir, SHARD_GLOB)) + [
-            p for p in (os.path.join(self.output_dir, n) for n in ("stats.safetensors", "metadata.json"))
-            if os.path.exists(p)]
+        self._buffer, self._buffered, self._seen, self._shards = [], 0, set(), {}  # shards: path -> (sums, info)
+        old = cache_files(self.output_dir)
+        foreign = sorted(set(glob.glob(os.path.join(self.output_dir, "*.safetensors"))) - set(old))
+        if foreign:  # never deleted, and LightningDiT's loader would read them as shards
+            raise FileExistsError(f"latent cache folder {self.output_dir} holds other .safetensors files "
+                                  f"({os.path.basename(foreign[0])}, ...); choose an empty output_dir")
         if old and not self.overwrite:
-            raise FileExistsError(f"latent cache folder {self.output_dir} already holds {len(old)} cache files; "
-                                  f"choose another output_dir or set overwrite: true to replace them")
+            if os.path.isfile(os.path.join(self.output_dir, METADATA_FILE)):
+                meta = read_metadata(self.output_dir)
+                state = (f"already holds a complete cache ({meta.get('count')} latents made by "
+                         f"{describe_identity(meta.get('autoencoder', {}))}), left unchanged")
+            else:
+                state = f"holds {len(old)} files of an unfinished caching run"
+            raise FileExistsError(f"latent cache folder {self.output_dir} {state}; choose another output_dir or set "
+                                  f"overwrite: true to replace it")
         if trainer.is_global_zero:
             os.makedirs(self.output_dir, exist_ok=True)
             for path in old:
@@ -231,7 +278,7 @@ class LatentCacheWriter(BasePredictionWriter):
         if not dup:
             return
         for path in list(self._shards):
-            data = load_file(path)
+            data = load_shard(path, self._shards[path][1])
             keep = torch.tensor([i not in dup for i in data["indices"].tolist()])
             if not keep.all():
                 self._shards[path] = save_shard(path, {k: v[keep] for k, v in data.items()}, self.dtype)
@@ -243,43 +290,36 @@ class LatentCacheWriter(BasePredictionWriter):
         self._drop_cross_rank_duplicates(rank)
         data_meta = trainer.datamodule.cache_metadata()
         meta = {**pl_module.cache_metadata(data_meta["image_size"]), **data_meta}
-        sums = sum(self._shards.values(), torch.zeros(3, meta["latent_shape"][0], dtype=torch.float64))
+        sums = sum((s for s, _ in self._shards.values()), torch.zeros(3, meta["latent_shape"][0], dtype=torch.float64))
         sums = torch.cat([sums.flatten(), torch.tensor([len(self._seen)], dtype=torch.float64)])
         if dist.is_available() and dist.is_initialized():
             sums = sums.to(pl_module.device)  # NCCL reduces device tensors only
             dist.all_reduce(sums)
         sums, count = sums.cpu()[:-1].view(3, -1), sums.cpu()[-1]
-        shards = [os.path.basename(p) for names in _gather(list(self._shards)) for p in names]
+        shards = {os.path.basename(p): info for rank_shards in _gather({p: i for p, (_, i) in self._shards.items()})
+                  for p, info in rank_shards.items()}
         if trainer.is_global_zero:
             finish_cache(self.output_dir, sums, int(count.item()), shards, meta, self.dtype)
         trainer.strategy.barrier()
 
 
 #################################################################################
-#                        Reading: shards -> DiT batches                         #
+#                 Reading: metadata (its checks: tcae_ldm.latents.checks)       #
 #################################################################################
 
 def read_metadata(cache_dir: str) -> dict:
-    path = os.path.join(cache_dir, "metadata.json")
+    path = os.path.join(cache_dir, METADATA_FILE)
     if not os.path.isfile(path):
         state = "has shards but no metadata.json (an unfinished caching run)" if glob.glob(
             os.path.join(cache_dir, SHARD_GLOB)) else "does not exist or is empty"
         raise FileNotFoundError(f"latent cache {cache_dir} {state}; write it with "
                                 f"`tcae-ldm predict --config configs/cache_latents_<autoencoder>.yaml`")
-    with open(path) as f:
-        return json.load(f)
-
-
-def check_cache(metadata: dict, cache_dir: str, expect_autoencoder: dict | None = None,
-                expect_image_size: int | None = None) -> None:
-    """Refuse a cache made by another autoencoder or at another resolution than the run expects."""
-    if expect_autoencoder:
-        bad = identity_mismatch(expect_autoencoder, metadata["autoencoder"])
-        if bad:
-            raise ValueError(f"latent cache {cache_dir} was made by {describe_identity(metadata['autoencoder'])}, "
-                             f"but this run expects {describe_identity(expect_autoencoder)} (differs in {bad}); "
-                             f"re-cache with the expected autoencoder or point cache_dir at its cache")
-    if expect_image_size is not None and metadata["image_size"] != expect_image_size:
-        raise ValueError(f"latent cache {cache_dir} holds latents of {metadata['image_size']}x"
-                         f"{metadata['image_size']} images, but this run expects {expect_image_size}x"
-                         f"{expect_image_size} (made by {describe_identity(metadata['autoencoder'])})")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"latent cache metadata {path} is unreadable ({e}); re-cache") from None
+    if meta.get("format", 1) > CACHE_FORMAT:
+        raise ValueError(f"latent cache {cache_dir} has format {meta['format']}; this code reads up to "
+                         f"{CACHE_FORMAT}: update tcae-ldm")
+    return meta

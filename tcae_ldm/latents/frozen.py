@@ -28,6 +28,7 @@ from tcae_ldm.models.dcae import (
     public_config,
 )
 from tcae_ldm.models.tcae import TCAE, TCAE_PRESETS
+from tcae_ldm.utils.checkpoints import read_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MATCH_KEYS = ("kind", "name", "config_hash", "weights_hash", "encoder_hash", "path")
@@ -85,7 +86,7 @@ def describe_identity(identity: dict) -> str:
 def read_module_checkpoint(path: str, family: str) -> tuple[dict, dict]:
     """(hyper_parameters, autoencoder weights) of an AutoencoderModule checkpoint; the EMA weights when present."""
     # Our own training checkpoints (trusted): their hyper-parameters may hold config dataclasses.
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(path, what="autoencoder checkpoint")
     hp = ckpt.get("hyper_parameters") or {}
     if "net" not in hp or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not an AutoencoderModule checkpoint (no hyper_parameters.net / state_dict)")

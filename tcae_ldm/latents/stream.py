@@ -7,36 +7,50 @@ import lightning as L
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from tcae_ldm.data.images import ImageDataModule
-from tcae_ldm.latents.cache import LatentNormalizer, check_cache, read_metadata
+from tcae_ldm.latents.cache import LatentNormalizer, read_metadata
+from tcae_ldm.latents.checks import (
+    ExpectedAutoencoder,
+    check_cache,
+    check_expected_keys,
+    verify_cache,
+)
+from tcae_ldm.latents.shards import ShardError, check_finite, load_shard
 from tcae_ldm.utils.seeding import default_seed, seed_of
 
 
 class LatentDataset(Dataset):
     """Raw cached items {latent, latent_flip, label, index}, each dataset index once, in index order.
 
-    in_memory loads every shard; otherwise items are read from the memory-mapped shards, which the page
-    cache shares between the ranks of a machine.
+    in_memory loads every shard, checking its size and CRC-32 against `infos` (metadata.json's shard_info) as it
+    is opened; otherwise items are read from the memory-mapped shards, which the page cache shares between the
+    ranks of a machine, and each item read is checked to be finite. A damaged shard is a ShardError naming it.
     """
 
-    def __init__(self, cache_dir: str, shards: list[str], in_memory: bool = True, with_flip: bool = True):
+    def __init__(self, cache_dir: str, shards: list[str], in_memory: bool = True, with_flip: bool = True,
+                 infos: dict | None = None):
         self.paths = [os.path.join(cache_dir, s) for s in shards]
         self.keys = {"latent": "latents", "latent_flip": "latents_flip"} if with_flip else {"latent": "latents"}
+        infos = infos or {}
+        loaded = [load_shard(p, infos.get(s)) for s, p in zip(shards, self.paths)] if in_memory else None
         rows, labels = {}, {}
         for s, path in enumerate(self.paths):
-            with safe_open(path, "pt") as f:
-                for r, (i, y) in enumerate(zip(f.get_tensor("indices").tolist(), f.get_tensor("labels").tolist())):
-                    if i not in rows:
-                        rows[i], labels[i] = (s, r), y
+            if loaded is not None:
+                indices, ys = loaded[s]["indices"], loaded[s]["labels"]
+            else:
+                with self._open(path) as f:
+                    indices, ys = f.get_tensor("indices"), f.get_tensor("labels")
+            for r, (i, y) in enumerate(zip(indices.tolist(), ys.tolist())):
+                if i not in rows:
+                    rows[i], labels[i] = (s, r), y
         self.indices = sorted(rows)
         self.rows = [rows[i] for i in self.indices]
         self.labels = torch.tensor([labels[i] for i in self.indices], dtype=torch.long)
         self.data, self._handles = None, {}
         if in_memory:
-            shards = [load_file(p) for p in self.paths]
+            shards = loaded
             offsets = np.cumsum([0] + [len(sh["indices"]) for sh in shards])
             pos = torch.as_tensor([offsets[s] + r for s, r in self.rows], dtype=torch.long)
             self.data = {k: torch.cat([sh[k] for sh in shards])[pos] for k in self.keys.values()}
@@ -44,10 +58,19 @@ class LatentDataset(Dataset):
     def __len__(self):
         return len(self.indices)
 
+    @staticmethod
+    def _open(path: str):
+        try:
+            return safe_open(path, "pt")
+        except Exception as e:  # safetensors' own error does not name the file
+            raise ShardError(f"cache shard {path} cannot be read ({e})") from None
+
     def _row(self, key: str, s: int, r: int) -> torch.Tensor:
         if s not in self._handles:  # opened lazily, so that each DataLoader worker has its own mmap
-            self._handles[s] = safe_open(self.paths[s], "pt")
-        return self._handles[s].get_slice(key)[r: r + 1][0]
+            self._handles[s] = self._open(self.paths[s])
+        z = self._handles[s].get_slice(key)[r: r + 1]
+        check_finite({key: z}, self.paths[s])  # a garbled shard is named here, not blamed on the loss later
+        return z[0]
 
     def __getitem__(self, n):
         s, r = self.rows[n]
@@ -127,10 +150,11 @@ class LatentDataModule(L.LightningDataModule):
     per_device_batch_size = ImageDataModule.per_device_batch_size  # the same global -> per-device rule
 
     def __init__(self, cache_dir: str, global_batch_size: int = 256, num_workers: int = 4, in_memory: bool = True,
-                 random_flip: bool = True, expect_autoencoder: dict | None = None,
+                 random_flip: bool = True, expect_autoencoder: ExpectedAutoencoder | None = None,
                  expect_image_size: int | None = None, seed: int | None = None, pin_memory: bool = True,
                  persistent_workers: bool = True):
         super().__init__()
+        check_expected_keys(expect_autoencoder)  # a misspelt key would switch the check off
         self.cache_dir, self.global_batch_size, self.num_workers = cache_dir, global_batch_size, num_workers
         self.in_memory, self.random_flip, self.seed = in_memory, random_flip, default_seed(seed)
         self.expect_autoencoder, self.expect_image_size = expect_autoencoder, expect_image_size
@@ -142,6 +166,7 @@ class LatentDataModule(L.LightningDataModule):
         if self._metadata is None:
             meta = read_metadata(self.cache_dir)
             check_cache(meta, self.cache_dir, self.expect_autoencoder, self.expect_image_size)
+            verify_cache(self.cache_dir, meta)  # every shard there, whole, and as metadata.json describes it
             self._metadata = meta
         return self._metadata
 
@@ -158,7 +183,8 @@ class LatentDataModule(L.LightningDataModule):
             return
         shards = self.metadata["shards"]  # reads and checks metadata.json first
         self.normalizer = LatentNormalizer.from_cache(self.cache_dir)
-        self.train_set = LatentDataset(self.cache_dir, shards, self.in_memory, self.random_flip)
+        self.train_set = LatentDataset(self.cache_dir, shards, self.in_memory, self.random_flip,
+                                       self.metadata.get("shard_info"))
 
     def train_dataloader(self) -> ResumableLoader:
         trainer = self.trainer

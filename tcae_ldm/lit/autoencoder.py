@@ -20,8 +20,10 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from tcae_ldm.latents.frozen import autoencoder_weights
 from tcae_ldm.lit.compiling import CompileSpec, compile_in_place
-from tcae_ldm.lit.guards import NonFiniteLossError
+from tcae_ldm.lit.guards import check_loss
 from tcae_ldm.lit.outputs import save_grid
+from tcae_ldm.lit.preflight import preflight
+from tcae_ldm.lit.resume import SafeResume
 from tcae_ldm.lit.schedules import param_groups, set_lr, warmup_cosine
 from tcae_ldm.losses.lpips import FrozenLPIPS, build_lpips
 from tcae_ldm.losses.reconstruction import ReconstructionLoss, ReconstructionLossConfig
@@ -31,6 +33,7 @@ from tcae_ldm.metrics.fid import ReconstructionFID
 from tcae_ldm.metrics.reconstruction import ReconstructionMetrics
 from tcae_ldm.models.ema import EMA
 from tcae_ldm.models.zoo import autoencoder_family, create_autoencoder
+from tcae_ldm.utils.checkpoints import read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,8 @@ class AutoencoderModule(L.LightningModule):
     their keys, the EMA copy stays eager.
     channels_last: convolution weights and images in channels-last memory format (faster convolutions on most
     GPUs and oneDNN CPUs; DC-AE and the critic are convolutional). Values and checkpoints are unchanged.
+    max_loss: a total loss above this stops the run like a NaN does (a divergence), before the update; None: only
+    NaN / inf stop it.
     """
 
     def __init__(self, net: str = "TC-AE-B/p8-c128", net_args: dict | None = None,
@@ -58,7 +63,7 @@ class AutoencoderModule(L.LightningModule):
                  phase: Literal["joint", "decoder_finetune"] = "joint", init_from: str | None = None,
                  metrics_lpips: str | None = "pretrained", metrics_fid: str | None = None,
                  metrics_fid_weights: str | None = None, val_grid_images: int = 8, compile: CompileSpec = False,
-                 channels_last: bool = False):
+                 channels_last: bool = False, max_loss: float | None = 1e4):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "disc_optimizer"])
         self.automatic_optimization = False
@@ -77,6 +82,7 @@ class AutoencoderModule(L.LightningModule):
         self.optimizer_fn, self.disc_optimizer_fn, self.init_from = optimizer, disc_optimizer, init_from
         self.max_steps, self.warmup_steps, self.min_lr_ratio = max_steps, warmup_steps, min_lr_ratio
         self.grad_clip, self.phase, self.val_grid_images = grad_clip, phase, val_grid_images
+        self.max_loss = max_loss
         if phase == "decoder_finetune":
             self.net.encoder.requires_grad_(False)  # the latent space is fixed from here on
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -95,7 +101,7 @@ class AutoencoderModule(L.LightningModule):
     # ------------------------------------------------------------------ setup
     def load_weights(self, path: str) -> None:
         """Initialise the autoencoder from another run's checkpoint (EMA weights when it has them)."""
-        source, weights = autoencoder_weights(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
+        source, weights = autoencoder_weights(read_checkpoint(path, what="init_from checkpoint")["state_dict"])
         missing, unexpected = self.net.load_state_dict(weights, strict=False)
         if missing or unexpected:
             hint = (" (the encoder was trained with iBOT's [CLS] token: set model.net_args.cls_token: true)"
@@ -103,6 +109,12 @@ class AutoencoderModule(L.LightningModule):
             raise ValueError(f"checkpoint {path} does not fit net={self.hparams.net}: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}{hint}")
         log.info("initialised the autoencoder from %s (%s weights)", path, source)
+
+    def configure_callbacks(self):
+        return [SafeResume()]  # atomic checkpoints, metrics history and LR changes across resumes
+
+    def prepare_data(self) -> None:
+        preflight(self.trainer)  # everything a long run needs, checked before its first step
 
     def setup(self, stage: str) -> None:
         # Initialise from another run only when training starts (not when this module is rebuilt from its own
@@ -123,6 +135,8 @@ class AutoencoderModule(L.LightningModule):
     def on_train_start(self):
         if self.phase == "decoder_finetune":
             self.net.encoder.eval()
+        if self.step_count >= self.max_steps:  # a finished run resumed: nothing left to do, nothing changes
+            self.trainer.should_stop = True
 
     def on_train_epoch_start(self):
         if self.phase == "decoder_finetune":
@@ -137,6 +151,9 @@ class AutoencoderModule(L.LightningModule):
         return self.net(x)
 
     def training_step(self, batch, batch_idx):
+        if self.step_count >= self.max_steps:  # checked before any update: the run is complete
+            self.trainer.should_stop = True
+            return None
         x, step = batch["image"].contiguous(memory_format=self.memory_format), self.step_count
         opts = self.optimizers()
         opts = opts if isinstance(opts, list) else [opts]
@@ -153,10 +170,7 @@ class AutoencoderModule(L.LightningModule):
         if gan:
             loss_d, d_logs = self.loss.discriminator_loss(x, x_rec, step)
             total, logs = total + loss_d, {**logs, **d_logs}
-        if not torch.isfinite(total):
-            raise NonFiniteLossError(
-                f"non-finite loss at step {step} ({ {k: float(v) for k, v in logs.items()} }); stopping before "
-                f"any update or checkpoint, so the last saved checkpoint is the last good one")
+        check_loss(total.detach(), step, self.max_loss, self.trainer, terms=logs)
         lr_factor = warmup_cosine(step, self.warmup_steps, self.max_steps, self.min_lr_ratio)
         for o in opts:
             set_lr(o, lr_factor)

@@ -25,8 +25,10 @@ from tcae_ldm.latents.frozen import (
     load_autoencoder,
 )
 from tcae_ldm.lit.compiling import CompileSpec, compile_in_place
-from tcae_ldm.lit.guards import NonFiniteLossError
+from tcae_ldm.lit.guards import check_loss
 from tcae_ldm.lit.outputs import save_grid
+from tcae_ldm.lit.preflight import preflight
+from tcae_ldm.lit.resume import SafeResume
 from tcae_ldm.lit.schedules import param_groups
 from tcae_ldm.models.dit import create_dit
 from tcae_ldm.models.ema import EMA
@@ -47,11 +49,13 @@ class DiffusionModule(L.LightningModule):
                  sample_every_n_steps: int = 0, sample_grid_size: int = 16,
                  autoencoder: AutoencoderSpec | None = None, seed: int | None = None,
                  latent_shape: tuple[int, int, int] | None = None, num_classes: int | None = None,
-                 compile: CompileSpec = False):
+                 compile: CompileSpec = False, max_loss: float | None = 1e4):
         """latent_shape / num_classes: filled in from the datamodule and stored in checkpoints; leave unset.
         autoencoder: decodes samples; None uses the one that made the cache (its metadata).
         compile: torch.compile the trained DiT in place (True, or torch.compile kwargs); checkpoint keys do not
-        change and the EMA copy, which samples, stays eager."""
+        change and the EMA copy, which samples, stays eager.
+        max_loss: a loss above this stops the run like a NaN does (a divergence), before the update; None: only
+        NaN / inf stop it."""
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
         linked = sorted(set(dit_args or {}) & set(LINKED))
@@ -107,6 +111,12 @@ class DiffusionModule(L.LightningModule):
         return self.ema.module if self.ema is not None else self.dit
 
     # ------------------------------------------------------------------ training
+    def configure_callbacks(self):
+        return [SafeResume()]  # atomic checkpoints, metrics history and LR changes across resumes
+
+    def prepare_data(self) -> None:
+        preflight(self.trainer)  # everything a long run needs, checked before its first step
+
     def configure_optimizers(self):
         opt = self.optimizer_fn(param_groups(self.dit))
         if not self.hparams.warmup_steps:
@@ -129,9 +139,7 @@ class DiffusionModule(L.LightningModule):
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed_of(self.seed, self.global_rank, self.global_step, self._micro))
             loss = self.objective.loss(self.dit, x, y)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"non-finite diffusion loss {loss.item()} at step {self.global_step}; "
-                                     f"stopping before the update, so the last checkpoint is the last good one")
+        check_loss(loss.detach(), self.global_step, self.hparams.get("max_loss", 1e4), self.trainer)
         n = x.shape[0]
         self.images_seen += n * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=n)

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from tcae_ldm.data.demo import DemoPhotosDataModule
 from tcae_ldm.latents.cache import (
     read_metadata,
+    read_stats,
 )
 from tcae_ldm.latents.frozen import load_autoencoder
 from tcae_ldm.lit.caching import cache_latents
@@ -45,7 +46,7 @@ def test_round_trip_shards_stats_metadata(cache):
     assert len(glob.glob(os.path.join(cache["dir"], "shard-r0-*.safetensors"))) == 3  # shards of 6: 6 + 6 + 4
 
     both = torch.cat([data["latents"], data["latents_flip"]]).double()
-    stats = load_file(os.path.join(cache["dir"], "stats.safetensors"))
+    stats = dict(zip(("mean", "std"), read_stats(cache["dir"])))
     torch.testing.assert_close(stats["mean"], both.mean(dim=(0, 2, 3)).float())
     torch.testing.assert_close(stats["std"], both.std(dim=(0, 2, 3), unbiased=False).float())
 
@@ -55,3 +56,77 @@ def test_round_trip_shards_stats_metadata(cache):
     assert (meta["image_size"], meta["latent_shape"], meta["count"], meta["num_classes"]) == (32, [16, 4, 4], 16, 8)
     assert meta["dataset"]["datamodule"].endswith("DemoPhotosDataModule") and meta["dataset"]["split"] == "train"
 
+
+
+def lightningdit_read(data_dir):
+    """What LightningDiT's latent loader (hustvl/LightningDiT, datasets/img_latent_dataset.py, ImgLatentDataset)
+    reads from a cache folder, re-done here: every *.safetensors file of the folder in sorted order, the row count
+    of its `labels`, rows of `latents` / `latents_flip` sliced from the file, and latents_stats.pt loaded with a
+    plain torch.load, whose mean / std of shape (1, C, 1, 1) normalise a row as (x - mean) / std.
+    Returns ([(latent, latent_flip, label)] normalised, in the loader's order, one per image)."""
+    from safetensors import safe_open
+
+    stats = torch.load(os.path.join(data_dir, "latents_stats.pt"))
+    mean, std = stats["mean"], stats["std"]
+    items = []
+    for path in sorted(glob.glob(os.path.join(data_dir, "*.safetensors"))):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for i in range(f.get_slice("labels").get_shape()[0]):
+                z, zf = (((f.get_slice(k)[i:i + 1] - mean) / std).squeeze(0) for k in ("latents", "latents_flip"))
+                items.append((z, zf, f.get_slice("labels")[i:i + 1].squeeze(0)))
+    return items
+
+
+def test_lightningdit_loader_reads_the_cache_unchanged(cache):
+    from tcae_ldm.latents.stream import LatentDataModule
+
+    items = lightningdit_read(cache["dir"])
+    assert len(items) == 16  # three shards, no stats file taken for a shard
+    dm = LatentDataModule(cache["dir"], num_workers=0)
+    dm.setup("fit")
+    data = load_shards(cache["dir"])  # the same sorted shard order
+    for (z, zf, y), i in zip(items, data["indices"].tolist()):
+        n = dm.train_set.indices.index(i)
+        ours = dm.train_set[n]
+        torch.testing.assert_close(z, dm.normalizer.normalize(ours["latent"][None])[0])
+        torch.testing.assert_close(zf, dm.normalizer.normalize(ours["latent_flip"][None])[0])
+        assert int(y) == int(ours["label"])
+
+
+def test_a_format_1_cache_is_still_read_and_upgrade_makes_it_lightningdit_readable(cache, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from tcae_ldm.latents.checks import upgrade_cache
+    from tcae_ldm.latents.stream import LatentDataModule
+
+    old = tmp_path / "old"
+    shutil.copytree(cache["dir"], old)
+    mean, std = read_stats(str(old))  # rewrite the folder as the previous code wrote it
+    save_file({"mean": mean, "std": std}, str(old / "stats.safetensors"))
+    os.remove(old / "latents_stats.pt")
+    meta = json.loads((old / "metadata.json").read_text())
+    meta = {k: v for k, v in meta.items() if k not in ("shard_info", "stats_file")} | {"format": 1}
+    (old / "metadata.json").write_text(json.dumps(meta))
+
+    dm = LatentDataModule(str(old), num_workers=0)
+    dm.setup("fit")
+    torch.testing.assert_close(dm.normalizer.mean, mean)
+    upgrade_cache(str(old))
+    assert not (old / "stats.safetensors").exists() and read_metadata(str(old))["format"] == 2
+    assert len(lightningdit_read(str(old))) == 16
+    assert read_metadata(str(old))["shard_info"] == read_metadata(cache["dir"])["shard_info"]
+
+
+def test_expected_autoencoder_keys_and_weights(cache, tmp_path):
+    from tcae_ldm.latents.stream import LatentDataModule
+
+    with pytest.raises(ValueError, match=r"expect_autoencoder has unknown keys \['nmae'\]; it takes \['kind', 'name'"):
+        LatentDataModule(cache["dir"], expect_autoencoder={"kind": "tcae", "nmae": "TC-AE-T/p4-c16"})
+    same = {"kind": "tcae", "name": "TC-AE-T/p4-c16", "path": cache["ckpt"]}
+    LatentDataModule(cache["dir"], expect_autoencoder=same).setup("fit")
+    # another run of the same preset (other weights) under the expected name: refused by the weights' identity
+    other = tiny_tcae_checkpoint(tmp_path / "other.ckpt", seed=1)
+    with pytest.raises(ValueError, match=r"was made by tcae 'TC-AE-T/p4-c16'.*differs in \['weights: encoder_hash"):
+        LatentDataModule(cache["dir"], expect_autoencoder={**same, "path": other}).setup("fit")

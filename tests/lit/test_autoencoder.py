@@ -18,7 +18,15 @@ from tcae_ldm.lit.autoencoder import AutoencoderModule
 from tcae_ldm.lit.guards import NonFiniteLossError
 from tcae_ldm.losses.reconstruction import ReconstructionLossConfig
 from tcae_ldm.models.dcae import DCAE_PRESETS
-from tests.tiny import REPO, TINY, TINY_DCAE, tiny_data, tiny_module, tiny_trainer
+from tests.tiny import (
+    REPO,
+    TINY,
+    TINY_DCAE,
+    isolated_env,
+    tiny_data,
+    tiny_module,
+    tiny_trainer,
+)
 
 
 def _ssl_module(**kw):
@@ -126,8 +134,7 @@ def test_ddp_with_two_cpu_processes(tmp_path):
            "--trainer.check_val_every_n_epoch=1", "--model.init_args.max_steps=2",
            "--model.init_args.loss.disc_start=0",
            f"--trainer.logger.init_args.save_dir={out}", f"--trainer.callbacks.init_args.dirpath={out}/ckpt"]
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, cwd=REPO, env=isolated_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     ckpt = torch.load(os.path.join(out, "ckpt", "last.ckpt"), weights_only=False)
     assert ckpt["step_count"] == 2

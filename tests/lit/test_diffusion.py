@@ -29,7 +29,8 @@ def runs(tmp_path_factory):
             os.chdir(root / name)  # the demo config's relative runs/demo/... paths land here
             for i, steps in enumerate(phases):
                 main(["fit", "--config", DEMO, f"--data.cache_dir={cache}", "--data.expect_image_size=32",
-                      "--data.expect_autoencoder.name=TC-AE-T/p4-c16", "--data.global_batch_size=8",
+                      "--data.expect_autoencoder.name=TC-AE-T/p4-c16", f"--data.expect_autoencoder.path={ckpt}",
+                      "--data.global_batch_size=8",
                       "--model.dit=DiT-T/1", "--model.dit_args={class_dropout_prob: 0.1}", "--model.sample_steps=2",
                       "--model.sample_every_n_steps=2", "--model.sample_grid_size=4", "--model.warmup_steps=3",
                       callbacks_arg(), "--trainer.log_every_n_steps=1",

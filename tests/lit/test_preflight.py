@@ -1,0 +1,71 @@
+"""Preflight: everything a long run lacks is reported at once, in one message, before the first step."""
+import collections
+import os
+
+import pytest
+import torch
+
+from tcae_ldm.cli import main
+from tcae_ldm.data.images import ImageFolderDataModule
+from tcae_ldm.lit.preflight import PreflightError, estimate_checkpoint_bytes
+from tests.tiny import (
+    callbacks_arg,
+    dit_argv,
+    tiny_latent_cache,
+    tiny_module,
+    tiny_trainer,
+)
+
+Usage = collections.namedtuple("Usage", "total used free")
+
+
+@pytest.fixture
+def no_disk(monkeypatch):
+    monkeypatch.setattr("tcae_ldm.lit.preflight.shutil.disk_usage", lambda path: Usage(10**12, 10**12 - 1000, 1000))
+
+
+def test_a_dit_run_reports_every_missing_item_at_once(tmp_path, monkeypatch, no_disk):
+    ae, cache = tiny_latent_cache(str(tmp_path))
+    shard = os.path.join(cache, "shard-r0-00000.safetensors")
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) - 16)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    monkeypatch.chdir(tmp_path)
+    gen = {"reference_stats": "missing_ref.npz", "features": "inception", "features_weights": None,
+           "every_n_steps": 1000}
+    argv = dit_argv(cache, ae, 4, callbacks_arg(1, gen))
+    argv[argv.index(f"--data.expect_autoencoder.path={ae}")] = "--data.expect_autoencoder.path=gone/ae.ckpt"
+    with pytest.raises(PreflightError) as err:
+        main(argv)
+    msg = str(err.value)
+    assert msg.startswith("this run cannot start, 5 problem(s) found before the first step: (1) ")
+    for part in (f"cache shard {shard} is truncated or padded",
+                 "data.expect_autoencoder.path gone/ae.ckpt does not exist",
+                 "GenerationEvalCallback.reference_stats missing_ref.npz does not exist",
+                 f"the inception FID network (GenerationEvalCallback.features_weights) needs the weight file "
+                 f"{tmp_path / 'empty_torch_home' / 'hub' / 'checkpoints'}",
+                 "runs/demo/dit_tcae/checkpoints need about"):
+        assert part in msg, part
+    assert "\n" not in msg and not os.path.exists("runs/demo/dit_tcae/checkpoints")  # nothing trained or saved
+
+
+def test_an_autoencoder_run_reports_its_data_root_init_checkpoint_and_disk(tmp_path, no_disk):
+    module = tiny_module(init_from=str(tmp_path / "joint.ckpt"))
+    data = ImageFolderDataModule(str(tmp_path / "imagenet"), image_size=32, num_workers=0)
+    with pytest.raises(PreflightError) as err:
+        tiny_trainer(str(tmp_path)).fit(module, data)
+    msg = str(err.value)
+    assert f"(1) model.init_from {tmp_path / 'joint.ckpt'} does not exist" in msg
+    assert f"(2) data root {tmp_path / 'imagenet'} does not exist" in msg
+    assert f"(3) checkpoints in {tmp_path / 'ckpt'} need about" in msg and "only 0.00 GB are free" in msg
+
+
+def test_checkpoint_size_estimate_counts_weights_and_adam_moments():
+    module = tiny_module()
+    state = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    trainable = sum(p.numel() * 4 for p in module.parameters() if p.requires_grad)
+    assert estimate_checkpoint_bytes(module) == state + 2 * trainable
+    tiny_trainer("/tmp/tcae_preflight_size").fit(module, __import__("tests.tiny").tiny.tiny_data())
+    path = "/tmp/tcae_preflight_size/ckpt/last.ckpt"
+    assert 0.9 < os.path.getsize(path) / estimate_checkpoint_bytes(module) < 1.2  # against a real checkpoint
+    torch.load(path, weights_only=False)
