@@ -78,10 +78,11 @@ class iBOTLoss(nn.Module):
         t = F.softmax((t_patch[img, tok] - self.center_patch[0]) / temp_patch, dim=-1)  # (M, Kp)
         s = F.log_softmax(s_patch[img, tok] / self.student_temp, dim=-1)               # (M, Kp)
         ce_tok = -(t * s).sum(-1)                                                      # (M,)
-        # Mean over each image's masked tokens, then over the images that have any.
+        # Mean over each image's masked tokens, then over EVERY image of the view (an unmasked image adds 0),
+        # then over the G views: iBOT's per-view `mean()` and n_loss_terms. Averaging only over the masked
+        # images would scale L_MIM up by 1 / mask_probability.
         count = masks.sum(1).to(ce_tok.dtype)                                          # (G*B,)
-        n_images = (count > 0).sum().clamp(min=1)
-        loss_mim = (ce_tok / count[img]).sum() / n_images
+        loss_mim = (ce_tok / count[img]).sum() / (G * B)
 
         if update_center:
             self.update_center(t_cls, t_patch)

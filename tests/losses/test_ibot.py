@@ -71,11 +71,48 @@ def test_mim_ignores_unmasked_positions():
     assert torch.equal(crit(**x2, step=0, update_center=False)["mim"], base["mim"])
     x2["student_patch"][x["masks"]] += torch.randn(int(x["masks"].sum()), 5)  # (a constant shift would not count)
     assert crit(**x2, step=0, update_center=False)["mim"] != base["mim"]
-    # Per image mean over its masked tokens, then mean over the two images that have any.
+    # Per image mean over its masked tokens, then mean over all four images (two of them unmasked: 0).
     t = F.softmax(x["teacher_patch"] / 0.07, -1)
     ce = -(t * F.log_softmax(x["student_patch"] / 0.1, -1)).sum(-1)
-    expected = 0.5 * (ce[0, :3].mean() + ce[-1, 2:].mean())
+    expected = (ce[0, :3].mean() + ce[-1, 2:].mean()) / 4
     assert torch.allclose(base["mim"], expected, atol=1e-6)
+
+
+def _reference_loss(s_cls, s_patch, t_cls, t_patch, masks, G, temp, temp2, student_temp=0.1):
+    """iBOT's iBOTLoss.forward arithmetic (bytedance/ibot main_ibot.py), loop for loop: per view pair, the
+    [CLS] cross-entropy's batch mean; for the same view, per image the masked tokens' mean (clamped count),
+    then the batch mean; each sum divided by its number of terms. Zero centers."""
+    s_cls_c, s_patch_c = (s_cls / student_temp).chunk(s_cls.shape[0] // (t_cls.shape[0] // G)), \
+        (s_patch / student_temp).chunk(G)
+    t_cls_c, t_patch_c = F.softmax(t_cls / temp, -1).chunk(G), F.softmax(t_patch / temp2, -1).chunk(G)
+    m_c = masks.flatten(1).float().chunk(G)
+    cls, n_cls, mim, n_mim = 0.0, 0, 0.0, 0
+    for q in range(G):
+        for v in range(len(s_cls_c)):
+            if v == q:
+                tok = (-t_patch_c[q] * F.log_softmax(s_patch_c[v], -1)).sum(-1)        # (B, N)
+                per_image = (tok * m_c[v]).sum(-1) / m_c[v].sum(-1).clamp(min=1.0)     # (B,)
+                mim, n_mim = mim + per_image.mean(), n_mim + 1
+            else:
+                cls = cls + (-t_cls_c[q] * F.log_softmax(s_cls_c[v], -1)).sum(-1).mean()
+                n_cls += 1
+    return cls / n_cls, mim / n_mim
+
+
+@pytest.mark.parametrize("V", [2, 6])
+def test_loss_matches_the_reference_arithmetic_when_half_the_views_are_unmasked(V):
+    G, B, N, K = 2, 4, 9, 7
+    g = torch.Generator().manual_seed(V)
+    x = dict(student_cls=torch.randn(V * B, K, generator=g), student_patch=torch.randn(G * B, N, K, generator=g),
+             teacher_cls=torch.randn(G * B, K, generator=g), teacher_patch=torch.randn(G * B, N, K, generator=g))
+    masks = torch.rand(G * B, N, generator=g) < 0.4
+    masks[::2] = False                                   # half of the global views carry no mask at all
+    masks[1, 0] = True                                   # (and every other one at least one masked token)
+    assert masks.any(1).sum() == G * B // 2
+    out = iBOTLoss(K, student_temp=0.1, warmup_teacher_temp=0.04, warmup_teacher_patch_temp=0.05,
+                   warmup_steps=10)(**x, masks=masks, step=0, update_center=False)
+    cls, mim = _reference_loss(*x.values(), masks, G, temp=0.04, temp2=0.05)
+    assert torch.allclose(out["cls"], cls, atol=1e-6) and torch.allclose(out["mim"], mim, atol=1e-6)
 
 
 def test_center_update_single_process():
