@@ -98,8 +98,9 @@ class iBOTHeads(nn.Module):
         self.patch_head = None if shared else iBOTHead(in_dim, patch_out_dim, **kw)
 
     def forward(self, cls: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # cls: (B, D), patches: (B, N, D)
+        # cls: (B, D); patches: (B, N, D), or any (..., D) such as the masked tokens only (M, D)
         if self.patch_head is None:
-            out = self.cls_head(torch.cat([cls[:, None], patches], dim=1))  # (B, 1 + N, K): one matmul
-            return out[:, 0], out[:, 1:]                                      # (B, K), (B, N, K)
-        return self.cls_head(cls), self.patch_head(patches)                  # (B, K), (B, N, Kp)
+            flat = patches.reshape(-1, patches.shape[-1])
+            out = self.cls_head(torch.cat([cls, flat]))                         # (B + B*N, K): one matmul
+            return out[:cls.shape[0]], out[cls.shape[0]:].view(*patches.shape[:-1], -1)  # (B, K), (..., K)
+        return self.cls_head(cls), self.patch_head(patches)                      # (B, K), (..., Kp)
