@@ -49,6 +49,14 @@ class SSLConfig:
 torch.serialization.add_safe_globals([SSLConfig])
 
 
+def draw_masks(cfg: SSLConfig, n: int, grid: int, step: int) -> torch.Tensor:
+    """Block masks (n, grid, grid), a function of (seed, step, rank): reproducible on resume, different on every
+    DDP rank (each rank holds other images). The seed is seed_everything's."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    gen = torch.Generator().manual_seed(seed_of(default_seed(None), step, rank))
+    return generate_masks(n, grid, grid, cfg.mask_ratio, cfg.mask_ratio_var, cfg.mask_probability, generator=gen)
+
+
 class iBOTObjective(nn.Module):
     """Student heads, EMA teacher (encoder copy + heads copy) and the iBOT loss."""
 
@@ -75,14 +83,6 @@ class iBOTObjective(nn.Module):
         norm = encoder.stage_norm(stage)
         return norm(f[f"{stage}_cls"][:, 0]), norm(rearrange(f[stage], "b h w d -> b (h w) d"))
 
-    def draw_masks(self, n: int, grid: int, step: int) -> torch.Tensor:
-        """Block masks (n, grid, grid) of the tokens the heads read, a function of (seed, step, rank): reproducible
-        on resume, different on every DDP rank (each rank holds other images)."""
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        gen = torch.Generator().manual_seed(seed_of(default_seed(None), step, rank))
-        return generate_masks(n, grid, grid, self.cfg.mask_ratio, self.cfg.mask_ratio_var, self.cfg.mask_probability,
-                              generator=gen)
-
     def forward(self, encoder, global_views, local_views, step: int):
         """global_views (B, 2, 3, G, G), local_views (B, n, 3, L, L) -> (L_iBOT, logs)."""
         B = global_views.shape[0]
@@ -90,7 +90,7 @@ class iBOTObjective(nn.Module):
         # Masks are drawn on the grid the heads read and cover whole tokens there, as iBOT does for its
         # hierarchical (Swin) backbone: every masked token is wholly hidden from the student.
         grid = g.shape[-1] // encoder.stage_stride(self.cfg.heads_on)
-        masks = self.draw_masks(2 * B, grid, step).to(g.device)                      # (2B, h, w)
+        masks = draw_masks(self.cfg, 2 * B, grid, step).to(g.device)                      # (2B, h, w)
         token_mask = masks.flatten(1)                                                 # (2B, N)
         s_cls, s_tok = self._features(encoder, g, masks)                              # (2B, D), (2B, N, D)
         if local_views.shape[1]:  # local crops take part in the [CLS] term only: one batched forward

@@ -1,4 +1,5 @@
-"""iBOT heads, block-wise masking, loss/centering (single process and gloo), EMA teacher, tiny overfit."""
+"""The iBOT loss against the reference's arithmetic, centering and per-rank masks (single process and gloo),
+the teacher's momentum schedule."""
 import copy
 import math
 import os
@@ -11,6 +12,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from tcae_ldm.losses.ibot import cosine_momentum, iBOTLoss
+from tcae_ldm.losses.masking import generate_masks
+from tcae_ldm.losses.ssl import SSLConfig, draw_masks
+from tcae_ldm.utils.seeding import seed_of
 
 
 def _loss_inputs(B=2, V=4, G=2, N=6, K=5, seed=0):
@@ -144,6 +148,30 @@ def test_center_update_all_reduced_over_gloo(tmp_path):
         assert torch.allclose(res["center"], 0.1 * cls.mean(0, keepdim=True), atol=1e-6)
         assert torch.allclose(res["center_patch"], 0.1 * patch.mean((0, 1), keepdim=True), atol=1e-6)
     assert torch.equal(results[0]["center"], results[1]["center"])
+
+
+def _mask_worker(rank, world_size, init_method, out_dir):
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
+    try:
+        os.environ["PL_GLOBAL_SEED"] = "7"
+        torch.save({s: draw_masks(SSLConfig(), 8, 14, step=s) for s in (0, 1)}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_masks_differ_per_ddp_rank_over_gloo(tmp_path):
+    """Every rank draws its own masks, a function of (seed, step, rank): not the same masks on every GPU."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_mask_worker, args=(2, f"tcp://127.0.0.1:{port}", str(tmp_path)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    for step in (0, 1):
+        assert not torch.equal(got[0][step], got[1][step])
+        for rank in range(2):
+            gen = torch.Generator().manual_seed(seed_of(7, step, rank))
+            assert torch.equal(got[rank][step], generate_masks(8, 14, 14, generator=gen))
 
 
 def test_momentum_schedule():
