@@ -138,10 +138,9 @@ class AutoencoderModule(L.LightningModule):
             return self.net.decode(z), z
         return self.net(x)
 
-    def training_step(self, batch, batch_idx):
-        x, step = batch["image"].contiguous(memory_format=self.memory_format), self.step_count
-        opts = self.optimizers()
-        opts = opts if isinstance(opts, list) else [opts]
+    def training_losses(self, batch, step: int):
+        """The forward half of a training step: (total loss for the one backward pass, logs, GAN active)."""
+        x = batch["image"].contiguous(memory_format=self.memory_format)
         x_rec, z = self.reconstruct(x)
         loss, logs = self.loss.generator_loss(x, x_rec, step, last_layer=self.net.last_layer)
         logs["loss_g"] = loss.detach()
@@ -155,15 +154,11 @@ class AutoencoderModule(L.LightningModule):
         if gan:
             loss_d, d_logs = self.loss.discriminator_loss(x, x_rec, step)
             total, logs = total + loss_d, {**logs, **d_logs}
-        if not torch.isfinite(total):
-            raise NonFiniteLossError(
-                f"non-finite loss at step {step} ({ {k: float(v) for k, v in logs.items()} }); stopping before "
-                f"any update or checkpoint, so the last saved checkpoint is the last good one")
-        lr_factor = warmup_cosine(step, self.warmup_steps, self.max_steps, self.min_lr_ratio)
-        for o in opts:
-            set_lr(o, lr_factor)
-            o.zero_grad(set_to_none=True)
-        self.manual_backward(total)
+        return total, logs, gan
+
+    def apply_update(self, opts, step: int, gan: bool) -> dict:
+        """The half after the backward pass: clip and step each optimizer, then move the teacher and the EMA."""
+        logs = {}
         if self.ssl is not None:
             self.ssl.cancel_last_layer_grads(step)
         logs.update(self._clip_and_step(opts[0], self._generator_clip_groups()))
@@ -174,6 +169,23 @@ class AutoencoderModule(L.LightningModule):
             logs["teacher_momentum"] = self.ssl.update_teacher(self.net.encoder, step, self.max_steps)
         if self.ema is not None:
             self.ema.update(self.net, self.step_count)
+        return logs
+
+    def training_step(self, batch, batch_idx):
+        step = self.step_count
+        opts = self.optimizers()
+        opts = opts if isinstance(opts, list) else [opts]
+        total, logs, gan = self.training_losses(batch, step)
+        if not torch.isfinite(total):
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} ({ {k: float(v) for k, v in logs.items()} }); stopping before "
+                f"any update or checkpoint, so the last saved checkpoint is the last good one")
+        lr_factor = warmup_cosine(step, self.warmup_steps, self.max_steps, self.min_lr_ratio)
+        for o in opts:
+            set_lr(o, lr_factor)
+            o.zero_grad(set_to_none=True)
+        self.manual_backward(total)
+        logs.update(self.apply_update(opts, step, gan))
         self._log_train(logs, opts[0], batch)
         if self.step_count >= self.max_steps:
             self.trainer.should_stop = True

@@ -102,5 +102,5 @@ class iBOTHeads(nn.Module):
         if self.patch_head is None:
             flat = patches.reshape(-1, patches.shape[-1])
             out = self.cls_head(torch.cat([cls, flat]))                         # (B + B*N, K): one matmul
-            return out[:cls.shape[0]], out[cls.shape[0]:].view(*patches.shape[:-1], -1)  # (B, K), (..., K)
+            return out[:cls.shape[0]], out[cls.shape[0]:].view(*patches.shape[:-1], out.shape[-1])  # (B, K), (..., K)
         return self.cls_head(cls), self.patch_head(patches)                      # (B, K), (..., Kp)

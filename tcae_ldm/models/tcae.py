@@ -241,7 +241,9 @@ class TCAEEncoder(nn.Module):
                                  f"{x.shape[2]} patch grid")
             mask = mask.repeat_interleave(fh, 1).repeat_interleave(fw, 2)  # (B, H1, W1)
             x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
-        cls = None if self.cls_token is None else self.cls_token.expand(x.shape[0], -1, -1)
+        # repeat, not expand: a view of a parameter taken under no_grad still says requires_grad (without a
+        # grad_fn), which breaks torch's FLOP counter when it is passed to a module
+        cls = None if self.cls_token is None else self.cls_token.repeat(x.shape[0], 1, 1)
         out = {}
         x, cls = self.fine(x, cls)  # (B, H1, W1, D)
         out["fine"], out["fine_cls"] = x, cls

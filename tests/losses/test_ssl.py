@@ -131,3 +131,10 @@ def test_freeze_last_layer_drops_the_prototypes_gradient_for_the_first_steps():
     loss, _ = obj(encoder, torch.randn(2, 2, 3, 32, 32), torch.randn(2, 2, 3, 16, 16), step=2)
     loss.backward()
     assert not obj.cancel_last_layer_grads(step=2) and last[1].grad is not None
+
+
+def test_a_batch_without_any_masked_token():
+    encoder, obj = _objective(mask_probability=0.0)
+    loss, logs = obj(encoder, torch.randn(2, 2, 3, 32, 32), torch.randn(2, 2, 3, 16, 16), step=0)
+    assert logs["mask_ratio"] == 0 and logs["ibot_mim"] == 0 and torch.isfinite(loss)
+    loss.backward()

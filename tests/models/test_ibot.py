@@ -62,6 +62,9 @@ def test_shared_vs_separate_heads():
     assert c.shape == (3, 32) and p.shape == (3, 5, 32)
     # A shared head treats a [CLS] token exactly like a patch token.
     assert torch.allclose(shared(cls, cls[:, None])[1][:, 0], c, atol=1e-6)
+    # Tokens may come as a flat selection (the masked ones), none included.
+    assert torch.allclose(shared(cls, patches[:, 2])[1], p[:, 2], atol=1e-6)
+    assert shared(cls, patches[:0, 0])[1].shape == (0, 32)
     c, p = separate(cls, patches)
     assert c.shape == (3, 32) and p.shape == (3, 5, 20)
     with pytest.raises(ValueError, match="shared=False"):
