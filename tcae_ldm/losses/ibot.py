@@ -67,8 +67,10 @@ class iBOTLoss(nn.Module):
             raise ValueError(f"patch shapes disagree: student {tuple(student_patch.shape)}, teacher "
                              f"{tuple(teacher_patch.shape)}, masks {tuple(masks.shape)} with {len(img)} masked, "
                              f"{G} global views x B={B}")
+        # fp32 losses; the teacher's patch logits (every token, the largest tensor) stay in their dtype until
+        # the masked ones are gathered, and the center reads them with fp32 accumulation.
         s_cls, s_patch = student_cls.float(), student_patch.float()
-        t_cls, t_patch = teacher_cls.detach().float(), teacher_patch.detach().float()
+        t_cls, t_patch = teacher_cls.detach().float(), teacher_patch.detach()
         temp_cls, temp_patch = self.teacher_temps(step)
 
         # [CLS]: each global teacher view supervises every student view except its own.
@@ -79,7 +81,7 @@ class iBOTLoss(nn.Module):
         loss_cls = ce[pairs].mean()
 
         # MIM: same view, masked tokens only. Gathering them first skips the softmax over the rest.
-        t = F.softmax((t_patch[img, tok] - self.center_patch[0]) / temp_patch, dim=-1)  # (M, Kp)
+        t = F.softmax((t_patch[img, tok].float() - self.center_patch[0]) / temp_patch, dim=-1)  # (M, Kp)
         s = F.log_softmax((s_patch if gathered else s_patch[img, tok]) / self.student_temp, dim=-1)  # (M, Kp)
         ce_tok = -(t * s).sum(-1)                                                      # (M,)
         # Mean over each image's masked tokens, then over EVERY image of the view (an unmasked image adds 0),
@@ -96,10 +98,11 @@ class iBOTLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_cls: torch.Tensor, teacher_patch: torch.Tensor) -> None:
         """EMA of the teacher's mean [CLS] and patch outputs, averaged over all ranks when distributed."""
-        t_cls, t_patch = teacher_cls.detach().float(), teacher_patch.detach().float()  # (B, K), (B, N, Kp)
+        t_cls = teacher_cls.detach().float()                                           # (B, K)
+        t_patch = teacher_patch.detach().mean(1, dtype=torch.float32)                  # (B, Kp)
         K = t_cls.shape[-1]
         # One collective for both sums and the row count (exact even if ranks hold different batch sizes).
-        stats = torch.cat([t_cls.sum(0), t_patch.mean(1).sum(0), t_cls.new_tensor([t_cls.shape[0]])])
+        stats = torch.cat([t_cls.sum(0), t_patch.sum(0), t_cls.new_tensor([t_cls.shape[0]])])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)
         n = stats[-1]

@@ -101,8 +101,7 @@ class iBOTObjective(nn.Module):
         with torch.inference_mode():
             t_cls, t_tok = self._features(self.teacher["encoder"], g)
             t_cls_out, t_patch_out = self.teacher["heads"](t_cls, t_tok)              # (2B, K), (2B, N, Kp)
-        out = self.loss(s_cls_out.float(), s_patch_out.float(), t_cls_out.float(), t_patch_out.float(),
-                        token_mask, step)
+        out = self.loss(s_cls_out, s_patch_out, t_cls_out, t_patch_out, token_mask, step)  # fp32 inside
         logs = {"ibot": out["loss"].detach(), "ibot_cls": out["cls"].detach(), "ibot_mim": out["mim"].detach(),
                 "mask_ratio": token_mask.float().mean()}
         return out["loss"], logs

@@ -198,8 +198,7 @@ def pass_calls(module: AutoencoderModule, batch: dict, step: int, opts: list, pr
                 t_c, t_p = ssl.teacher["heads"](t_cls, t_tok)
         if meta:
             return s_c.float().sum() + s_p.float().sum()
-        return ssl.loss(s_c.float(), s_p.float(), t_c.clone().float(), t_p.clone().float(), token_mask, step,
-                        update_center=False)["loss"]
+        return ssl.loss(s_c, s_p, t_c, t_p, token_mask, step, update_center=False)["loss"]
 
     def update():
         module.apply_update(opts, step, loss.gan_active(step))
