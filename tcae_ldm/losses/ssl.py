@@ -32,7 +32,7 @@ class SSLConfig:
     hidden_dim: int = 2048              # head MLP width
     bottleneck_dim: int = 256           # head bottleneck before the weight-normalised layer
     head_layers: int = 3
-    mask_ratio: float = 0.3             # mean fraction of patches masked in a masked global view
+    mask_ratio: float = 0.3             # mean fraction of the heads' tokens masked in a masked global view
     mask_ratio_var: float = 0.2         # ratio drawn uniformly in [ratio - var, ratio + var]
     mask_probability: float = 0.5       # fraction of global views that are masked at all
     student_temp: float = 0.1
@@ -40,8 +40,8 @@ class SSLConfig:
     teacher_patch_temp: float = 0.07    # patch teacher temperature after warm-up
     warmup_teacher_temp: float = 0.04   # both teacher temperatures start here ...
     teacher_temp_warmup_steps: int = 10000  # ... and reach their final value after this many steps
-    momentum_base: float = 0.996        # teacher EMA momentum, cosine schedule to 1 over training
-    freeze_last_layer_steps: int = 0    # steps during which the heads' prototype layers get no update
+    momentum_base: float = 0.996        # teacher EMA momentum, cosine to 1 (iBOT: 0.996; 0.9995 at batch 256)
+    freeze_last_layer_steps: int = 0    # first steps without update of the prototypes (iBOT: one epoch)
     lambda_cls: float = 1.0
     lambda_mim: float = 1.0
 
