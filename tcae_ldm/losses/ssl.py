@@ -75,7 +75,7 @@ class iBOTObjective(nn.Module):
                              teacher_patch_temp=cfg.teacher_patch_temp, warmup_steps=cfg.teacher_temp_warmup_steps,
                              lambda_cls=cfg.lambda_cls, lambda_mim=cfg.lambda_mim)
 
-    def _features(self, encoder, x, mask=None):
+    def features(self, encoder, x, mask=None):
         """[CLS] (B, D) and tokens (B, N, D) at the configured stage, through the encoder's final norm there
         (iBOT's heads read the backbone's normed output; see TCAEEncoder.stage_norm)."""
         stage = self.cfg.heads_on
@@ -90,16 +90,16 @@ class iBOTObjective(nn.Module):
         # Masks are drawn on the grid the heads read and cover whole tokens there, as iBOT does for its
         # hierarchical (Swin) backbone: every masked token is wholly hidden from the student.
         grid = g.shape[-1] // encoder.stage_stride(self.cfg.heads_on)
-        masks = draw_masks(self.cfg, 2 * B, grid, step).to(g.device)                      # (2B, h, w)
+        masks = draw_masks(self.cfg, 2 * B, grid, step).to(g.device)                 # (2B, h, w)
         token_mask = masks.flatten(1)                                                 # (2B, N)
-        s_cls, s_tok = self._features(encoder, g, masks)                              # (2B, D), (2B, N, D)
+        s_cls, s_tok = self.features(encoder, g, masks)                               # (2B, D), (2B, N, D)
         if local_views.shape[1]:  # local crops take part in the [CLS] term only: one batched forward
-            l_cls, _ = self._features(encoder, rearrange(local_views, "b v c h w -> (v b) c h w"))
+            l_cls, _ = self.features(encoder, rearrange(local_views, "b v c h w -> (v b) c h w"))
             s_cls = torch.cat([s_cls, l_cls])                                         # (V*B, D)
         # Only the masked tokens enter L_MIM: the student's heads skip the others (same loss, same gradient).
         s_cls_out, s_patch_out = self.heads(s_cls, s_tok[token_mask])                # (V*B, K), (M, Kp)
         with torch.inference_mode():
-            t_cls, t_tok = self._features(self.teacher["encoder"], g)
+            t_cls, t_tok = self.features(self.teacher["encoder"], g)
             t_cls_out, t_patch_out = self.teacher["heads"](t_cls, t_tok)              # (2B, K), (2B, N, Kp)
         out = self.loss(s_cls_out, s_patch_out, t_cls_out, t_patch_out, token_mask, step)  # fp32 inside
         logs = {"ibot": out["loss"].detach(), "ibot_cls": out["cls"].detach(), "ibot_mim": out["mim"].detach(),

@@ -89,7 +89,7 @@ def test_heads_read_normed_tokens_and_only_the_masked_ones_reach_the_patch_head(
         encoder.to_latent.norm.weight.fill_(2.0)
         encoder.to_latent.norm.bias.fill_(0.5)
     x = torch.randn(4, 3, 32, 32)
-    cls, tok = obj._features(encoder, x)
+    cls, tok = obj.features(encoder, x)
     f = encoder.forward_features(x, upto="coarse")
     assert torch.allclose(tok, encoder.to_latent.norm(rearrange(f["coarse"], "b h w d -> b (h w) d")), atol=1e-6)
     assert torch.allclose(cls, encoder.to_latent.norm(f["coarse_cls"][:, 0]), atol=1e-6)

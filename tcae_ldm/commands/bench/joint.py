@@ -160,9 +160,9 @@ def pass_calls(module: AutoencoderModule, batch: dict, step: int, opts: list, pr
     masks = draw_masks(cfg, 2 * B, grid, step).to(dev)
     token_mask = masks.flatten(1)
     with torch.inference_mode(), amp():
-        s_cls, s_tok = ssl._features(enc, g, masks)
-        l_cls = ssl._features(enc, loc)[0] if loc.shape[0] else s_cls[:0]
-        t_cls, t_tok = ssl._features(ssl.teacher["encoder"], g)
+        s_cls, s_tok = ssl.features(enc, g, masks)
+        l_cls = ssl.features(enc, loc)[0] if loc.shape[0] else s_cls[:0]
+        t_cls, t_tok = ssl.features(ssl.teacher["encoder"], g)
     cls_in = torch.cat([s_cls, l_cls]).clone()
     tok_in = torch.empty(n_masked or 0, s_tok.shape[-1], device=dev) if meta else s_tok[token_mask].clone()
     t_cls, t_tok = t_cls.clone(), t_tok.clone()
@@ -180,16 +180,16 @@ def pass_calls(module: AutoencoderModule, batch: dict, step: int, opts: list, pr
 
     def student_global():
         with amp():
-            c, t = ssl._features(enc, g, masks)
+            c, t = ssl.features(enc, g, masks)
         return c.float().sum() + t.float().sum()
 
     def student_local():
         with amp():
-            return ssl._features(enc, loc)[0].float().sum()
+            return ssl.features(enc, loc)[0].float().sum()
 
     def teacher():
         with torch.inference_mode(), amp():
-            ssl._features(ssl.teacher["encoder"], g)
+            ssl.features(ssl.teacher["encoder"], g)
 
     def heads():
         with amp():
