@@ -123,6 +123,8 @@ class AutoencoderModule(L.LightningModule):
             self.load_weights(self.init_from)
             if self.ema is not None:
                 self.ema.module.load_state_dict(self.net.state_dict())
+            if self.ssl is not None:  # the teacher starts as the student, as at construction
+                self.ssl.init_teacher(self.net.encoder)
 
     def configure_optimizers(self):
         trainable = torch.nn.ModuleList([self.net] + ([self.ssl.heads] if self.ssl is not None else []))
@@ -150,13 +152,9 @@ class AutoencoderModule(L.LightningModule):
             return self.net.decode(z), z
         return self.net(x)
 
-    def training_step(self, batch, batch_idx):
-        if self.step_count >= self.max_steps:  # checked before any update: the run is complete
-            self.trainer.should_stop = True
-            return None
-        x, step = batch["image"].contiguous(memory_format=self.memory_format), self.step_count
-        opts = self.optimizers()
-        opts = opts if isinstance(opts, list) else [opts]
+    def training_losses(self, batch, step: int):
+        """The forward half of a training step: (total loss for the one backward pass, logs, GAN active)."""
+        x = batch["image"].contiguous(memory_format=self.memory_format)
         x_rec, z = self.reconstruct(x)
         loss, logs = self.loss.generator_loss(x, x_rec, step, last_layer=self.net.last_layer)
         logs["loss_g"] = loss.detach()
@@ -170,28 +168,60 @@ class AutoencoderModule(L.LightningModule):
         if gan:
             loss_d, d_logs = self.loss.discriminator_loss(x, x_rec, step)
             total, logs = total + loss_d, {**logs, **d_logs}
+        return total, logs, gan
+
+    def apply_update(self, opts, step: int, gan: bool) -> dict:
+        """The half after the backward pass: clip and step each optimizer, then move the teacher and the EMA."""
+        logs = {}
+        if self.ssl is not None:
+            self.ssl.cancel_last_layer_grads(step)
+        logs.update(self._clip_and_step(opts[0], self._generator_clip_groups()))
+        if gan:
+            logs.update(self._clip_and_step(opts[1], {"critic": self.loss.discriminator}))
+        self.step_count += 1
+        if self.ssl is not None:
+            logs["teacher_momentum"] = self.ssl.update_teacher(self.net.encoder, step, self.max_steps)
+        if self.ema is not None:
+            self.ema.update(self.net, self.step_count)
+        return logs
+
+    def training_step(self, batch, batch_idx):
+        if self.step_count >= self.max_steps:  # checked before any update: the run is complete
+            self.trainer.should_stop = True
+            return None
+        step = self.step_count
+        opts = self.optimizers()
+        opts = opts if isinstance(opts, list) else [opts]
+        total, logs, gan = self.training_losses(batch, step)
         check_loss(total.detach(), step, self.max_loss, self.trainer, terms=logs)
         lr_factor = warmup_cosine(step, self.warmup_steps, self.max_steps, self.min_lr_ratio)
         for o in opts:
             set_lr(o, lr_factor)
             o.zero_grad(set_to_none=True)
         self.manual_backward(total)
-        self._clip_and_step(opts[0])
-        if gan:
-            self._clip_and_step(opts[1])
-        self.step_count += 1
-        if self.ssl is not None:
-            logs["teacher_momentum"] = self.ssl.update_teacher(self.net.encoder, step, self.max_steps)
-        if self.ema is not None:
-            self.ema.update(self.net, self.step_count)
+        logs.update(self.apply_update(opts, step, gan))
         self._log_train(logs, opts[0], batch)
         if self.step_count >= self.max_steps:
             self.trainer.should_stop = True
 
-    def _clip_and_step(self, opt):
-        if self.grad_clip:
-            self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+    def _generator_clip_groups(self) -> dict:
+        # Each group is clipped by its own gradient norm. One norm over everything would let the iBOT heads
+        # (whose gradient norm is several times the autoencoder's early on) and the encoder's SSL gradient scale
+        # down the decoder's reconstruction update; per group, the decoder's clipping answers to L_rec alone.
+        groups = {"encoder": self.net.encoder, "decoder": self.net.decoder}
+        if self.ssl is not None:
+            groups["ssl_heads"] = self.ssl.heads
+        return groups
+
+    def _clip_and_step(self, opt, groups: dict) -> dict:
+        """Clip each group's gradient to norm grad_clip, step; returns the norms before clipping."""
+        norms = {}
+        for name, module in groups.items():
+            grads = [p for p in module.parameters() if p.grad is not None]
+            if grads and self.grad_clip:
+                norms[f"grad_norm/{name}"] = torch.nn.utils.clip_grad_norm_(grads, self.grad_clip).detach()
         opt.step()
+        return norms
 
     def _log_train(self, logs, opt, batch):
         logs = {f"train/{k}": v for k, v in logs.items()}

@@ -47,9 +47,10 @@ class iBOTLoss(nn.Module):
                 update_center: bool = True) -> dict[str, torch.Tensor]:
         """Rows are view-major: view v of image b is row v * B + b; global views come first.
 
-        student_cls (V*B, K), student_patch (G*B, N, Kp), teacher_cls (G*B, K), teacher_patch (G*B, N, Kp),
-        masks (G*B, N) or (G*B, H, W), True = masked in the student's input. Returns the weighted total
-        "loss" and the unweighted "cls" and "mim" terms. Updates the centers afterwards unless told not to.
+        student_cls (V*B, K), student_patch (G*B, N, Kp) or only its masked tokens (M, Kp) in the order of
+        masks.nonzero(), teacher_cls (G*B, K), teacher_patch (G*B, N, Kp), masks (G*B, N) or (G*B, H, W), True =
+        masked in the student's input. Returns the weighted total "loss" and the unweighted "cls" and "mim"
+        terms. Updates the centers afterwards unless told not to.
         """
         G = self.n_global_views
         B = teacher_cls.shape[0] // G
@@ -58,12 +59,18 @@ class iBOTLoss(nn.Module):
             raise ValueError(f"expected teacher_cls with {G}*B rows and student_cls with V*B rows (V >= {G}, "
                              f"V >= 2); got {tuple(teacher_cls.shape)} and {tuple(student_cls.shape)}")
         masks = masks.flatten(1)
-        if not (student_patch.shape == teacher_patch.shape and student_patch.shape[:2] == masks.shape
-                and student_patch.shape[0] == G * B):
+        img, tok = masks.nonzero(as_tuple=True)                                        # (M,), (M,)
+        gathered = student_patch.dim() == 2
+        if not (teacher_patch.shape[:2] == masks.shape and teacher_patch.shape[0] == G * B
+                and (student_patch.shape == (len(img), teacher_patch.shape[-1]) if gathered
+                     else student_patch.shape == teacher_patch.shape)):
             raise ValueError(f"patch shapes disagree: student {tuple(student_patch.shape)}, teacher "
-                             f"{tuple(teacher_patch.shape)}, masks {tuple(masks.shape)}, {G} global views x B={B}")
+                             f"{tuple(teacher_patch.shape)}, masks {tuple(masks.shape)} with {len(img)} masked, "
+                             f"{G} global views x B={B}")
+        # fp32 losses; the teacher's patch logits (every token, the largest tensor) stay in their dtype until
+        # the masked ones are gathered, and the center reads them with fp32 accumulation.
         s_cls, s_patch = student_cls.float(), student_patch.float()
-        t_cls, t_patch = teacher_cls.detach().float(), teacher_patch.detach().float()
+        t_cls, t_patch = teacher_cls.detach().float(), teacher_patch.detach()
         temp_cls, temp_patch = self.teacher_temps(step)
 
         # [CLS]: each global teacher view supervises every student view except its own.
@@ -74,14 +81,14 @@ class iBOTLoss(nn.Module):
         loss_cls = ce[pairs].mean()
 
         # MIM: same view, masked tokens only. Gathering them first skips the softmax over the rest.
-        img, tok = masks.nonzero(as_tuple=True)                                        # (M,), (M,)
-        t = F.softmax((t_patch[img, tok] - self.center_patch[0]) / temp_patch, dim=-1)  # (M, Kp)
-        s = F.log_softmax(s_patch[img, tok] / self.student_temp, dim=-1)               # (M, Kp)
+        t = F.softmax((t_patch[img, tok].float() - self.center_patch[0]) / temp_patch, dim=-1)  # (M, Kp)
+        s = F.log_softmax((s_patch if gathered else s_patch[img, tok]) / self.student_temp, dim=-1)  # (M, Kp)
         ce_tok = -(t * s).sum(-1)                                                      # (M,)
-        # Mean over each image's masked tokens, then over the images that have any.
+        # Mean over each image's masked tokens, then over EVERY image of the view (an unmasked image adds 0),
+        # then over the G views: iBOT's per-view `mean()` and n_loss_terms. Averaging only over the masked
+        # images would scale L_MIM up by 1 / mask_probability.
         count = masks.sum(1).to(ce_tok.dtype)                                          # (G*B,)
-        n_images = (count > 0).sum().clamp(min=1)
-        loss_mim = (ce_tok / count[img]).sum() / n_images
+        loss_mim = (ce_tok / count[img]).sum() / (G * B)
 
         if update_center:
             self.update_center(t_cls, t_patch)
@@ -91,10 +98,11 @@ class iBOTLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_cls: torch.Tensor, teacher_patch: torch.Tensor) -> None:
         """EMA of the teacher's mean [CLS] and patch outputs, averaged over all ranks when distributed."""
-        t_cls, t_patch = teacher_cls.detach().float(), teacher_patch.detach().float()  # (B, K), (B, N, Kp)
+        t_cls = teacher_cls.detach().float()                                           # (B, K)
+        t_patch = teacher_patch.detach().mean(1, dtype=torch.float32)                  # (B, Kp)
         K = t_cls.shape[-1]
         # One collective for both sums and the row count (exact even if ranks hold different batch sizes).
-        stats = torch.cat([t_cls.sum(0), t_patch.mean(1).sum(0), t_cls.new_tensor([t_cls.shape[0]])])
+        stats = torch.cat([t_cls.sum(0), t_patch.sum(0), t_cls.new_tensor([t_cls.shape[0]])])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(stats)
         n = stats[-1]

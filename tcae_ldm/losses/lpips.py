@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from tcae_ldm.utils.files import require_weights, torch_hub_file
+from tcae_ldm.utils.precision import autocast_off
 
 VGG16_FILE = "vgg16-397923af.pth"
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -52,5 +53,5 @@ class FrozenLPIPS:
         """Per-image LPIPS (B,) in fp32 of images in [-1, 1]."""
         if next(self.net.parameters()).device != x.device:
             self.net.to(x.device)
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device):
             return self.net(x.float(), y.float()).flatten()

@@ -20,17 +20,23 @@ def _randint(lo: int, hi: int, generator: torch.Generator | None) -> int:
 
 
 class BlockMaskGenerator:
-    """BEiT/iBOT block-wise masking: random rectangles on an (H, W) token grid up to a target count."""
+    """BEiT/iBOT block-wise masking: random rectangles on an (H, W) token grid up to a target count.
 
-    def __init__(self, grid_h: int, grid_w: int, min_num_patches: int = 4, max_num_patches: int | None = None,
-                 min_aspect: float = 0.3, max_aspect: float | None = None, max_attempts: int = 10):
+    A block covers at least min_num_patches tokens (default: iBOT's (min(H, W) // 3) ** 2, e.g. 16 on a 14x14
+    grid; BEiT's fixed 16 was tuned for that grid) unless less than that is left to mask.
+    """
+
+    def __init__(self, grid_h: int, grid_w: int, min_num_patches: int | None = None,
+                 max_num_patches: int | None = None, min_aspect: float = 0.3, max_aspect: float | None = None,
+                 max_attempts: int = 10):
         self.height, self.width = grid_h, grid_w
-        self.min_num_patches, self.max_num_patches = min_num_patches, max_num_patches
+        self.min_num_patches = (min(grid_h, grid_w) // 3) ** 2 if min_num_patches is None else min_num_patches
+        self.max_num_patches = max_num_patches
         max_aspect = max_aspect or 1.0 / min_aspect
         self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
         self.max_attempts = max_attempts
 
-    def add_block(self, mask: torch.Tensor, max_patches: int, generator: torch.Generator | None = None) -> int:
+    def add_block(self, mask: torch.Tensor, max_patches: float, generator: torch.Generator | None = None) -> int:
         """Mask one rectangle adding at most `max_patches` new tokens; return how many (0: gave up)."""
         for _ in range(self.max_attempts):
             area = _uniform(self.min_num_patches, max_patches, generator)
@@ -49,7 +55,8 @@ class BlockMaskGenerator:
                 return new
         return 0
 
-    def __call__(self, num_masking_patches: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, num_masking_patches: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A mask of at most `num_masking_patches` tokens (iBOT passes ratio * H * W unrounded)."""
         mask = torch.zeros(self.height, self.width, dtype=torch.bool)
         count = 0
         while count < num_masking_patches:
@@ -75,13 +82,12 @@ def sample_mask_ratios(batch_size: int, ratio: float = 0.3, ratio_var: float = 0
 
 def generate_masks(batch_size: int, grid_h: int, grid_w: int, ratio: float = 0.3, ratio_var: float = 0.2,
                    mask_probability: float = 0.5, generator: torch.Generator | None = None,
-                   min_num_patches: int = 4, min_aspect: float = 0.3) -> torch.Tensor:
+                   min_num_patches: int | None = None, min_aspect: float = 0.3) -> torch.Tensor:
     """Block-wise masks for a batch; True = masked token. Returns a bool tensor (B, H, W)."""
     ratios = sample_mask_ratios(batch_size, ratio, ratio_var, mask_probability, generator)
     make = BlockMaskGenerator(grid_h, grid_w, min_num_patches=min_num_patches, min_aspect=min_aspect)
     masks = torch.zeros(batch_size, grid_h, grid_w, dtype=torch.bool)
     for i, r in enumerate(ratios.tolist()):
-        n = int(round(r * grid_h * grid_w))
-        if n > 0:
-            masks[i] = make(n, generator)
+        if r > 0:
+            masks[i] = make(r * grid_h * grid_w, generator)
     return masks

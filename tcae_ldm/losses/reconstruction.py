@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from tcae_ldm.losses.lpips import FrozenLPIPS, build_lpips
 from tcae_ldm.models.discriminator import PatchDiscriminator
+from tcae_ldm.utils.precision import autocast_off
 
 
 @dataclass
@@ -58,7 +59,7 @@ class ReconstructionLoss(nn.Module):
         """PatchGAN logits in fp32. frozen=True reads the critic's weights detached, so the generator's loss
         sends no gradient into the discriminator and both losses can share one backward pass (one DDP
         forward, one backward)."""
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device):
             if not frozen:
                 return self.discriminator(x.float()).float()
             params = {n: p.detach() for n, p in self.discriminator.named_parameters()}

@@ -10,14 +10,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from einops import rearrange
 
 from tcae_ldm.losses.ibot import cosine_momentum, iBOTLoss
 from tcae_ldm.losses.masking import generate_masks
 from tcae_ldm.models.ema import ema_update_
 from tcae_ldm.models.ibot import iBOTHeads
+from tcae_ldm.utils.seeding import default_seed, seed_of
 
 
 @dataclass
@@ -31,7 +32,7 @@ class SSLConfig:
     hidden_dim: int = 2048              # head MLP width
     bottleneck_dim: int = 256           # head bottleneck before the weight-normalised layer
     head_layers: int = 3
-    mask_ratio: float = 0.3             # mean fraction of patches masked in a masked global view
+    mask_ratio: float = 0.3             # mean fraction of the heads' tokens masked in a masked global view
     mask_ratio_var: float = 0.2         # ratio drawn uniformly in [ratio - var, ratio + var]
     mask_probability: float = 0.5       # fraction of global views that are masked at all
     student_temp: float = 0.1
@@ -39,12 +40,21 @@ class SSLConfig:
     teacher_patch_temp: float = 0.07    # patch teacher temperature after warm-up
     warmup_teacher_temp: float = 0.04   # both teacher temperatures start here ...
     teacher_temp_warmup_steps: int = 10000  # ... and reach their final value after this many steps
-    momentum_base: float = 0.996        # teacher EMA momentum, cosine schedule to 1 over training
+    momentum_base: float = 0.996        # teacher EMA momentum, cosine to 1 (iBOT: 0.996; 0.9995 at batch 256)
+    freeze_last_layer_steps: int = 0    # first steps without update of the prototypes (iBOT: one epoch)
     lambda_cls: float = 1.0
     lambda_mim: float = 1.0
 
 
 torch.serialization.add_safe_globals([SSLConfig])
+
+
+def draw_masks(cfg: SSLConfig, n: int, grid: int, step: int) -> torch.Tensor:
+    """Block masks (n, grid, grid), a function of (seed, step, rank): reproducible on resume, different on every
+    DDP rank (each rank holds other images). The seed is seed_everything's."""
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    gen = torch.Generator().manual_seed(seed_of(default_seed(None), step, rank))
+    return generate_masks(n, grid, grid, cfg.mask_ratio, cfg.mask_ratio_var, cfg.mask_probability, generator=gen)
 
 
 class iBOTObjective(nn.Module):
@@ -64,42 +74,50 @@ class iBOTObjective(nn.Module):
                              warmup_teacher_patch_temp=cfg.warmup_teacher_temp,
                              teacher_patch_temp=cfg.teacher_patch_temp, warmup_steps=cfg.teacher_temp_warmup_steps,
                              lambda_cls=cfg.lambda_cls, lambda_mim=cfg.lambda_mim)
-        self.patch_size = encoder.patch_size
 
-    def _tokens(self, encoder, x, mask=None):
-        """[CLS] (B, D) and token grid (B, N, D) at the configured stage."""
-        f = encoder.forward_features(x, mask=mask, upto=self.cfg.heads_on)
-        return f[f"{self.cfg.heads_on}_cls"][:, 0], rearrange(f[self.cfg.heads_on], "b h w d -> b (h w) d")
-
-    def _token_mask(self, mask, grid_h):
-        """Patch mask (B, H, W) -> mask of the tokens the heads read: a coarse token counts as masked when
-        any of its patches is, since the student then cannot see all of what the teacher saw."""
-        if mask.shape[1] != grid_h:
-            mask = F.adaptive_max_pool2d(mask[:, None].float(), grid_h)[:, 0].bool()
-        return mask.flatten(1)
+    def features(self, encoder, x, mask=None):
+        """[CLS] (B, D) and tokens (B, N, D) at the configured stage, through the encoder's final norm there
+        (iBOT's heads read the backbone's normed output; see TCAEEncoder.stage_norm)."""
+        stage = self.cfg.heads_on
+        f = encoder.forward_features(x, mask=mask, upto=stage)
+        norm = encoder.stage_norm(stage)
+        return norm(f[f"{stage}_cls"][:, 0]), norm(rearrange(f[stage], "b h w d -> b (h w) d"))
 
     def forward(self, encoder, global_views, local_views, step: int):
         """global_views (B, 2, 3, G, G), local_views (B, n, 3, L, L) -> (L_iBOT, logs)."""
         B = global_views.shape[0]
         g = rearrange(global_views, "b v c h w -> (v b) c h w")  # view-major rows, as iBOTLoss expects
-        grid = g.shape[-1] // self.patch_size
-        gen = torch.Generator().manual_seed(step)  # masks are a function of the step: reproducible on resume
-        masks = generate_masks(2 * B, grid, grid, self.cfg.mask_ratio, self.cfg.mask_ratio_var,
-                               self.cfg.mask_probability, generator=gen).to(g.device)
-        s_cls, s_tok = self._tokens(encoder, g, masks)
-        s_cls_out, s_patch_out = self.heads(s_cls, s_tok)  # (2B, K), (2B, N, Kp)
-        if local_views.shape[1]:  # local crops only take part in the [CLS] term
-            l_cls, _ = self._tokens(encoder, rearrange(local_views, "b v c h w -> (v b) c h w"))
-            s_cls_out = torch.cat([s_cls_out, self.heads.cls_head(l_cls)])
-        with torch.no_grad():
-            t_cls, t_tok = self._tokens(self.teacher["encoder"], g)
-            t_cls_out, t_patch_out = self.teacher["heads"](t_cls, t_tok)
-        token_grid = int(round(s_tok.shape[1] ** 0.5))
-        out = self.loss(s_cls_out.float(), s_patch_out.float(), t_cls_out.float(), t_patch_out.float(),
-                        self._token_mask(masks, token_grid), step)
+        # Masks are drawn on the grid the heads read and cover whole tokens there, as iBOT does for its
+        # hierarchical (Swin) backbone: every masked token is wholly hidden from the student.
+        grid = g.shape[-1] // encoder.stage_stride(self.cfg.heads_on)
+        masks = draw_masks(self.cfg, 2 * B, grid, step).to(g.device)                 # (2B, h, w)
+        token_mask = masks.flatten(1)                                                 # (2B, N)
+        s_cls, s_tok = self.features(encoder, g, masks)                               # (2B, D), (2B, N, D)
+        if local_views.shape[1]:  # local crops take part in the [CLS] term only: one batched forward
+            l_cls, _ = self.features(encoder, rearrange(local_views, "b v c h w -> (v b) c h w"))
+            s_cls = torch.cat([s_cls, l_cls])                                         # (V*B, D)
+        # Only the masked tokens enter L_MIM: the student's heads skip the others (same loss, same gradient).
+        s_cls_out, s_patch_out = self.heads(s_cls, s_tok[token_mask])                # (V*B, K), (M, Kp)
+        with torch.inference_mode():
+            t_cls, t_tok = self.features(self.teacher["encoder"], g)
+            t_cls_out, t_patch_out = self.teacher["heads"](t_cls, t_tok)              # (2B, K), (2B, N, Kp)
+        out = self.loss(s_cls_out, s_patch_out, t_cls_out, t_patch_out, token_mask, step)  # fp32 inside
         logs = {"ibot": out["loss"].detach(), "ibot_cls": out["cls"].detach(), "ibot_mim": out["mim"].detach(),
-                "mask_ratio": masks.float().mean()}
+                "mask_ratio": token_mask.float().mean()}
         return out["loss"], logs
+
+    def last_layer_parameters(self) -> list[nn.Parameter]:
+        """The weight-normalised prototype layers of the student heads (what freeze_last_layer_steps holds)."""
+        return [p for n, p in self.heads.named_parameters() if ".last_layer." in f".{n}"]
+
+    def cancel_last_layer_grads(self, step: int) -> bool:
+        """Drop the prototypes' gradients during the first freeze_last_layer_steps steps (iBOT/DINO's
+        freeze_last_layer): with no gradient, the optimizer leaves them untouched. True while frozen."""
+        if step >= self.cfg.freeze_last_layer_steps:
+            return False
+        for p in self.last_layer_parameters():
+            p.grad = None
+        return True
 
     @torch.no_grad()
     def update_teacher(self, encoder, step: int, total_steps: int) -> float:
@@ -107,3 +125,8 @@ class iBOTObjective(nn.Module):
         ema_update_(self.teacher["encoder"], encoder, m)
         ema_update_(self.teacher["heads"], self.heads, m)
         return m
+
+    @torch.no_grad()
+    def init_teacher(self, encoder) -> None:
+        """The teacher's encoder copy takes the student encoder's current weights (after init_from)."""
+        self.teacher["encoder"].load_state_dict(encoder.state_dict())

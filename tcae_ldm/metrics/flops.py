@@ -1,6 +1,8 @@
 """Model cost: parameter counts and GMACs (what papers call "GFLOPs": multiply-accumulates)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
@@ -22,6 +24,13 @@ def count_gmacs(model: nn.Module, *inputs, **kwargs) -> float:
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter:
         model(*inputs, **kwargs)
     return counter.get_total_flops() / 2 / 1e9  # the counter reports 2 FLOPs per MAC
+
+
+def count_call_gmacs(fn: Callable[[], object]) -> float:
+    """GMACs of everything fn() runs, backward passes included; works on meta tensors."""
+    with FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter:
+        fn()
+    return counter.get_total_flops() / 2 / 1e9
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:

@@ -5,7 +5,41 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils.parametrizations import weight_norm
+
+#################################################################################
+#                                    Layers                                     #
+#################################################################################
+
+class WeightNormLinear(nn.Module):
+    """Bias-free linear layer whose weight is g * v / ||v|| per output row (weight normalisation).
+
+    Written out rather than through torch's parametrization, whose generated class cannot be pickled: a module
+    holding one could not be sent to `ddp_spawn` processes. Same parameters, shapes and order as
+    `torch.nn.utils.parametrizations.weight_norm`, whose checkpoint keys still load.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_g = nn.Parameter(torch.ones(out_features, 1))                 # per-row length
+        self.weight_v = nn.Parameter(torch.empty(out_features, in_features))      # direction
+        nn.init.trunc_normal_(self.weight_v, std=0.02)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True))  # (out, in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Keys written by torch's weight_norm parametrization: original0 = g, original1 = v.
+        for old, new in (("parametrizations.weight.original0", "weight_g"),
+                         ("parametrizations.weight.original1", "weight_v")):
+            if prefix + old in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
 #################################################################################
 #                                    Heads                                      #
@@ -25,8 +59,7 @@ class iBOTHead(nn.Module):
             if i < nlayers - 1:
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
-        # weight = g * v / ||v|| per output row; g is "original0", v is "original1".
-        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
         self.initialize_weights(norm_last_layer)
 
     def initialize_weights(self, norm_last_layer: bool) -> None:
@@ -34,13 +67,11 @@ class iBOTHead(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        wn = self.last_layer.parametrizations.weight
-        nn.init.trunc_normal_(wn.original1, std=0.02)
         # Unit-length prototypes make the logits cosine similarities; freezing the length (DINO's
         # norm_last_layer) keeps early training stable.
         with torch.no_grad():
-            wn.original0.fill_(1.0)
-        wn.original0.requires_grad_(not norm_last_layer)
+            self.last_layer.weight_g.fill_(1.0)
+        self.last_layer.weight_g.requires_grad_(not norm_last_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., in_dim)
@@ -67,8 +98,9 @@ class iBOTHeads(nn.Module):
         self.patch_head = None if shared else iBOTHead(in_dim, patch_out_dim, **kw)
 
     def forward(self, cls: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # cls: (B, D), patches: (B, N, D)
+        # cls: (B, D); patches: (B, N, D), or any (..., D) such as the masked tokens only (M, D)
         if self.patch_head is None:
-            out = self.cls_head(torch.cat([cls[:, None], patches], dim=1))  # (B, 1 + N, K): one matmul
-            return out[:, 0], out[:, 1:]                                      # (B, K), (B, N, K)
-        return self.cls_head(cls), self.patch_head(patches)                  # (B, K), (B, N, Kp)
+            flat = patches.reshape(-1, patches.shape[-1])
+            out = self.cls_head(torch.cat([cls, flat]))                         # (B + B*N, K): one matmul
+            return out[:cls.shape[0]], out[cls.shape[0]:].view(*patches.shape[:-1], out.shape[-1])  # (B, K), (..., K)
+        return self.cls_head(cls), self.patch_head(patches)                      # (B, K), (..., Kp)

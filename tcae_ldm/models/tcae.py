@@ -11,13 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import (
-    Mlp,
-    PatchEmbed,
-    build_sincos2d_pos_embed,
-    resample_abs_pos_embed,
-    trunc_normal_,
-)
+from timm.layers import Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.layers.pos_embed_sincos import freq_bands, ndgrid
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 
@@ -52,8 +47,24 @@ def _check_grid(h: int, w: int, stride: int, where: str) -> None:
 #                               Embedding layers                                #
 #################################################################################
 
+def sincos2d(ys: torch.Tensor, xs: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """(len(ys) * len(xs), dim) sin-cos embedding of the grid ys x xs (row-major), at any real coordinates;
+    the layout of timm's build_sincos2d_pos_embed ([sin y, sin x, cos y, cos x]), equal to it bit for bit at
+    integer coordinates."""
+    bands = freq_bands(dim // 4, temperature=temperature, step=1, device=ys.device)  # (dim/4,)
+    grid = torch.stack(ndgrid(ys, xs)).flatten(1).transpose(0, 1)                  # (h*w, 2)
+    pos = grid.unsqueeze(-1) * bands.unsqueeze(0)                                   # (h*w, 2, dim/4)
+    return torch.stack([torch.sin(pos), torch.cos(pos)], dim=1).flatten(1)          # (h*w, dim)
+
+
 class PosEmbed2d(nn.Module):
-    """Absolute 2-D position embedding for any token grid: fixed sin-cos, or learned and resampled."""
+    """Absolute 2-D position embedding, fixed sin-cos or learned, for a table of grid x grid positions.
+
+    A token grid of another size spans the same range as the table, at finer or coarser spacing (iBOT / DINO's
+    interpolate_pos_encoding): an iBOT crop is embedded as a whole field of view, as the full image is, rather
+    than as the table's top-left corner. Sin-cos is evaluated at the exact coordinates that a bicubic resize of
+    its table would sample; a learned table is resized bicubically (no antialiasing, as the reference).
+    """
 
     def __init__(self, dim: int, grid: int, kind: str = "sincos"):
         super().__init__()
@@ -64,13 +75,21 @@ class PosEmbed2d(nn.Module):
             self.weight = nn.Parameter(torch.zeros(1, grid * grid, dim))
             trunc_normal_(self.weight, std=0.02)
 
+    def coords(self, n: int, device: torch.device | None = None) -> torch.Tensor:
+        """Table coordinates (0 .. grid - 1) of n tokens along one axis: the sample points of an
+        align_corners=False resize from grid to n, which are 0, 1, ..., grid - 1 when n == grid."""
+        return (torch.arange(n, device=device, dtype=torch.float32) + 0.5) * (self.grid / n) - 0.5
+
     def forward(self, h: int, w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         if self.kind == "sincos":
-            pe = build_sincos2d_pos_embed([h, w], dim=self.dim, device=device)  # (h*w, D)
+            pe = sincos2d(self.coords(h, device), self.coords(w, device), self.dim)  # (h*w, D)
             return pe.to(dtype).unsqueeze(0)
         if (h, w) == (self.grid, self.grid):
             return self.weight.to(dtype)
-        return resample_abs_pos_embed(self.weight, [h, w], [self.grid, self.grid], num_prefix_tokens=0).to(dtype)
+        # The reference passes scale_factor = (n + 0.1) / grid to dodge a rounding of the output size; the
+        # size itself gives the exact sample points.
+        return resample_abs_pos_embed(self.weight, [h, w], [self.grid, self.grid], num_prefix_tokens=0,
+                                      antialias=False).to(dtype)
 
 
 #################################################################################
@@ -195,17 +214,36 @@ class TCAEEncoder(nn.Module):
             self.down = self.coarse = None
         self.to_latent = LatentProjection(dim, final_stride, latent_channels)
 
+    def stage_stride(self, stage: str) -> int:
+        """Pixels per token side on the 'fine' or 'coarse' grid."""
+        return self.patch_size * (self.down.stride if stage == "coarse" and self.staged else 1)
+
+    def stage_norm(self, stage: str) -> nn.LayerNorm:
+        """The LayerNorm the encoder applies next to the tokens of a stage ('coarse': the final bottleneck's,
+        'fine': the intermediate one's): the encoder's own final norm for features read at that stage, as a
+        ViT's heads read the output of its final norm."""
+        return self.down.norm if stage == "fine" and self.staged else self.to_latent.norm
+
     def forward_features(self, x, mask=None, upto: str = "latent") -> dict:
         """Run the encoder up to 'fine', 'coarse' or 'latent'; returns the grids and [CLS] seen so far.
 
-        mask: (B, H/p, W/p) bool, True where a patch is replaced by the learned mask token.
+        mask: (B, H/q, W/q) bool, True where the patches under a cell are replaced by the learned mask token;
+        q is the patch size or a multiple of it (a mask drawn on the coarse grid covers whole coarse tokens,
+        as iBOT expands its Swin masks from the last stage's grid to the patches).
         """
         if x.shape[-1] % self.patch_size or x.shape[-2] % self.patch_size:
             raise ValueError(f"image of {x.shape[-2]}x{x.shape[-1]} is not divisible by patch_size={self.patch_size}")
         x = self.patch_embed(x)  # (B, H1, W1, D)
         if mask is not None:
+            fh, fw = x.shape[1] // mask.shape[1], x.shape[2] // mask.shape[2]
+            if (mask.shape[1] * fh, mask.shape[2] * fw) != tuple(x.shape[1:3]):
+                raise ValueError(f"a {mask.shape[1]}x{mask.shape[2]} mask does not tile the {x.shape[1]}x"
+                                 f"{x.shape[2]} patch grid")
+            mask = mask.repeat_interleave(fh, 1).repeat_interleave(fw, 2)  # (B, H1, W1)
             x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
-        cls = None if self.cls_token is None else self.cls_token.expand(x.shape[0], -1, -1)
+        # repeat, not expand: a view of a parameter taken under no_grad still says requires_grad (without a
+        # grad_fn), which breaks torch's FLOP counter when it is passed to a module
+        cls = None if self.cls_token is None else self.cls_token.repeat(x.shape[0], 1, 1)
         out = {}
         x, cls = self.fine(x, cls)  # (B, H1, W1, D)
         out["fine"], out["fine_cls"] = x, cls

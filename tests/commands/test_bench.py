@@ -136,3 +136,48 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_flagged(tiny_run):
               "env": {**saved["env"], "cpu_native_bf16": False}}
     assert "has no bf16 instructions (AVX512-BF16 / AMX)" in bench.tables(report)
 
+
+
+def test_joint_step_breakdown_on_tiny_presets(tmp_path):
+    """--joint-step: every pass of one joint step counted and timed; the passes add up to the step."""
+    from tcae_ldm.commands.bench.joint import PASSES
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = bench.main(["--joint-step", "--tiny", "--repeats", "1", "--device", "cpu",
+                             "--out", str(tmp_path / "joint.json")])
+    finally:
+        torch.set_num_threads(threads)
+    saved = json.loads((tmp_path / "joint.json").read_text())["joint_step"]
+    assert saved["net"] == "TC-AE-T/p4-c16" and saved["config"].endswith("configs/demo/tcae.yaml")
+    g = saved["gmacs"]
+    names = [n for n, _, _ in PASSES if n != "update"]
+    assert sorted(g["passes"]) == sorted(names)
+    for name in names:
+        assert g["passes"][name]["train"] >= g["passes"][name]["forward"] > 0 or name == "lpips"  # demo: no LPIPS
+    sg, t = g["passes"]["student_global"], g["passes"]["teacher"]
+    assert t["forward"] == t["train"] == sg["forward"]          # the same encoder on the same crops, no backward
+    assert sg["train"] == pytest.approx(3 * sg["forward"], rel=0.05)  # backward = 2 forwards
+    ssl = sum(g["passes"][n]["train"] for n, part, _ in PASSES if part == "ssl")
+    assert g["step"]["joint"] == pytest.approx(g["step"]["reconstruction_only"] + ssl)
+    timing = saved["timing"]["fp32"]
+    assert set(timing["median_s"]) == {"step_joint", "step_reconstruction_only", *names, "update",
+                                       "update_reconstruction_only"}
+    # every second of the joint step is either a pass or one of the two measured residuals
+    total = sum(timing["share"].values()) + (timing["rest_of_reconstruction"] + timing["rest_of_ssl"]) / \
+        timing["median_s"]["step_joint"]
+    assert total == pytest.approx(1.0)
+    assert timing["ratio"] == pytest.approx(timing["median_s"]["step_joint"] / timing["median_s"]["step_reconstruction_only"])
+    text = bench.joint_tables(report)
+    for name in (*names, "update", "STEP joint", "STEP reconstruction_only", "joint / reconstruction-only step"):
+        assert name in text
+
+
+def test_joint_step_refuses_a_config_without_ibot(tmp_path):
+    from tcae_ldm.commands.bench.joint import read_spec
+
+    with pytest.raises(ValueError, match="needs a config with model.init_args.ssl"):
+        read_spec("configs/demo/dcae.yaml")
+    with pytest.raises(FileNotFoundError, match="--joint-config: no such file"):
+        read_spec(str(tmp_path / "missing.yaml"))

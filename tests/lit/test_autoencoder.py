@@ -29,10 +29,11 @@ from tests.tiny import (
 )
 
 
-def _ssl_module(**kw):
+def _ssl_module(ssl_args=None, **kw):
     from tcae_ldm.losses.ssl import SSLConfig
 
-    ssl = SSLConfig(out_dim=64, patch_out_dim=64, hidden_dim=32, bottleneck_dim=16, teacher_temp_warmup_steps=2)
+    ssl = SSLConfig(out_dim=64, patch_out_dim=64, hidden_dim=32, bottleneck_dim=16, teacher_temp_warmup_steps=2,
+                    **(ssl_args or {}))
     return tiny_module(ssl=ssl, **kw)
 
 
@@ -158,6 +159,66 @@ def test_joint_ibot_step_trains_student_and_moves_teacher_by_ema():
     expected = 0.996 * teacher0[f"encoder.{k}"] + 0.004 * enc1[k]
     assert torch.allclose(t1[f"encoder.{k}"], expected, atol=1e-7)
     assert not torch.equal(enc0[k], enc1[k])
+
+
+def test_module_with_ibot_heads_pickles():
+    """ddp_spawn pickles the module to start its processes (a 2-process spawn run takes half a minute, so the
+    test stops at the pickling, which is what failed with torch's weight-norm parametrization)."""
+    import functools
+    import pickle
+
+    module = _ssl_module(optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+                         disc_optimizer=functools.partial(torch.optim.AdamW, lr=1e-3))
+    copy = pickle.loads(pickle.dumps(module))
+    cls, tokens = torch.randn(2, 32), torch.randn(2, 3, 32)
+    for a, b in zip(module.ssl.heads(cls, tokens), copy.ssl.heads(cls, tokens)):
+        assert torch.equal(a, b)
+
+
+def test_freeze_last_layer_keeps_the_prototypes_for_its_steps():
+    torch.manual_seed(0)
+    module = _ssl_module(max_steps=1, ssl_args={"freeze_last_layer_steps": 1})
+    heads0 = {k: v.clone() for k, v in module.ssl.heads.state_dict().items()}
+    tiny_trainer("/tmp/tcae_ssl_freeze").fit(module, _ssl_data())
+    changed = {k for k, v in module.ssl.heads.state_dict().items() if not torch.equal(v, heads0[k])}
+    assert changed and not any("last_layer" in k for k in changed)  # the MLP learned, the prototypes did not
+
+
+def test_each_group_is_clipped_by_its_own_gradient_norm():
+    """A large SSL-head gradient does not scale down the decoder's (reconstruction) update."""
+    module = _ssl_module()
+    groups = module._generator_clip_groups()
+    assert list(groups) == ["encoder", "decoder", "ssl_heads"]
+    norms_in = {"encoder": 3.0, "decoder": 0.5, "ssl_heads": 100.0}
+    for name, m in groups.items():
+        params = list(m.parameters())
+        for p in params:
+            p.grad = torch.full_like(p, norms_in[name] / sum(q.numel() for q in params) ** 0.5)
+    decoder_grads = [p.grad.clone() for p in module.net.decoder.parameters()]
+
+    class _Stepless:
+        def step(self):
+            pass
+
+    norms = module._clip_and_step(_Stepless(), groups)
+    assert {k: round(float(v), 4) for k, v in norms.items()} == {f"grad_norm/{k}": v for k, v in norms_in.items()}
+    assert all(torch.equal(a, p.grad) for a, p in zip(decoder_grads, module.net.decoder.parameters()))
+    for name in ("encoder", "ssl_heads"):
+        total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in groups[name].parameters()]))
+        assert total == pytest.approx(1.0, rel=1e-5)
+
+
+def test_init_from_initialises_the_teacher(tmp_path):
+    torch.manual_seed(0)
+    joint = _ssl_module(max_steps=1)
+    tiny_trainer(str(tmp_path / "joint")).fit(joint, _ssl_data())
+    ckpt = str(tmp_path / "joint" / "ckpt" / "last.ckpt")
+    torch.manual_seed(1)
+    fresh = _ssl_module(init_from=ckpt)
+    fresh.setup("fit")
+    student, teacher = fresh.net.encoder.state_dict(), fresh.ssl.teacher["encoder"].state_dict()
+    assert all(torch.equal(v, student[k]) for k, v in teacher.items())
+    assert all(torch.equal(v, joint.eval_net.encoder.state_dict()[k]) for k, v in teacher.items())  # EMA weights
 
 
 def test_ssl_without_views_and_ssl_in_decoder_finetune_are_refused():

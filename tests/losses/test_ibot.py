@@ -1,4 +1,5 @@
-"""iBOT heads, block-wise masking, loss/centering (single process and gloo), EMA teacher, tiny overfit."""
+"""The iBOT loss against the reference's arithmetic, centering and per-rank masks (single process and gloo),
+the teacher's momentum schedule."""
 import copy
 import math
 import os
@@ -11,6 +12,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from tcae_ldm.losses.ibot import cosine_momentum, iBOTLoss
+from tcae_ldm.losses.masking import generate_masks
+from tcae_ldm.losses.ssl import SSLConfig, draw_masks
+from tcae_ldm.utils.seeding import seed_of
 
 
 def _loss_inputs(B=2, V=4, G=2, N=6, K=5, seed=0):
@@ -71,11 +75,48 @@ def test_mim_ignores_unmasked_positions():
     assert torch.equal(crit(**x2, step=0, update_center=False)["mim"], base["mim"])
     x2["student_patch"][x["masks"]] += torch.randn(int(x["masks"].sum()), 5)  # (a constant shift would not count)
     assert crit(**x2, step=0, update_center=False)["mim"] != base["mim"]
-    # Per image mean over its masked tokens, then mean over the two images that have any.
+    # Per image mean over its masked tokens, then mean over all four images (two of them unmasked: 0).
     t = F.softmax(x["teacher_patch"] / 0.07, -1)
     ce = -(t * F.log_softmax(x["student_patch"] / 0.1, -1)).sum(-1)
-    expected = 0.5 * (ce[0, :3].mean() + ce[-1, 2:].mean())
+    expected = (ce[0, :3].mean() + ce[-1, 2:].mean()) / 4
     assert torch.allclose(base["mim"], expected, atol=1e-6)
+
+
+def _reference_loss(s_cls, s_patch, t_cls, t_patch, masks, G, temp, temp2, student_temp=0.1):
+    """iBOT's iBOTLoss.forward arithmetic (bytedance/ibot main_ibot.py), loop for loop: per view pair, the
+    [CLS] cross-entropy's batch mean; for the same view, per image the masked tokens' mean (clamped count),
+    then the batch mean; each sum divided by its number of terms. Zero centers."""
+    s_cls_c, s_patch_c = (s_cls / student_temp).chunk(s_cls.shape[0] // (t_cls.shape[0] // G)), \
+        (s_patch / student_temp).chunk(G)
+    t_cls_c, t_patch_c = F.softmax(t_cls / temp, -1).chunk(G), F.softmax(t_patch / temp2, -1).chunk(G)
+    m_c = masks.flatten(1).float().chunk(G)
+    cls, n_cls, mim, n_mim = 0.0, 0, 0.0, 0
+    for q in range(G):
+        for v in range(len(s_cls_c)):
+            if v == q:
+                tok = (-t_patch_c[q] * F.log_softmax(s_patch_c[v], -1)).sum(-1)        # (B, N)
+                per_image = (tok * m_c[v]).sum(-1) / m_c[v].sum(-1).clamp(min=1.0)     # (B,)
+                mim, n_mim = mim + per_image.mean(), n_mim + 1
+            else:
+                cls = cls + (-t_cls_c[q] * F.log_softmax(s_cls_c[v], -1)).sum(-1).mean()
+                n_cls += 1
+    return cls / n_cls, mim / n_mim
+
+
+@pytest.mark.parametrize("V", [2, 6])
+def test_loss_matches_the_reference_arithmetic_when_half_the_views_are_unmasked(V):
+    G, B, N, K = 2, 4, 9, 7
+    g = torch.Generator().manual_seed(V)
+    x = dict(student_cls=torch.randn(V * B, K, generator=g), student_patch=torch.randn(G * B, N, K, generator=g),
+             teacher_cls=torch.randn(G * B, K, generator=g), teacher_patch=torch.randn(G * B, N, K, generator=g))
+    masks = torch.rand(G * B, N, generator=g) < 0.4
+    masks[::2] = False                                   # half of the global views carry no mask at all
+    masks[1, 0] = True                                   # (and every other one at least one masked token)
+    assert masks.any(1).sum() == G * B // 2
+    out = iBOTLoss(K, student_temp=0.1, warmup_teacher_temp=0.04, warmup_teacher_patch_temp=0.05,
+                   warmup_steps=10)(**x, masks=masks, step=0, update_center=False)
+    cls, mim = _reference_loss(*x.values(), masks, G, temp=0.04, temp2=0.05)
+    assert torch.allclose(out["cls"], cls, atol=1e-6) and torch.allclose(out["mim"], mim, atol=1e-6)
 
 
 def test_center_update_single_process():
@@ -107,6 +148,30 @@ def test_center_update_all_reduced_over_gloo(tmp_path):
         assert torch.allclose(res["center"], 0.1 * cls.mean(0, keepdim=True), atol=1e-6)
         assert torch.allclose(res["center_patch"], 0.1 * patch.mean((0, 1), keepdim=True), atol=1e-6)
     assert torch.equal(results[0]["center"], results[1]["center"])
+
+
+def _mask_worker(rank, world_size, init_method, out_dir):
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
+    try:
+        os.environ["PL_GLOBAL_SEED"] = "7"
+        torch.save({s: draw_masks(SSLConfig(), 8, 14, step=s) for s in (0, 1)}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_masks_differ_per_ddp_rank_over_gloo(tmp_path):
+    """Every rank draws its own masks, a function of (seed, step, rank): not the same masks on every GPU."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_mask_worker, args=(2, f"tcp://127.0.0.1:{port}", str(tmp_path)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    for step in (0, 1):
+        assert not torch.equal(got[0][step], got[1][step])
+        for rank in range(2):
+            gen = torch.Generator().manual_seed(seed_of(7, step, rank))
+            assert torch.equal(got[rank][step], generate_masks(8, 14, 14, generator=gen))
 
 
 def test_momentum_schedule():

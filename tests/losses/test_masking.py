@@ -9,13 +9,29 @@ from tcae_ldm.losses.masking import (
 
 
 def test_block_masks_reach_target_ratio():
-    make = BlockMaskGenerator(14, 14)
     g = torch.Generator().manual_seed(0)
+    small = BlockMaskGenerator(14, 14, min_num_patches=4)
+    iBOT = BlockMaskGenerator(14, 14)  # iBOT's minimum block area: (14 // 3) ** 2 = 16 tokens
+    assert iBOT.min_num_patches == 16 and BlockMaskGenerator(28, 28).min_num_patches == 81
     for ratio in (0.1, 0.3, 0.5):
-        target = round(ratio * 14 * 14)
+        target = ratio * 14 * 14  # unrounded, as iBOT's loader passes it
         for _ in range(30):
-            count = int(make(target, g).sum())
-            assert target - 3 <= count <= target  # never overshoots; may stop a few tokens short
+            assert target - 4 < int(small(target, g).sum()) <= target  # small blocks fill the target closely
+        counts = [int(iBOT(target, g).sum()) for _ in range(100)]
+        # never overshoots; stops short when no block of the minimum area fits what is left
+        assert max(counts) <= target and sum(counts) / len(counts) > target - 16
+
+
+def test_blocks_have_the_minimum_area():
+    """Every first block covers about (min(H, W) // 3) ** 2 tokens or more (up to rounding of its sides)."""
+    g = torch.Generator().manual_seed(4)
+    for grid, low in ((14, 16), (28, 81)):
+        make = BlockMaskGenerator(grid, grid)
+        areas = []
+        for _ in range(200):
+            mask = torch.zeros(grid, grid, dtype=torch.bool)
+            areas.append(make.add_block(mask, 2 * low, g))
+        assert min(areas) >= 0.75 * low and sorted(areas)[100] >= low
 
 
 def test_single_block_is_a_rectangle():

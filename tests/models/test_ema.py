@@ -27,8 +27,8 @@ def test_update_lerps_trained_parameters_and_copies_the_rest():
         want = 0.9 * before[n] + 0.1 * sp if n in trained else sp
         assert torch.allclose(p, want, atol=1e-7), n
     assert torch.equal(average[1].running_mean, student[1].running_mean)  # buffers are copied
-    g = average[2].last_layer.parametrizations.weight.original0  # frozen prototype lengths: copied, exactly 1
-    assert not student[2].last_layer.parametrizations.weight.original0.requires_grad and torch.all(g == 1)
+    g = average[2].last_layer.weight_g  # frozen prototype lengths: copied, exactly 1
+    assert not student[2].last_layer.weight_g.requires_grad and torch.all(g == 1)
 
 
 def test_frozen_parameters_never_drift():

@@ -104,3 +104,70 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_net_args):
         if pa.grad is not None:
             assert torch.allclose(pa.grad, pb.grad, atol=1e-6), n
 
+
+
+def _sincos_positions(pe: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read (row, column) coordinates back off sin-cos embeddings (N, dim) from their lowest frequency band,
+    whose phase is below pi over the whole table, so atan2 gives it without wrapping."""
+    q = dim // 4
+    w = 1.0 / 10000.0 ** ((q - 1) / q)
+    y = torch.atan2(pe[:, q - 1], pe[:, 2 * q + q - 1]) / w
+    x = torch.atan2(pe[:, 2 * q - 1], pe[:, 3 * q + q - 1]) / w
+    return y, x
+
+
+def test_crops_span_the_whole_position_table():
+    """A 224 crop of a 256 model (p8: 28 of 32 positions per side) and a 96 crop (12 of 32) are embedded over the
+    whole table, at the sample points of iBOT's interpolate_pos_encoding (bicubic, align_corners=False), not as
+    its top-left corner; the model's own size keeps today's table bit for bit."""
+    from timm.layers import build_sincos2d_pos_embed
+
+    net = create_tcae("TC-AE-T/p8-c16", image_size=256, latent_size=8, cls_token=True)
+    fine, coarse = net.encoder.fine.pos, net.encoder.coarse.pos
+    assert (fine.grid, coarse.grid) == (32, 16)
+    cpu = torch.device("cpu")
+    assert torch.equal(fine(32, 32, torch.float32, cpu)[0], build_sincos2d_pos_embed([32, 32], dim=32))
+    assert torch.equal(coarse(16, 16, torch.float32, cpu)[0], build_sincos2d_pos_embed([16, 16], dim=32))
+    for crop in (224, 96):
+        for pos in (fine, coarse):
+            n = crop // 8 if pos is fine else crop // 16
+            y, x = _sincos_positions(pos(n, n, torch.float32, cpu)[0], 32)
+            # token i sits at (i + 0.5) * grid / n - 0.5: the first and last half-cells of the table, evenly spaced
+            want = (torch.arange(n) + 0.5) * pos.grid / n - 0.5
+            assert torch.allclose(y.view(n, n)[:, 0], want, atol=2e-3) and torch.allclose(x.view(n, n)[0], want, atol=2e-3)
+            assert want[0] < 1 and want[-1] > pos.grid - 2   # spans the table (the old top-left corner: 0 .. n-1)
+
+
+def test_learned_position_table_is_resized_as_the_reference_does():
+    import torch.nn.functional as F
+
+    net = create_tcae("TC-AE-T/p8-c16", image_size=256, latent_size=8, pos_embed="learned")
+    pos = net.encoder.fine.pos
+    assert pos(32, 32, torch.float32, torch.device("cpu")) is pos.weight  # the model's own size: the table itself
+    with torch.no_grad():
+        ramp = torch.arange(32.0)
+        pos.weight.zero_()
+        pos.weight.view(32, 32, 32)[..., 0] = ramp[:, None]   # channel 0 holds the row, channel 1 the column
+        pos.weight.view(32, 32, 32)[..., 1] = ramp[None, :]
+    table = pos.weight.detach().view(1, 32, 32, 32).permute(0, 3, 1, 2)
+    for n in (28, 12):
+        got = pos(n, n, torch.float32, torch.device("cpu")).detach().view(n, n, 32)
+        ref = F.interpolate(table, size=(n, n), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)[0]
+        assert torch.allclose(got, ref, atol=1e-5)
+        rows = got[:, n // 2, 0]
+        assert rows[0] < 1 and rows[-1] > 30  # the crop's first and last rows read the table's ends
+
+
+def test_masks_on_the_coarse_grid_cover_whole_coarse_tokens(tiny_net_args):
+    net = create_tcae("TC-AE-T/p4-c16", cls_token=True, **tiny_net_args)
+    x = torch.randn(2, 3, 32, 32)
+    coarse = torch.zeros(2, 4, 4, dtype=torch.bool)
+    coarse[0, 1, 2] = True
+    fine = coarse.repeat_interleave(2, 1).repeat_interleave(2, 2)   # the same cells on the 8x8 patch grid
+    a = net.encoder.forward_features(x, mask=coarse, upto="coarse")["coarse"]
+    b = net.encoder.forward_features(x, mask=fine, upto="coarse")["coarse"]
+    assert torch.equal(a, b)
+    assert net.encoder.stage_stride("coarse") == 8 and net.encoder.stage_stride("fine") == 4
+    assert net.encoder.stage_norm("coarse") is net.encoder.to_latent.norm
+    with pytest.raises(ValueError, match="a 3x3 mask does not tile the 8x8 patch grid"):
+        net.encoder.forward_features(x, mask=torch.zeros(2, 3, 3, dtype=torch.bool))

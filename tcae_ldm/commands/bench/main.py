@@ -4,6 +4,7 @@ that feed them; prints tables and writes one JSON file.
     tcae-ldm bench                                    # this machine's defaults (see --help)
     tcae-ldm bench --precisions bf16 --repeats 5 --out runs/bench.json
     tcae-ldm bench --tiny --repeats 2                 # tiny presets (tests, smoke runs)
+    tcae-ldm bench --joint-step                       # one joint TC-AE + iBOT training step, pass by pass
 
 Every speed is also given as a ratio to DC-AE's figure measured in the same run (same precision, same
 batch, rounds interleaved, medians), because absolute numbers on a shared machine mean little.
@@ -21,8 +22,8 @@ import time
 
 import torch
 
-from tcae_ldm.commands.bench import cases, timing
-from tcae_ldm.commands.bench.tables import tables
+from tcae_ldm.commands.bench import cases, joint, timing
+from tcae_ldm.commands.bench.tables import joint_tables, tables
 from tcae_ldm.models.dit import DIT_PRESETS
 from tcae_ldm.models.tcae import TCAE_PRESETS
 
@@ -69,6 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd networks (speed-up column)")
     p.add_argument("--tiny", action="store_true", help="tiny presets at 32x32 (tests, smoke runs)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--joint-step", action="store_true",
+                   help="instead of the tables above: one joint training step (reconstruction + iBOT) of "
+                        "--joint-config taken apart pass by pass, GMACs and time shares, with and without iBOT "
+                        "(--batch-size images, --precisions, --repeats)")
+    p.add_argument("--joint-config", default=None,
+                   help=f"training config of --joint-step (default {joint.PAPER_CONFIG}; with --tiny "
+                        f"{joint.TINY_CONFIG} on a TC-AE-T at 32x32)")
     p.add_argument("--out", default="bench.json", help="JSON output path")
     args = p.parse_args(argv)
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -92,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown DiT presets {bad}; known: {sorted(DIT_PRESETS)}")
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    if args.joint_config is None:
+        args.joint_config = joint.TINY_CONFIG if args.tiny else joint.PAPER_CONFIG
     return args
 
 
@@ -336,13 +346,19 @@ def run(args) -> dict:
     return report
 
 
+def run_joint_step(args) -> dict:
+    return {"env": environment(args.device), "settings": {k: (str(v) if k == "device" else v)
+                                                          for k, v in vars(args).items()},
+            "joint_step": joint.bench_joint_step(args, log)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    report = run(args)
+    report = run_joint_step(args) if args.joint_step else run(args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
-    print(tables(report))
+    print(joint_tables(report) if args.joint_step else tables(report))
     print(f"\nwrote {args.out}")
     return report
 

@@ -3,6 +3,7 @@ prints the same: `tables(json.load(open("bench.json")))`."""
 from __future__ import annotations
 
 from tcae_ldm.commands.bench.cases import INPUT_TARGET, MODES, ROUNDTRIP
+from tcae_ldm.commands.bench.joint import PASSES
 
 
 def _f(v, spec: str = ".1f") -> str:
@@ -124,3 +125,43 @@ def tables(report: dict) -> str:
                       f"bf16 convolutions run on reference kernels, so bf16 figures and ratios measure kernel "
                       f"coverage, not the networks")
     return "\n\n".join(p for p in parts if p) + "\n\n" + "\n".join(footer)
+
+
+def joint_tables(report: dict) -> str:
+    """`tcae-ldm bench --joint-step`: one joint training step pass by pass (GMACs per image, time shares)."""
+    j = report["joint_step"]
+    g, step = j["gmacs"], j["gmacs"]["step"]
+    parts = [f"One joint TC-AE step of {j['config']}: {j['net']} at {j['image_size']}px, 2 global {j['global_size']}px "
+             f"+ {j['num_local']} local {j['local_size']}px crops, {j['out_dim']} prototypes; batch {j['batch']}, "
+             f"step {j['step']} (GAN on); {g['n_masked']} masked tokens per image counted"]
+    for prec, t in j["timing"].items():
+        s, joint = t["median_s"], t["median_s"].get("step_joint")
+        rows = []
+        for name, part, what in PASSES:
+            c = g["passes"].get(name, {})
+            rows.append([name, "iBOT" if part == "ssl" else ("rec" if part == "rec" else "both"),
+                         _f(c.get("forward"), ".4g"), _f(c.get("train"), ".4g"),
+                         _f(c["train"] / step["joint"] if c else None, ".1%"), _f(_ms(s.get(name)), ".4g"),
+                         _f(t.get("share", {}).get(name), ".1%"), what])
+        rows.append(["rest (rec)", "rec", "-", _f(step["rest_of_reconstruction"], ".4g"),
+                     _f(step["rest_of_reconstruction"] / step["joint"], ".1%"), _f(_ms(t.get("rest_of_reconstruction")), ".4g"),
+                     _f(t["rest_of_reconstruction"] / joint if "rest_of_reconstruction" in t else None, ".1%"),
+                     "adaptive GAN weight (second backward through LPIPS and critic), L1"])
+        rows.append(["rest (iBOT)", "iBOT", "-", "-", "-", _f(_ms(t.get("rest_of_ssl")), ".4g"),
+                     _f(t["rest_of_ssl"] / joint if "rest_of_ssl" in t else None, ".1%"),
+                     "masks, centering, iBOT's share of the update"])
+        for key, label in (("step_reconstruction_only", "reconstruction_only"), ("step_joint", "joint")):
+            r = t["results"].get(key, {})
+            rows.append([f"STEP {label}", "", "-", _f(step[label], ".4g"), _f(step[label] / step["joint"], ".1%"),
+                         "error" if "error" in r else _f(_ms(s.get(key)), ".4g"),
+                         _f(s[key] / joint if s.get(key) and joint else None, ".1%"), ""])
+        parts.append(render(f"{prec}: GMACs per image (train = forward + backward), time per step in ms (median of "
+                            f"{report['settings']['repeats']} interleaved rounds)",
+                            ["pass", "part", "GMACs fwd", "GMACs train", "of joint", "ms", "of joint", "what"], rows))
+        parts.append(f"joint / reconstruction-only step: time {_f(t.get('ratio'), '.2f')}x, GMACs "
+                     f"{step['ratio']:.2f}x (the floor the method sets: iBOT's passes cannot be skipped)")
+    return "\n\n".join(parts)
+
+
+def _ms(v):
+    return None if v is None else 1e3 * v
