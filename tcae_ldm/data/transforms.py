@@ -1,4 +1,12 @@
-"""Image transforms: ADM-style centre crop and the [-1, 1] tensor convention."""
+"""Image transforms: ADM-style centre crop, the [-1, 1] tensor convention, and the reconstruction view.
+
+A transform is split in two so that every random draw is a function of the sample alone and a JPEG can be
+decoded at the size the transform needs:
+  params = t.draw((width, height), rng)        # random choices from the sample's own torch.Generator
+  factor = t.decode_reduction((w, h), params)  # power of two the decoder may shrink the image by (draft mode)
+  out = t.apply(image, params)                 # the image as decoded (full size, or reduced by that factor)
+`t(image, rng)` does the three on an image already in memory.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -18,10 +26,27 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
     return Image.fromarray(arr[top: top + image_size, left: left + image_size])
 
 
+def adm_halvings(size: tuple[int, int], image_size: int) -> int:
+    """How many times ADM's centre crop box-downsamples an image of this size by 2 before its bicubic resize."""
+    k, side = 0, min(size)
+    while side >= 2 * image_size:
+        side, k = side // 2, k + 1
+    return k
+
+
+def uint8_tensor(img: Image.Image | np.ndarray) -> torch.Tensor:
+    """uint8 HWC image -> uint8 (3, H, W) tensor (what the loaders carry to the device)."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float in [-1, 1]; the same arithmetic on any device."""
+    return x.float().div(127.5).sub(1.0)
+
+
 def to_tensor(img: Image.Image | np.ndarray) -> torch.Tensor:
     """uint8 HWC image -> float (3, H, W) in [-1, 1]."""
-    arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    return to_unit(uint8_tensor(img))
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -29,16 +54,36 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def flip_draw(rng: torch.Generator | None) -> bool:
+    """A fair coin from the sample's generator (torchvision's RandomHorizontalFlip(0.5) test)."""
+    return bool(torch.rand(1, generator=rng) < 0.5)
+
+
 class ImageTransform:
-    """Centre crop (ADM) + optional horizontal flip -> {'image': (3, S, S) in [-1, 1]}."""
+    """Centre crop (ADM) + optional horizontal flip -> {'image': (3, S, S)}, uint8 or float in [-1, 1].
 
-    def __init__(self, image_size: int, hflip: bool):
-        self.image_size, self.hflip = image_size, hflip
+    uint8 output is for loaders whose batches reach the device as uint8 (ImageDataModule converts them there);
+    the float output is for code that iterates a loader itself (evaluation, reports).
+    """
 
-    def __call__(self, img: Image.Image) -> dict:
+    def __init__(self, image_size: int, hflip: bool, uint8: bool = False):
+        self.image_size, self.hflip, self.uint8 = image_size, hflip, uint8
+
+    def draw(self, size: tuple[int, int], rng: torch.Generator | None) -> dict:
+        return {"flip": self.hflip and flip_draw(rng)}
+
+    def decode_reduction(self, size: tuple[int, int], params: dict) -> int:
+        # ADM halves the image while its short side is >= 2S; a JPEG decoder can do (up to 3 of) those halvings
+        # itself, in the DCT domain, for a fraction of the decoding cost.
+        return 2 ** min(adm_halvings(size, self.image_size), 3)
+
+    def apply(self, img: Image.Image, params: dict) -> dict:
         if img.size != (self.image_size, self.image_size):
             img = center_crop_arr(img, self.image_size)
-        x = to_tensor(img)
-        if self.hflip and torch.rand(()) < 0.5:
+        x = uint8_tensor(img)
+        if params["flip"]:
             x = x.flip(-1)
-        return {"image": x}
+        return {"image": x if self.uint8 else to_unit(x)}
+
+    def __call__(self, img: Image.Image, rng: torch.Generator | None = None) -> dict:
+        return self.apply(img, self.draw(img.size, rng))
