@@ -101,8 +101,10 @@ def draw_color(cfg: MultiCropConfig, blur_p: float, solarize_p: float, rng: torc
         p[JITTER] = 1.0
         p[ORDER: ORDER + 4] = torch.randperm(4, generator=rng).float()
         cj = cfg.color_jitter
-        for k, (lo, hi) in enumerate(((1 - cj, 1 + cj), (1 - cj, 1 + cj), (1 - cj / 2, 1 + cj / 2), (-0.1, 0.1))):
-            p[BRIGHTNESS + k] = _uniform(max(lo, 0.0), hi, rng)
+        # torchvision's ranges: factors in [max(0, 1 - x), 1 + x], the hue shift in [-0.1, 0.1]
+        for k, (lo, hi) in enumerate(((max(0.0, 1 - cj), 1 + cj), (max(0.0, 1 - cj), 1 + cj),
+                                      (max(0.0, 1 - cj / 2), 1 + cj / 2), (-0.1, 0.1))):
+            p[BRIGHTNESS + k] = _uniform(lo, hi, rng)
     p[GRAY] = float(torch.rand(1, generator=rng) < cfg.grayscale_p)
     # iBOT blurs when random() <= p; `<` makes p = 0 mean never (the two differ only on an exact tie)
     if torch.rand(1, generator=rng) < blur_p:
