@@ -5,8 +5,8 @@ vector per view and computed two ways:
 - `color_pil`: the reference's own operations on a PIL image (torchvision's PIL kernels, ImageFilter, ImageOps);
 - `color_batch`: the same arithmetic on a batch of uint8 views as tensors, on any device, one call per batch.
   It reproduces Pillow's integer and float32 steps (blend truncation, the fixed-point luma, the box blur that
-  Pillow's GaussianBlur is made of, the uint8 HSV round trip of torchvision's adjust_hue), so the two agree
-  exactly except for the hue shift, whose float rounding may differ by a level or two (tests/data/test_color.py).
+  Pillow's GaussianBlur is made of) and uses Pillow's own RGB <-> HSV tables for the hue shift, so the two paths
+  give the same pixels (tests/data/test_color.py).
 
 The parameters are drawn in the data workers (tcae_ldm.data.views); applying them on the device keeps the
 colour work, most of the multi-crop cost, off the loader's CPUs.
@@ -81,36 +81,34 @@ def _saturation(x, f):
     return _blend(_luma(x).expand_as(x), x, f)
 
 
+_HSV_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _hsv_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pillow's RGB -> HSV and HSV -> RGB conversions of every 24-bit colour, computed by Pillow itself:
+    two (2^24, 3) uint8 tables (48 MiB each), made once per device."""
+    if device not in _HSV_TABLES:
+        every = np.arange(1 << 24, dtype=np.uint32)
+        planes = np.stack([every >> 16, (every >> 8) & 255, every & 255], -1).astype(np.uint8).reshape(4096, 4096, 3)
+        to_hsv = np.asarray(Image.fromarray(planes, "RGB").convert("HSV")).reshape(-1, 3)
+        to_rgb = np.asarray(Image.fromarray(planes, "HSV").convert("RGB")).reshape(-1, 3)
+        _HSV_TABLES[device] = (torch.from_numpy(to_hsv.copy()).to(device), torch.from_numpy(to_rgb.copy()).to(device))
+    return _HSV_TABLES[device]
+
+
+def _code(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) integer-valued channels -> (N, H, W) 24-bit index a * 2^16 + b * 2^8 + c."""
+    a, b, c = x.to(torch.int64).unbind(1)
+    return (a << 16) | (b << 8) | c
+
+
 def _hue(x, shift):
-    """torchvision's PIL adjust_hue: RGB -> uint8 HSV, H += shift = int(factor * 255) mod 256, HSV -> RGB, in the
-    float32 / double steps of Pillow's rgb2hsv_row and hsv2rgb (Convert.c)."""
-    f32 = lambda t: t.float().double()  # a C float assignment: round to float32
-    x = x.double()
-    r, g, b = x.unbind(1)
-    maxc, minc = x.amax(1), x.amin(1)
-    cr = maxc - minc
-    grey = cr == 0
-    crs = torch.where(grey, torch.ones_like(cr), cr)
-    s = f32(crs / torch.where(maxc > 0, maxc, torch.ones_like(maxc)))
-    rc, gc, bc = f32((maxc - r) / crs), f32((maxc - g) / crs), f32((maxc - b) / crs)
-    h = torch.where(r == maxc, f32(bc - gc), torch.where(g == maxc, f32(2.0 + rc - bc), f32(4.0 + gc - rc)))
-    h = f32(torch.fmod(h / 6.0 + 1.0, 1.0))
-    hu = torch.where(grey, 0.0, torch.trunc(h * 255.0).clamp(0, 255))
-    su = torch.where(grey, 0.0, torch.trunc(s * 255.0).clamp(0, 255))
-    hu = (hu + shift.double().view(-1, 1, 1)).remainder(256)
-    i = torch.floor(hu * 6.0 / 255.0)
-    frac = f32(hu * 6.0 / 255.0 - i)
-    fs = f32(su / 255.0)
-    rnd = lambda t: torch.floor(t + 0.5).clamp(0, 255)  # C round() of a non-negative value
-    p = rnd(maxc * (1.0 - fs))
-    q = rnd(maxc * (1.0 - f32(fs * frac)))
-    t = rnd(maxc * (1.0 - fs * (1.0 - frac)))
-    v = maxc
-    i = i.long().remainder(6)
-    sectors = torch.stack([torch.stack(c, 1) for c in
-                           ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))], 0)  # (6, N, 3, H, W)
-    out = sectors.gather(0, i[None, :, None].expand(1, -1, 3, -1, -1))[0]
-    return torch.where((su == 0)[:, None], v[:, None].expand_as(x), out).float()
+    """torchvision's PIL adjust_hue: RGB -> HSV (Pillow, uint8), H += shift = int(factor * 255) mod 256, HSV -> RGB,
+    through Pillow's own conversion tables."""
+    to_hsv, to_rgb = _hsv_tables(x.device)
+    hsv = to_hsv[_code(x)].permute(0, 3, 1, 2).to(torch.int64)  # (N, 3, H, W)
+    hsv[:, 0] = (hsv[:, 0] + shift.to(torch.int64).view(-1, 1, 1)) % 256
+    return to_rgb[_code(hsv)].permute(0, 3, 1, 2).to(x.dtype)
 
 
 def _box_radius(radius: np.ndarray, passes: int = 3) -> np.ndarray:
@@ -125,26 +123,25 @@ def _box_radius(radius: np.ndarray, passes: int = 3) -> np.ndarray:
 
 def _box_blur(x: torch.Tensor, radius: np.ndarray, passes: int = 3) -> torch.Tensor:
     """Pillow's ImagingBoxBlur with a per-image fractional radius: `passes` horizontal then vertical passes of a
-    fixed-point kernel [fw, ww x (2r + 1), fw] / 2^24 over edge-replicated lines, each rounded to an integer."""
+    fixed-point kernel [fw, ww x (2r + 1), fw] / 2^24 over edge-replicated lines, each rounded to an integer
+    (computed in float64, where these integers are exact)."""
     r = radius.astype(np.int64)
     ww = ((np.float32(1 << 24) / (radius * np.float32(2) + np.float32(1))).astype(np.float32)).astype(np.int64)
     fw = ((1 << 24) - (r * 2 + 1) * ww) // 2
     rmax = int(r.max()) + 1
-    taps = np.zeros((len(r), 2 * rmax + 1), dtype=np.int64)  # (N, K): each image's kernel, centred
+    taps = np.zeros((len(r), 2 * rmax + 1), dtype=np.float64)  # (N, K): each image's kernel, centred
     for n, (rn, wn, fn) in enumerate(zip(r, ww, fw)):
         taps[n, rmax - rn: rmax + rn + 1] = wn
         taps[n, rmax - rn - 1] = taps[n, rmax + rn + 1] = fn
     taps = torch.from_numpy(taps).to(x.device)
-    y = x.to(torch.int64)
+    y = x.double()
     for dim in (-1, -2):
         for _ in range(passes):
-            pad = (rmax, rmax, 0, 0) if dim == -1 else (0, 0, rmax, rmax)
-            padded = F.pad(y.double(), pad, mode="replicate").to(torch.int64)  # replicate padding needs floats
+            padded = F.pad(y, (rmax, rmax, 0, 0) if dim == -1 else (0, 0, rmax, rmax), mode="replicate")
             acc = torch.zeros_like(y)
-            size = y.shape[dim]
             for k in range(taps.shape[1]):
-                acc += taps[:, k].view(-1, 1, 1, 1) * padded.narrow(dim, k, size)
-            y = (acc + (1 << 23)) >> 24
+                acc.addcmul_(taps[:, k].view(-1, 1, 1, 1), padded.narrow(dim, k, y.shape[dim]))
+            y = torch.floor((acc + (1 << 23)) / (1 << 24))
     return y.to(x.dtype)
 
 
