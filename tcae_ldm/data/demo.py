@@ -100,7 +100,8 @@ class DemoPhotosDataModule(ImageDataModule):
             return
         tx, ty, vx, vy = build_demo_split(self.image_size, self.train_per_class, self.val_per_class,
                                           self.val_fraction, self.crop_scale, self.seed)
-        self.train_set = DemoPhotosDataset(tx, ty, train_transform(self.image_size, self.hflip, self.views), self.seed)
+        self.train_set = DemoPhotosDataset(tx, ty, train_transform(self.image_size, self.hflip, self.views,
+                                                                   self.fast_decode), self.seed)
         self.val_set = DemoPhotosDataset(vx, vy, ImageTransform(self.image_size, False), self.seed)
 
 

@@ -63,11 +63,10 @@ def _to_rgb8(img: Image.Image, path: str) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_item(path: str, transform, rng: torch.Generator | None, min_side: int = 0, draft: bool = True) -> dict:
+def load_item(path: str, transform, rng: torch.Generator | None, min_side: int = 0) -> dict:
     """transform's output for the image in `path`: its random choices are drawn from the file's header size,
-    then the file is decoded (with `draft`, JPEGs at the reduced size the transform allows: PIL's draft mode,
-    a scaled IDCT in place of ADM's box halvings) and transformed. Unusable files raise an UnusableImageError
-    that names them."""
+    then the file is decoded (a JPEG at the reduced size the transform allows: PIL's draft mode, a scaled IDCT)
+    and transformed. Unusable files raise an UnusableImageError that names them."""
     try:
         with Image.open(path) as f:
             size = f.size
@@ -76,7 +75,7 @@ def load_item(path: str, transform, rng: torch.Generator | None, min_side: int =
                                          f"{min_side} (lower it, or set data.skip_corrupt: true to skip such files)")
             params = transform.draw(size, rng)
             reduction = transform.decode_reduction(size, params)
-            if draft and reduction > 1 and f.format == "JPEG":
+            if reduction > 1 and f.format == "JPEG":
                 f.draft(f.mode, (size[0] // reduction, size[1] // reduction))
             img = _to_rgb8(f, path)
     except UnusableImageError:
@@ -164,11 +163,10 @@ class ImageFolderDataset(Dataset):
     """ImageNet-style tree root/<class>/<image>; an unusable file raises naming it, or yields None if skipped."""
 
     def __init__(self, root: str, transform: Callable, skip_corrupt: bool = False, classes: list[str] | None = None,
-                 min_side: int = 0, seed: int = 0, draft: bool = False):
+                 min_side: int = 0, seed: int = 0):
         self.root = root
         self.samples, self.classes, self.empty_classes = scan_image_folder(root, classes)
         self.transform, self.skip_corrupt, self.min_side, self.seed = transform, skip_corrupt, min_side, seed
-        self.draft = draft
 
     def __len__(self):
         return len(self.samples)
@@ -177,7 +175,7 @@ class ImageFolderDataset(Dataset):
         epoch, i = key_of(key)
         path, label = self.samples[i]
         try:
-            item = load_item(path, self.transform, item_generator(self.seed, epoch, i), self.min_side, self.draft)
+            item = load_item(path, self.transform, item_generator(self.seed, epoch, i), self.min_side)
         except UnusableImageError as e:
             if self.skip_corrupt:
                 return None
@@ -215,13 +213,19 @@ def collate_skipping(items: list) -> dict:
 
 class ImageDataModule(L.LightningDataModule):
     """Shared loader logic: global -> per-device batch size, workers, pinned memory, exact resume, and the
-    device side of the batches (uint8 -> [-1, 1], the SSL views' colour augmentations)."""
+    device side of the batches (uint8 -> [-1, 1], the SSL views' colour augmentations).
+
+    fast_decode: the training transforms decode JPEGs at the reduced size their crops allow (PIL's draft mode)
+    and resample with torch's uint8 kernels (within a level of PIL's pixels; tests/data/test_transforms.py);
+    false gives the reference pixels of PIL's full decode and resampling. Evaluation always uses the reference.
+    """
 
     skip_corrupt = False
 
     def __init__(self, image_size: int = 256, global_batch_size: int = 256, num_workers: int = 8,
                  hflip: bool = True, pin_memory: bool = True, persistent_workers: bool = True,
-                 val_batch_size: int | None = None, seed: int = 0, views: MultiCropConfig | None = None):
+                 val_batch_size: int | None = None, seed: int = 0, views: MultiCropConfig | None = None,
+                 fast_decode: bool = True):
         super().__init__()
         for key, value in (("global_batch_size", global_batch_size), ("val_batch_size", val_batch_size)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
@@ -229,7 +233,7 @@ class ImageDataModule(L.LightningDataModule):
         self.seed, self.views = seed, views
         self.image_size, self.global_batch_size, self.num_workers = image_size, global_batch_size, num_workers
         self.hflip, self.pin_memory, self.persistent_workers = hflip, pin_memory, persistent_workers
-        self.val_batch_size = val_batch_size
+        self.val_batch_size, self.fast_decode = val_batch_size, fast_decode
         self.train_set = self.val_set = None
         self.num_classes = 0
         self._train_loader, self._colors, self._empty_run = None, {}, {True: 0, False: 0}
@@ -323,16 +327,13 @@ class ImageFolderDataModule(ImageDataModule):
     class_list: a file of class names, one per line, that fixes the class index (default: train/'s class folders
     that hold images, sorted). min_image_side: images whose short side is smaller are unusable (an error, or
     skipped with skip_corrupt); None = half the image size, so the centre crop upsamples by at most 2x.
-    draft_decode: training JPEGs are decoded at the reduced size the transform can use (a scaled IDCT instead of
-    ADM's box halvings; the validation split is always decoded in full).
     """
 
     def __init__(self, root: str, train_dir: str = "train", val_dir: str = "val", skip_corrupt: bool = False,
-                 class_list: str | None = None, min_image_side: int | None = None, draft_decode: bool = True,
-                 **kwargs):
+                 class_list: str | None = None, min_image_side: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.root, self.train_dir, self.val_dir, self.skip_corrupt = root, train_dir, val_dir, skip_corrupt
-        self.class_list, self.draft_decode = class_list, draft_decode
+        self.class_list = class_list
         self.min_image_side = (self.image_size + 1) // 2 if min_image_side is None else min_image_side
         self.classes: list[str] = []
 
@@ -342,8 +343,9 @@ class ImageFolderDataModule(ImageDataModule):
         classes = read_class_list(self.class_list) if self.class_list else None
         common = dict(skip_corrupt=self.skip_corrupt, min_side=self.min_image_side, seed=self.seed)
         train_root, val_root = (os.path.join(self.root, d) for d in (self.train_dir, self.val_dir))
-        self.train_set = ImageFolderDataset(train_root, train_transform(self.image_size, self.hflip, self.views),
-                                            classes=classes, draft=self.draft_decode, **common)
+        self.train_set = ImageFolderDataset(
+            train_root, train_transform(self.image_size, self.hflip, self.views, self.fast_decode), classes=classes,
+            **common)
         self.classes = self.train_set.classes
         self.val_set = ImageFolderDataset(val_root, ImageTransform(self.image_size, False), classes=self.classes,
                                           **common)

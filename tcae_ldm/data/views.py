@@ -34,6 +34,7 @@ from tcae_ldm.data.transforms import (
     ImageTransform,
     adm_halvings,
     flip_draw,
+    resize_uint8,
     to_unit,
     uint8_tensor,
 )
@@ -121,9 +122,9 @@ class MultiCropTransform:
     """Image -> {'image': recon view, 'global': (2, 3, G, G), 'local': (n, 3, L, L)} as uint8, plus the views'
     colour parameters when they are applied on the device (see the module docstring)."""
 
-    def __init__(self, image_size: int, hflip: bool, cfg: MultiCropConfig):
-        self.recon = ImageTransform(image_size, hflip, uint8=True)
-        self.cfg = cfg
+    def __init__(self, image_size: int, hflip: bool, cfg: MultiCropConfig, fast: bool = False):
+        self.recon = ImageTransform(image_size, hflip, uint8=True, fast=fast)
+        self.cfg, self.fast = cfg, fast
         # (output side, crop scale, blur p, solarize p) of every view, in the reference's order
         self.specs = [(cfg.global_size, cfg.global_scale, cfg.blur_p[g], cfg.solarize_p[g]) for g in range(2)] + \
                      [(cfg.local_size, cfg.local_scale, cfg.blur_p[2], cfg.solarize_p[2])] * cfg.num_local
@@ -148,30 +149,37 @@ class MultiCropTransform:
     def decode_reduction(self, size: tuple[int, int], params: dict) -> int:
         """The largest power of two (<= 8) that leaves every crop at least as large as its output (so no view is
         upsampled from a reduced decode) and does no more than ADM's own halvings for the reconstruction view."""
+        if not self.fast:
+            return 1
         k = min(3, adm_halvings(size, self.recon.image_size))
         for (out, *_), v in zip(self.specs, params["views"]):
             _, _, h, w = v["box"]
             k = min(k, int(math.floor(math.log2(max(min(h, w) / out, 1.0)))))
         return 2 ** max(k, 0)
 
-    def _view(self, img: Image.Image, out: int, v: dict, scale: tuple[float, float]) -> torch.Tensor:
+    def _view(self, img: Image.Image, full: torch.Tensor | None, out: int, v: dict,
+              scale: tuple[float, float]) -> torch.Tensor:
         top, left, h, w = v["box"]
-        if scale == (1.0, 1.0):  # torchvision's PIL resized_crop: crop, then resize the crop
-            view = img.crop((left, top, left + w, top + h)).resize((out, out), Image.BICUBIC)
-        else:  # a reduced decode: the same box in its coordinates
+        if scale != (1.0, 1.0):  # a reduced decode: the same box in its coordinates (fractional: PIL's resize)
             sx, sy = scale
-            view = img.resize((out, out), Image.BICUBIC, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
+            x = uint8_tensor(img.resize((out, out), Image.BICUBIC, box=(left * sx, top * sy, (left + w) * sx,
+                                                                        (top + h) * sy)))
+        elif full is not None:  # fast: torch's uint8 resize of the box
+            x = resize_uint8(full, (out, out), (top, left, h, w))
+        else:  # the reference: torchvision's PIL resized_crop (crop, then resize the crop)
+            x = uint8_tensor(img.crop((left, top, left + w, top + h)).resize((out, out), Image.BICUBIC))
         if v["flip"]:
-            view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            x = x.flip(-1)
         if not self.cfg.color_on_device:
-            view = color_pil(view, v["color"])
-        return uint8_tensor(view)
+            x = uint8_tensor(color_pil(Image.fromarray(x.permute(1, 2, 0).numpy()), v["color"]))
+        return x
 
     def apply(self, img: Image.Image, params: dict) -> dict:
         width, height = params["size"]
         scale = (img.width / width, img.height / height)
-        out = self.recon.apply(img, params["image"])
-        views = [self._view(img, size, v, scale) for (size, *_), v in zip(self.specs, params["views"])]
+        full = uint8_tensor(img) if self.fast else None  # one conversion for the recon view and every crop
+        out = self.recon.apply(img, params["image"], tensor=full)
+        views = [self._view(img, full, size, v, scale) for (size, *_), v in zip(self.specs, params["views"])]
         out["global"] = torch.stack(views[:2])
         n, side = self.cfg.num_local, self.cfg.local_size
         out["local"] = torch.stack(views[2:]) if n else torch.empty(0, 3, side, side, dtype=torch.uint8)
@@ -184,10 +192,11 @@ class MultiCropTransform:
         return self.apply(img, self.draw(img.size, rng))
 
 
-def train_transform(image_size: int, hflip: bool, views: MultiCropConfig | None):
+def train_transform(image_size: int, hflip: bool, views: MultiCropConfig | None, fast: bool = False):
     """The training transform (uint8 out): plain, or with iBOT views when the run trains jointly."""
-    return MultiCropTransform(image_size, hflip, views) if views is not None else ImageTransform(image_size, hflip,
-                                                                                               uint8=True)
+    if views is None:
+        return ImageTransform(image_size, hflip, uint8=True, fast=fast)
+    return MultiCropTransform(image_size, hflip, views, fast=fast)
 
 
 def views_to_unit(batch: dict) -> dict:

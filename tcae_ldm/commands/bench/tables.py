@@ -109,9 +109,10 @@ def _jpeg_pipelines(report: dict) -> str | None:
                     f"{section['batch']}; transforms of {section['config']} and {section['cache_config']})",
                     ["pipeline", "path", "img/s", "x ref", "device ms/img", "fast vs ref: mean |d| levels / PSNR"],
                     rows),
-             "  reference: full JPEG decode, colour augmentations with PIL in the worker, float32 tensors; fast: "
-             "draft-mode decode where the crops allow it, uint8 tensors, colour augmentations batched on the device "
-             "after the transfer (device ms/img: that work, timed on this run's device)"]
+             "  reference: full JPEG decode, PIL resampling and colour augmentations in the worker, float32 tensors; "
+             "fast: draft-mode decode where the crops allow it, torch's uint8 resampling, uint8 tensors, colour "
+             "augmentations batched on the device after the transfer (device ms/img: that work, timed on this run's "
+             f"device, {report['settings']['device']})"]
     cost = section["step_cost"]
     rows = [[p["pass"], f(p["fwd_gmacs"]), f"x{p['times']}", f(p["fwd_gmacs"] * p["times"])] for p in cost["passes"]]
     rows.append(["total per image", "", "", f(cost["gmacs_per_image"])])
