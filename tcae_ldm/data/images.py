@@ -211,6 +211,12 @@ def collate_skipping(items: list) -> dict:
 #                                 Datamodules                                    #
 #################################################################################
 
+def check_batch_size(key: str, value) -> None:
+    """A batch size must be a positive integer: one line naming the config key otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"data.{key} must be a positive integer, got {value!r}")
+
+
 class ImageDataModule(L.LightningDataModule):
     """Shared loader logic: global -> per-device batch size, workers, pinned memory, exact resume, and the
     device side of the batches (uint8 -> [-1, 1], the SSL views' colour augmentations).
@@ -227,9 +233,9 @@ class ImageDataModule(L.LightningDataModule):
                  val_batch_size: int | None = None, seed: int = 0, views: MultiCropConfig | None = None,
                  fast_decode: bool = True):
         super().__init__()
-        for key, value in (("global_batch_size", global_batch_size), ("val_batch_size", val_batch_size)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ValueError(f"data.{key} must be a positive integer, got {value!r}")
+        check_batch_size("global_batch_size", global_batch_size)
+        if val_batch_size is not None:
+            check_batch_size("val_batch_size", val_batch_size)
         self.seed, self.views = seed, views
         self.image_size, self.global_batch_size, self.num_workers = image_size, global_batch_size, num_workers
         self.hflip, self.pin_memory, self.persistent_workers = hflip, pin_memory, persistent_workers
@@ -241,9 +247,7 @@ class ImageDataModule(L.LightningDataModule):
 
     @property
     def per_device_batch_size(self) -> int:
-        if isinstance(self.global_batch_size, bool) or not isinstance(self.global_batch_size, int) \
-                or self.global_batch_size <= 0:
-            raise ValueError(f"data.global_batch_size must be a positive integer, got {self.global_batch_size!r}")
+        check_batch_size("global_batch_size", self.global_batch_size)  # also for subclasses and the latent stream
         world = self.trainer.world_size if self.trainer is not None else 1
         accum = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         if self.global_batch_size % (world * accum):
@@ -309,8 +313,9 @@ class ImageDataModule(L.LightningDataModule):
         if self._empty_run[training] >= per_pass:
             raise UnusableImageError(f"every file of a whole {split} epoch ({per_pass} batches) was unusable and "
                                      f"skipped: check the data under {getattr(self, 'root', '?')}")
-        rank_zero_warn(f"skipping a {split} batch whose files were all unusable ({batch.get('skipped', '?')} files; "
-                       f"{self.skipped_batches} such batches so far)")
+        why = (f"its {batch['skipped']} files were all unusable" if "image" not in batch else
+               "another rank's files were all unusable")
+        rank_zero_warn(f"skipping a {split} batch: {why} ({self.skipped_batches} skipped batches so far)")
         return None
 
     def on_after_batch_transfer(self, batch, dataloader_idx):

@@ -65,6 +65,11 @@ def test_per_device_batch_comes_from_the_global_batch(tmp_path):
 def test_a_batch_size_that_is_not_a_positive_integer_is_refused_naming_the_key(tmp_path, key, value):
     with pytest.raises(ValueError, match=rf"data\.{key} must be a positive integer, got {value}"):
         ImageFolderDataModule(root=str(tmp_path), **{key: value})
+    if key == "global_batch_size":  # the latent stream shares the rule, checked when its loader is made
+        from tcae_ldm.latents.stream import LatentDataModule
+
+        with pytest.raises(ValueError, match=rf"data\.{key} must be a positive integer, got {value}"):
+            LatentDataModule(str(tmp_path), global_batch_size=value).per_device_batch_size
 
 
 def test_corrupt_image_is_named_or_skipped_and_counted(tmp_path):
@@ -166,7 +171,7 @@ def test_a_batch_with_nothing_readable_is_skipped_and_counted(tmp_path):
     dm = _dm(_tree(tmp_path), skip_corrupt=True)
     dm.trainer = types.SimpleNamespace(training=True, world_size=1, num_training_batches=3, sanity_checking=False,
                                        testing=False)
-    with pytest.warns(UserWarning, match=r"skipping a training batch whose files were all unusable \(4 files; 1 "):
+    with pytest.warns(UserWarning, match=r"skipping a training batch: its 4 files were all unusable \(1 skipped"):
         assert dm.on_before_batch_transfer({"skipped": 4}, 0) is None
     assert dm.on_after_batch_transfer(None, 0) is None
     dm.on_before_batch_transfer({"image": torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "skipped": 3}, 0)
@@ -182,7 +187,7 @@ def test_under_ddp_every_rank_skips_a_step_that_one_rank_cannot_fill(tmp_path):
     dm = _dm(_tree(tmp_path), skip_corrupt=True)
     strategy = types.SimpleNamespace(reduce_boolean_decision=lambda decision, all: True)  # another rank is empty
     dm.trainer = types.SimpleNamespace(training=True, world_size=2, num_training_batches=3, strategy=strategy)
-    with pytest.warns(UserWarning, match="skipping a training batch"):
+    with pytest.warns(UserWarning, match="skipping a training batch: another rank's files were all unusable"):
         assert dm.on_before_batch_transfer({"image": torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "skipped": 0},
                                            0) is None
 
@@ -252,3 +257,27 @@ def test_the_training_loader_resumes_mid_epoch_at_the_next_batch():
     at_end = _views_dm().train_dataloader()
     at_end.load_state_dict({"epoch": 1, "batches": 6})  # a checkpoint written at the end of epoch 1
     assert at_end.sampler.epoch == 2 and all(_same(a, b) for a, b in zip(list(at_end), epoch2, strict=True))
+
+
+def test_training_and_validation_run_past_batches_with_nothing_readable(tmp_path):
+    """Through Lightning with the module: batches of one file, one unreadable file per split; then a training
+    split with no readable file at all stops with one line instead of a KeyError."""
+    from tests.tiny import tiny_module, tiny_trainer
+
+    root = _tree(tmp_path / "data", sizes=((40, 40), (48, 40)), classes=("a", "b"))  # 4 files per split
+    for split in ("train", "val"):
+        (root / split / "a" / "0.png").write_bytes(b"not a png")
+
+    def fit(max_steps):
+        dm = ImageFolderDataModule(str(root), image_size=32, global_batch_size=1, val_batch_size=1, num_workers=0,
+                                   skip_corrupt=True, hflip=False)
+        module = tiny_module(max_steps=max_steps)
+        tiny_trainer(str(tmp_path / "run"), max_epochs=2, check_val_every_n_epoch=1).fit(module, dm)
+        return module
+
+    with pytest.warns(UserWarning, match="skipping a validation batch: its 1 files were all unusable"):
+        assert fit(max_steps=100).step_count == 6  # 3 readable training files in each of 2 epochs
+    for path in (root / "train").rglob("*.png"):
+        path.write_bytes(b"not a png")
+    with pytest.raises(UnusableImageError, match="every file of a whole training epoch .4 batches. was unusable"):
+        fit(max_steps=100)

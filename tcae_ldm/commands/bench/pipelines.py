@@ -121,9 +121,10 @@ def _pixel_change(fast: ImageFolderDataset, slow: ImageFolderDataset, n: int) ->
 #################################################################################
 
 def joint_step_cost(config: dict) -> dict:
-    """GMACs one image costs in a joint TC-AE training step of this config, pass by pass (forward GMACs counted on
-    the meta device, times how often the step runs each: 3 = forward + backward, 1 = forward only, 2 = forward and
-    a backward to the input only; the critic: its update on real and fake images plus the generator's term)."""
+    """GMACs one image costs in a joint TC-AE training step of this config, pass by pass: forward GMACs counted on
+    the meta device, times the forward-equivalents the step spends on each (3: forward + backward of a trained
+    pass; 1: the teacher's forward; 3 for LPIPS: forwards of the image and the reconstruction and a backward
+    through the latter; 8 for the critic: its update on real and fake images plus the generator's GAN term)."""
     model, views = config["model"]["init_args"], config["data"]["init_args"]["views"]
     ssl, loss = SSLConfig(**(model.get("ssl") or {})), model.get("loss") or {}
     size, g, lsz, n_local = (config["data"]["init_args"]["image_size"], views["global_size"], views["local_size"],
