@@ -116,7 +116,8 @@ def _class_files(folder: str) -> list[str]:
             if f.lower().endswith(IMG_EXTENSIONS)]
 
 
-def scan_image_folder(root: str, classes: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str], list[str]]:
+def scan_image_folder(root: str, classes: list[str] | None = None
+                      ) -> tuple[list[tuple[str, int]], list[str], list[str]]:
     """(path, class index) for every image under root/<class>/..., the class names, and the class folders that
     hold no image.
 

@@ -138,6 +138,9 @@ def test_a_mid_grey_16_bit_png_comes_out_mid_grey(tmp_path):
     Image.fromarray(np.full((40, 40), 32768, dtype=np.uint16)).save(path)
     assert Image.open(path).mode == "I;16"  # PIL's own convert('RGB') would clip this to 255
     assert np.asarray(read_image(str(path))).max() == 128
+    Image.fromarray(np.full((8, 8), 32768, dtype=np.int32)).save(tmp_path / "grey32.tiff")
+    assert Image.open(tmp_path / "grey32.tiff").mode == "I"
+    assert np.asarray(read_image(str(tmp_path / "grey32.tiff"))).max() == 128
     (tmp_path / "train" / "a").mkdir(parents=True)
     (tmp_path / "val" / "a").mkdir(parents=True)
     for split in ("train", "val"):
