@@ -12,6 +12,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from tcae_ldm.data.images import ImageDataModule
+from tcae_ldm.data.sampling import item_generator, key_of
 from tcae_ldm.data.transforms import ImageTransform
 from tcae_ldm.data.views import train_transform
 
@@ -50,17 +51,20 @@ def draw_crops(photo: np.ndarray, region: tuple[int, int], count: int, image_siz
 
 
 class DemoPhotosDataset(Dataset):
-    """In-memory uint8 crops with labels, passed through a transform like any image dataset."""
+    """In-memory uint8 crops with labels, passed through a transform like any image dataset (random choices
+    drawn from (seed, epoch, index), as ImageFolderDataset's)."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform):
-        self.images, self.labels, self.transform = images, labels, transform
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform, seed: int = 0):
+        self.images, self.labels, self.transform, self.seed = images, labels, transform, seed
         self.classes = list(DEMO_CLASSES)
 
     def __len__(self):
         return len(self.images)
 
-    def __getitem__(self, i):
-        return {**self.transform(Image.fromarray(self.images[i])), "label": int(self.labels[i])}
+    def __getitem__(self, key):
+        epoch, i = key_of(key)
+        item = self.transform(Image.fromarray(self.images[i]), item_generator(self.seed, epoch, i))
+        return {**item, "label": int(self.labels[i])}
 
 
 def build_demo_split(image_size: int, train_per_class: int, val_per_class: int, val_fraction: float,
@@ -96,8 +100,9 @@ class DemoPhotosDataModule(ImageDataModule):
             return
         tx, ty, vx, vy = build_demo_split(self.image_size, self.train_per_class, self.val_per_class,
                                           self.val_fraction, self.crop_scale, self.seed)
-        self.train_set = DemoPhotosDataset(tx, ty, train_transform(self.image_size, self.hflip, self.views))
-        self.val_set = DemoPhotosDataset(vx, vy, ImageTransform(self.image_size, False))
+        self.train_set = DemoPhotosDataset(tx, ty, train_transform(self.image_size, self.hflip, self.views,
+                                                                   self.fast_decode), self.seed)
+        self.val_set = DemoPhotosDataset(vx, vy, ImageTransform(self.image_size, False), self.seed)
 
 
 def demo_split_tensors(image_size: int = 64, **datamodule_kwargs) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

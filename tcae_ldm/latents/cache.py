@@ -82,6 +82,9 @@ class CacheSourceDataModule(L.LightningDataModule):
             base.transform.hflip = False
         self.dataset = IndexedDataset(base)
 
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        return self.images.on_after_batch_transfer(batch, dataloader_idx)  # uint8 -> [-1, 1] on the device
+
     def predict_dataloader(self):
         # Lightning swaps in an unrepeated distributed sampler under DDP: each index goes to one rank.
         return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,

@@ -240,6 +240,8 @@ class AutoencoderModule(L.LightningModule):
         return self.ema.module if self.ema is not None else self.net
 
     def validation_step(self, batch, batch_idx):
+        if batch is None:
+            return  # every file of this batch was unusable (data.skip_corrupt): the datamodule skipped it
         x = batch["image"].contiguous(memory_format=self.memory_format)
         x_rec = self.eval_net(x)[0]
         self.val_metrics.update(x, x_rec)

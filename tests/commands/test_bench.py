@@ -181,3 +181,33 @@ def test_joint_step_refuses_a_config_without_ibot(tmp_path):
         read_spec("configs/demo/dcae.yaml")
     with pytest.raises(FileNotFoundError, match="--joint-config: no such file"):
         read_spec(str(tmp_path / "missing.yaml"))
+
+
+def test_jpeg_pipelines_section(tiny_run):
+    _, saved, text = tiny_run
+    section = saved["jpeg_pipelines"]
+    assert section["config"] == "configs/tcae.yaml" and sum(section["sizes"].values()) == section["images"] == 8
+    assert set(section["pipelines"]) == {"multi-crop", "recon only", "latent cache"}
+    for name, e in section["pipelines"].items():
+        ref, fast = e["reference"]["items_per_s"], e["fast"]["items_per_s"]
+        assert ref > 0 and fast > 0 and e["speedup"] == pytest.approx(fast / ref)
+        assert e["device_ms_per_image"] > 0
+        assert e["pixels"]["mean_abs_levels"] < 1.5 and e["pixels"]["psnr_db"] > 40  # draft decode only
+    cost = section["step_cost"]
+    ae = cases.autoencoder_cost("TC-AE-B/p8-c128", 256, 32)["gmacs"]["total"]
+    assert cost["passes"][0]["fwd_gmacs"] == pytest.approx(ae, rel=0.01)  # the cls token adds one token
+    assert cost["gmacs_per_image"] == pytest.approx(sum(p["fwd_gmacs"] * p["times"] for p in cost["passes"]))
+    assert section["feed"]["verdict"] in ("ok", "INPUT-BOUND")
+    for title in ("JPEG input pipelines, images/s of one loader worker", "joint training step, GMACs per image",
+                  "GPU feed: NVIDIA H100"):
+        assert title in text
+
+
+def test_gpu_feed_arithmetic():
+    from tcae_ldm.commands.bench.pipelines import feed_verdict
+
+    cost = {"gmacs_per_image": 1000.0}  # 2 TFLOP per image: 0.4 x 989 TFLOP/s -> 197.8 images/s
+    fed = feed_verdict(cost, worker_images_per_s=50.0, num_workers=10, mfu=0.4)
+    assert fed["gpu_images_per_s"] == pytest.approx(197.8) and fed["workers_needed"] == pytest.approx(3.956)
+    assert fed["margin"] == pytest.approx(500 / 197.8) and fed["verdict"] == "ok"
+    assert feed_verdict(cost, 50.0, 7, 0.4)["verdict"] == "INPUT-BOUND"  # 350 images/s < 2 x 197.8

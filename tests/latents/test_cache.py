@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from tcae_ldm.data.demo import DemoPhotosDataModule
+from tcae_ldm.data.transforms import to_unit
 from tcae_ldm.latents.cache import (
     read_metadata,
     read_stats,
@@ -37,7 +38,7 @@ def test_round_trip_shards_stats_metadata(cache):
     assert sorted(data["indices"].tolist()) == list(range(16))  # every image once, flips off in the source
     order = data["indices"].argsort()
     ds = cache["images"].train_set
-    x = torch.stack([ds[i]["image"] for i in range(16)])
+    x = to_unit(torch.stack([ds[i]["image"] for i in range(16)]))  # training items are uint8 until the device
     ae = load_autoencoder("tcae", cache["ckpt"])
     torch.testing.assert_close(data["latents"][order], ae.encode(x), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(data["latents_flip"][order], ae.encode(x.flip(-1)), rtol=1e-4, atol=1e-5)

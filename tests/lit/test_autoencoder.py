@@ -1,6 +1,7 @@
 """AutoencoderModule: which parameters a step changes, exact resume, NaN guard, decoder finetuning, DDP,
 joint iBOT training, and DC-AE trained and evaluated by the same module."""
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -76,6 +77,58 @@ def test_resume_from_last_continues_identically(tmp_path):
     sa, sb = straight.optimizers()[0].optimizer.state_dict(), trainer.optimizers[0].state_dict()
     for k in sa["state"]:
         assert torch.allclose(sa["state"][k]["exp_avg_sq"], sb["state"][k]["exp_avg_sq"], atol=1e-9)
+
+
+def _fit_demo(out, *extra):
+    """configs/demo/tcae.yaml as shipped (flips, iBOT views with their augmentations, the critic from step 2),
+    shrunk: 24 crops / 8 = 3 batches per epoch, 7 steps, last.ckpt after every batch, validation every 2 epochs."""
+    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"dirpath": f"{out}/ckpt", "every_n_train_steps": 1, "save_top_k": 0, "save_last": True,
+                                "monitor": None}}]  # the list item is merged into the config's, which monitors
+    cli_main(["fit", "--config", os.path.join(REPO, "configs/demo/tcae.yaml"), *TINY,
+              "--data.init_args.train_per_class=3", "--model.init_args.max_steps=7",
+              "--model.init_args.loss.disc_start=2", "--model.init_args.ssl.teacher_temp_warmup_steps=4",
+              f"--trainer.logger.init_args.save_dir={out}", f"--trainer.callbacks={json.dumps(callbacks)}", *extra])
+    return torch.load(f"{out}/ckpt/last.ckpt", map_location="cpu", weights_only=False)
+
+
+def _assert_bitwise_equal(a, b, where=""):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_bitwise_equal(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_bitwise_equal(x, y, f"{where}/{i}")
+    elif torch.is_tensor(a):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+@pytest.mark.slow
+def test_demo_config_resumes_mid_epoch_bit_for_bit(tmp_path, monkeypatch):
+    straight = _fit_demo(tmp_path / "a")
+    assert straight["step_count"] == 7
+
+    def crash_at_step_4(self, batch, batch_idx):  # a run killed during batch 1 of the 3 of epoch 1
+        if self.step_count == 4:
+            raise SystemExit("killed")
+        return train(self, batch, batch_idx)
+
+    train = AutoencoderModule.training_step
+    monkeypatch.setattr(AutoencoderModule, "training_step", crash_at_step_4)
+    with pytest.raises(SystemExit, match="killed"):
+        _fit_demo(tmp_path / "b")
+    monkeypatch.undo()
+    last = torch.load(tmp_path / "b" / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["step_count"] == 4  # the loader's position in the epoch is in the checkpoint
+    assert last["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 1}]
+    resumed = _fit_demo(tmp_path / "b", "--ckpt_path=last")  # then validates after epoch 1, as the straight run
+    assert resumed["step_count"] == 7
+    _assert_bitwise_equal(straight["state_dict"], resumed["state_dict"], "state_dict")
+    _assert_bitwise_equal(straight["optimizer_states"], resumed["optimizer_states"], "optimizer_states")
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

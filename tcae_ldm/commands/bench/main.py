@@ -23,6 +23,7 @@ import time
 import torch
 
 from tcae_ldm.commands.bench import cases, joint, timing
+from tcae_ldm.commands.bench.pipelines import bench_jpeg_pipelines
 from tcae_ldm.commands.bench.tables import joint_tables, tables
 from tcae_ldm.models.dit import DIT_PRESETS
 from tcae_ldm.models.tcae import TCAE_PRESETS
@@ -67,6 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, help="loader workers (default: GPU 8, CPU 0)")
     p.add_argument("--data", choices=["demo"], default="demo", help="image datamodule to time (the demo photos)")
     p.add_argument("--skip-throughput", action="store_true", help="parameters and GMACs only (no timing)")
+    p.add_argument("--skip-jpeg", action="store_true", help="leave out the ImageNet JPEG pipelines")
+    p.add_argument("--jpeg-images", type=int, help="JPEGs timed per round (default 64; --tiny 8)")
+    p.add_argument("--jpeg-batch", type=int, default=32, help="per-GPU batch the workers collate (default 32)")
+    p.add_argument("--jpeg-config", default="configs/tcae.yaml", help="training config whose transforms are timed")
+    p.add_argument("--jpeg-cache-config", default="configs/cache_latents_tcae.yaml", help="latent-cache config")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed MFU of the GPU step the JPEG workers feed")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd networks (speed-up column)")
     p.add_argument("--tiny", action="store_true", help="tiny presets at 32x32 (tests, smoke runs)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -102,6 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--repeats must be >= 1")
     if args.joint_config is None:
         args.joint_config = joint.TINY_CONFIG if args.tiny else joint.PAPER_CONFIG
+    if args.jpeg_images is None:
+        args.jpeg_images = 8 if args.tiny else 64
     return args
 
 
@@ -340,6 +349,9 @@ def run(args) -> dict:
         bench_autoencoders(args, report, factor)
         bench_dits(args, report)
         bench_data(args, report)
+        if not args.skip_jpeg:
+            log("data: ImageNet JPEG pipelines")
+            bench_jpeg_pipelines(args, report)
     add_roundtrip(report)
     add_ratios(report)
     report["env"]["max_rss_mb"] = timing.max_rss_mb()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tcae_ldm.commands.bench.cases import INPUT_TARGET, MODES, ROUNDTRIP
 from tcae_ldm.commands.bench.joint import PASSES
+from tcae_ldm.commands.bench.pipelines import TARGET_MARGIN
 
 
 def _f(v, spec: str = ".1f") -> str:
@@ -87,6 +88,49 @@ def _data(report: dict) -> str:
                      + [f"  {k}: {d['source']}, {d.get('num_workers', 0)} workers" for k, d in data.items()])
 
 
+def _jpeg_pipelines(report: dict) -> str | None:
+    section = report.get("jpeg_pipelines")
+    if not section:
+        return None
+    f = _f
+    rows = []
+    for name, e in section["pipelines"].items():
+        px = e.get("pixels") or {}
+        for variant in ("reference", "fast"):
+            r = e.get(variant, {})
+            speed = "error" if "error" in r else f(r.get("items_per_s"))
+            fast = variant == "fast"
+            rows.append([name if variant == "reference" else "", variant, speed,
+                         f(e["speedup"], ".2f") + "x" if fast else "1.00x",
+                         f(e.get("device_ms_per_image"), ".2f") if fast else "-",
+                         f"{f(px.get('mean_abs_levels'), '.2f')} / {f(px.get('psnr_db'))} dB" if fast else "-"])
+    sizes = ", ".join(f"{k} x{v}" for k, v in section["sizes"].items())
+    parts = [render(f"JPEG input pipelines, images/s of one loader worker (1 process, 1 thread; {section['images']} "
+                    f"JPEGs of the bundled photos at {sizes}, quality {section['quality']}; batches of "
+                    f"{section['batch']}; transforms of {section['config']} and {section['cache_config']})",
+                    ["pipeline", "path", "img/s", "x ref", "device ms/img", "fast vs ref: mean |d| levels / PSNR"],
+                    rows),
+             "  reference: full JPEG decode, PIL resampling and colour augmentations in the worker, float32 tensors; "
+             "fast: draft-mode decode where the crops allow it, torch's uint8 resampling, uint8 tensors, colour "
+             "augmentations batched on the device after the transfer (device ms/img: that work, timed on this run's "
+             f"device, {report['settings']['device']})"]
+    cost = section["step_cost"]
+    rows = [[p["pass"], f(p["fwd_gmacs"]), f"x{p['times']}", f(p["fwd_gmacs"] * p["times"])] for p in cost["passes"]]
+    rows.append(["total per image", "", "", f(cost["gmacs_per_image"])])
+    parts.append(render(f"{cost['net']} joint training step, GMACs per image (counted; x = passes per step)",
+                        ["pass", "fwd GMACs", "x", "GMACs"], rows))
+    feed = section.get("feed")
+    if feed:
+        parts.append(
+            f"GPU feed: {feed['gpu']} at {feed['peak_bf16_tflops']:.0f} TFLOP/s dense bf16 and an assumed MFU of "
+            f"{feed['mfu']:.0%} trains on {feed['gpu_images_per_s']:.0f} images/s; one worker of the fast multi-crop "
+            f"path delivers {feed['worker_images_per_s']:.1f} (this CPU), so {feed['workers_needed']:.1f} workers feed "
+            f"it and {feed['workers_for_margin']:.1f} give the {TARGET_MARGIN:.0f}x margin; num_workers="
+            f"{feed['num_workers']} (of {feed['cores_per_gpu']} cores per GPU) delivers "
+            f"{feed['delivered_images_per_s']:.0f} images/s = {feed['margin']:.2f}x -> {feed['verdict']}")
+    return "\n".join(parts)
+
+
 def _compiled(report: dict) -> str | None:
     rows = []
     for table in ("autoencoders", "dits"):
@@ -118,6 +162,7 @@ def tables(report: dict) -> str:
     parts.append(_dits(report))
     if report["data"]:
         parts.append(_data(report))
+    parts.append(_jpeg_pipelines(report))
     parts.append(_compiled(report))
     footer = [f"max RSS {env['max_rss_mb']:.0f} MB", *_errors(report), *(f"note: {t}" for t in report["notes"])]
     if env["device"] == "cpu" and "bf16" in s["precisions"] and env.get("cpu_native_bf16") is False:

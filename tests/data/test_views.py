@@ -1,0 +1,122 @@
+"""Multi-crop views: torchvision's draws with our generator, iBOT's per-view augmentations, the clean
+reconstruction view, the two colour paths giving the same batch, and the reduced JPEG decode they allow."""
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from torchvision.transforms import v2
+
+from tcae_ldm.data.color import BLUR, GRAY, JITTER, SOLARIZE, color_pil
+from tcae_ldm.data.demo import load_demo_photos
+from tcae_ldm.data.transforms import ImageTransform, flip_draw
+from tcae_ldm.data.views import (
+    MultiCropConfig,
+    MultiCropTransform,
+    draw_color,
+    resized_crop_box,
+    views_to_unit,
+)
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return Image.fromarray(load_demo_photos()["coffee"][::2, ::2].copy())  # 300x200, colourful
+
+
+def _rng(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("size", [(300, 200), (64, 64), (1000, 40)])  # the last one falls back to a centre crop
+def test_crop_boxes_are_torchvisions_draws(size):
+    reference = v2.RandomResizedCrop(32, scale=(0.05, 0.4))
+    image = torch.zeros(3, size[1], size[0])
+    for seed in range(20):
+        torch.manual_seed(seed)
+        p = reference.make_params([image])
+        assert resized_crop_box(size[0], size[1], (0.05, 0.4), _rng(seed)) == (p["top"], p["left"], p["height"],
+                                                                              p["width"])
+
+
+def test_a_view_is_ibots_torchvision_pipeline_pixel_for_pixel(photo):
+    """Crop, flip, ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8 and RandomGrayscale(0.2) as main_ibot.py composes them
+    (torchvision's v1 transforms on PIL), against our draws from the same seed and our PIL colour path."""
+    ibot = T.Compose([T.RandomResizedCrop(48, scale=(0.25, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(p=0.5),
+                      T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+                      T.RandomGrayscale(p=0.2)])
+    cfg = MultiCropConfig()
+    jittered = 0
+    for seed in range(24):
+        torch.manual_seed(seed)
+        expected = np.asarray(ibot(photo))
+        rng = _rng(seed)
+        top, left, h, w = resized_crop_box(*photo.size, (0.25, 1.0), rng)
+        view = photo.crop((left, top, left + w, top + h)).resize((48, 48), Image.BICUBIC)
+        if flip_draw(rng):
+            view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        params = draw_color(cfg, blur_p=0.0, solarize_p=0.0, rng=rng)
+        jittered += int(params[JITTER])
+        assert np.array_equal(np.asarray(color_pil(view, params)), expected), seed
+    assert 12 <= jittered < 24  # both branches of the p = 0.8 draw were compared
+
+
+def _views(**kw):
+    cfg = dict(global_size=48, local_size=24, num_local=3, global_scale=(0.4, 1.0), local_scale=(0.1, 0.4))
+    return MultiCropConfig(**{**cfg, **kw})
+
+
+def test_each_view_gets_the_augmentations_of_its_slot(photo):
+    t = MultiCropTransform(64, True, _views(color_jitter=0.0, grayscale_p=0.0))  # iBOT's blur / solarize defaults
+    colors = [torch.cat([o["global_color"], o["local_color"]]) for o in (t(photo, _rng(s)) for s in range(40))]
+    blurred = torch.stack([c[:, BLUR] > 0 for c in colors]).float().mean(0)
+    solarized = torch.stack([c[:, SOLARIZE] > 0 for c in colors]).float().mean(0)
+    assert blurred[0] == 1.0 and 0 < blurred[1] <= 0.25 and 0.25 <= blurred[2:].mean() <= 0.75
+    assert solarized[0] == 0 and 0 < solarized[1] <= 0.45 and solarized[2:].sum() == 0
+    radii = torch.cat([c[:, BLUR] for c in colors])
+    assert radii[radii > 0].min() >= 0.1 and radii.max() <= 2.0
+
+    only = MultiCropTransform(64, True, _views(color_jitter=0.0, grayscale_p=0.0, blur_p=(0.0, 1.0, 0.0),
+                                               solarize_p=(1.0, 0.0, 0.0)))
+    out = only(photo, _rng(0))
+    assert out["global_color"][:, BLUR].gt(0).tolist() == [False, True] and out["local_color"][:, BLUR].sum() == 0
+    assert out["global_color"][:, SOLARIZE].tolist() == [1.0, 0.0] and out["local_color"][:, SOLARIZE].sum() == 0
+
+
+def test_grey_views_and_a_clean_reconstruction_view(photo):
+    t = MultiCropTransform(64, True, _views(grayscale_p=1.0))
+    for seed in range(4):
+        out = t(photo, _rng(seed))
+        assert out["global_color"][:, GRAY].all() and out["local_color"][:, GRAY].all()
+        batch = views_to_unit({k: v[None] for k, v in out.items()})
+        for key in ("global", "local"):
+            assert torch.equal(batch[key][:, :, 0], batch[key][:, :, 1]) and torch.equal(batch[key][:, :, 0],
+                                                                                        batch[key][:, :, 2])
+        # the reconstruction view is ImageTransform's: same flip draw (the first), no colour change
+        clean = ImageTransform(64, True)(photo, _rng(seed))["image"]
+        assert torch.equal(batch["image"][0], clean) and not torch.equal(clean[0], clean[1])
+
+
+def test_colours_on_the_device_give_the_batch_the_worker_path_gives(photo):
+    on_device, in_worker = (MultiCropTransform(64, True, _views(color_on_device=flag)) for flag in (True, False))
+    a = [on_device(photo, _rng(s)) for s in range(8)]
+    b = [in_worker(photo, _rng(s)) for s in range(8)]
+    assert "global_color" in a[0] and "global_color" not in b[0]
+    stack = lambda items: {k: torch.stack([it[k] for it in items]) for k in items[0]}  # noqa: E731
+    a, b = views_to_unit(stack(a)), views_to_unit(stack(b))
+    assert a.keys() == b.keys()
+    for key in ("image", "global", "local"):
+        assert a[key].dtype == torch.float32 and torch.equal(a[key], b[key]), key
+
+
+def test_the_decode_reduction_never_upsamples_a_view():
+    t = MultiCropTransform(256, True, MultiCropConfig(), fast=True)
+    big = t.draw((2048, 1536), _rng(0))
+    r = t.decode_reduction((2048, 1536), big)
+    assert r in (1, 2, 4)
+    for (out, *_), v in zip(t.specs, big["views"]):
+        assert min(v["box"][2:]) / r >= out  # every crop still covers at least its output size
+    assert t.decode_reduction((500, 375), t.draw((500, 375), _rng(0))) == 1  # ImageNet's usual size: full decode
+    assert ImageTransform(256, False, fast=True).decode_reduction((2048, 1536), {}) == 4  # 1536 -> 768 -> 384
+    assert MultiCropTransform(256, True, MultiCropConfig()).decode_reduction((2048, 1536), big) == 1  # reference
