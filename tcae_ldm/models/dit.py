@@ -17,7 +17,6 @@ from timm.layers import Mlp, PatchEmbed, build_sincos2d_pos_embed
 from timm.models.vision_transformer import Attention
 from torch.utils.checkpoint import checkpoint
 
-
 POS_EMBED_LAYOUTS = ("timm", "dit")
 
 
