@@ -69,3 +69,12 @@ def callbacks_arg(every_n_train_steps: int = 1, gen_eval: dict | None = None) ->
     if gen_eval is not None:
         cbs.append({"class_path": "tcae_ldm.lit.generation.GenerationEvalCallback", "init_args": gen_eval})
     return f"--trainer.callbacks={json.dumps(cbs)}"
+
+
+def tiny_dit_checkpoint(path):
+    """A DiffusionModule-shaped checkpoint of a random DiT-T/1 on 16x4x4 latents, 8 classes."""
+    from tcae_ldm.lit.diffusion import DiffusionModule
+
+    module = DiffusionModule(dit="DiT-T/1", dit_args={"class_dropout_prob": 0.1}, latent_shape=(16, 4, 4), num_classes=8)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return str(path)
