@@ -205,7 +205,11 @@ class FIDMetric(nn.Module):
 
     @torch.no_grad()
     def update(self, images: torch.Tensor) -> None:
-        """images: uint8 (B, 3, H, W) or float in [-1, 1]."""
+        """images: uint8 (B, 3, H, W) or float in [-1, 1], of the reference's size when it records one."""
+        size = self.reference.image_size
+        if size is not None and tuple(images.shape[-2:]) != (size, size):
+            raise ValueError(f"{self.name}: the images are {images.shape[-2]}x{images.shape[-1]} but the reference "
+                             f"statistics were computed on {size}x{size} images")
         ext = self.extractor
         params = next(ext.parameters(), None)
         if params is not None and params.device != images.device:

@@ -175,6 +175,10 @@ def test_fid_metric_zero_on_reference_and_grows_with_shift():
     assert metric.compute() > near > 1e-3
     with pytest.raises(ValueError, match="16-d"):
         FIDMetric(RandomFeatures(dim=8), ReferenceStats(ref.mu, ref.sigma))
+    sized = FIDMetric(ext, ReferenceStats(ref.mu, ref.sigma, features=ext.name, image_size=32))
+    with pytest.raises(ValueError, match="gfid_random: the images are 16x16 but the reference statistics were "
+                                         "computed on 32x32 images"):
+        sized.update(images(0))
     with pytest.raises(ValueError, match="'random' network cannot score 'demo-classifier'"):
         other = RandomFeatures(dim=16)
         other.name = "demo-classifier"
