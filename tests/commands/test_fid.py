@@ -98,7 +98,7 @@ def test_is_and_precision_recall_equal_torch_fidelity_called_directly(data, tmp_
         torch_fidelity.register_feature_extractor("tcae-random", Random)
     theirs = torch_fidelity.calculate_metrics(input1=Images(data["samples"]), input2=Images(data["refs"]), cuda=False,
                                               isc=True, fid=True, prc=True, feature_extractor="tcae-random",
-                                              batch_size=7, verbose=False, cache=False)
+                                              batch_size=7, verbose=False, cache=False, save_cpu_ram=True)
     ours = fid_main([str(tmp_path / "samples.npz"), "--ref", data["ref"], "--features", "random", "--batch-size", "16"])
     assert ours["is_random"] == pytest.approx(theirs["inception_score_mean"], rel=1e-5)
     assert ours["is_random_std"] == pytest.approx(theirs["inception_score_std"], rel=1e-4, abs=1e-7)
