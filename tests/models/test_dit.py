@@ -175,3 +175,16 @@ def test_official_checkpoint_maps_onto_a_preset(wrapped):
         dit_from_official(bad)
     with pytest.raises(ValueError, match="not a facebookresearch/DiT checkpoint"):
         dit_from_official({"state_dict": {}})
+
+
+def test_the_published_dit_xl2_layout_maps_onto_our_preset():
+    """DiT-XL-2-256x256.pt's layout (shapes on the meta device, the real position table): DiT-XL/2, 4x32x32
+    latents, learned sigma, 1000 classes, and 675,129,632 parameters with its pos_embed, as released."""
+    with torch.device("meta"):
+        ours = create_dit("DiT-XL/2", input_size=32, in_channels=4, learn_sigma=True, num_classes=1000)
+    state = {**ours.state_dict(), "pos_embed": torch.from_numpy(mae_sincos(1152, 16)).float().unsqueeze(0)}
+    assert sum(v.numel() for v in state.values()) == 675_129_632
+    name, kwargs, mapped = dit_from_official(state)
+    assert name == "DiT-XL/2" and kwargs == dict(input_size=32, in_channels=4, learn_sigma=True, num_classes=1000,
+                                                 class_dropout_prob=0.1, pos_embed_layout="dit")
+    assert mapped.keys() == ours.state_dict().keys()
