@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 
 import lightning as L
 import numpy as np
@@ -104,14 +105,27 @@ class SampleWriter(BasePredictionWriter):
         trainer.strategy.barrier()
 
     def assemble(self) -> str:
-        """Read the PNGs back in index order into the ADM .npz (PNG is lossless: the same bytes) and the grid."""
+        """The ADM .npz from the PNGs in index order (PNG is lossless: the same bytes), streamed into the archive
+        one image at a time (50000 images of 512x512 would need 39 GB at once), and the grid."""
         n = len(self.labels)
-        arrays = [np.asarray(Image.open(self.image_path(i))) for i in tqdm(range(n), desc="Writing the .npz",
-                                                                          leave=False)]
-        arr = np.stack(arrays)  # (N, H, W, 3) uint8
-        _, h, w, _ = arr.shape
-        shown = torch.from_numpy(arr[: self.grid_size]).permute(0, 3, 1, 2).float() / 255
-        save_image(make_grid(shown, nrow=int(math.ceil(math.sqrt(len(shown))))), os.path.join(self.out_dir, GRID_FILE))
+        first = np.asarray(Image.open(self.image_path(0)))
+        h, w, _ = first.shape
         path = os.path.join(self.out_dir, f"samples_{n}x{h}x{w}x3.npz")
-        np.savez(path, arr_0=arr, labels=self.labels.numpy())
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                  "shape": (n, h, w, 3)}
+        shown = []
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+            with z.open("arr_0.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, header)
+                for i in tqdm(range(n), desc="Writing the .npz", leave=False):
+                    image = first if i == 0 else np.asarray(Image.open(self.image_path(i)))
+                    if image.shape != first.shape:
+                        raise ValueError(f"{self.image_path(i)} is {image.shape}, sample 0 is {first.shape}")
+                    f.write(np.ascontiguousarray(image, np.uint8).tobytes())
+                    if i < self.grid_size:
+                        shown.append(torch.from_numpy(image.copy()))
+            with z.open("labels.npy", "w") as f:
+                np.lib.format.write_array(f, self.labels.numpy())
+        grid = torch.stack(shown).permute(0, 3, 1, 2).float() / 255
+        save_image(make_grid(grid, nrow=int(math.ceil(math.sqrt(len(grid))))), os.path.join(self.out_dir, GRID_FILE))
         return path

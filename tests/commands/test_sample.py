@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from tcae_ldm.cli import main
+from tcae_ldm.commands.fid import NpzImages
 from tcae_ldm.data.demo import DemoPhotosDataModule
 from tcae_ldm.data.transforms import to_uint8
 from tcae_ldm.diffusion import DDPM
@@ -59,6 +60,8 @@ def test_sample_command_writes_pngs_grid_npz(runs, tmp_path):
     assert npz["arr_0"].shape == (5, 32, 32, 3) and npz["arr_0"].dtype == np.uint8
     assert npz["labels"].tolist() == [1, 2, 1, 2, 1]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / "images" / "000003.png")), npz["arr_0"][3])
+    streamed = torch.cat(list(NpzImages(str(tmp_path / "a" / "samples_5x32x32x3.npz"), batch_size=2)))  # what fid reads
+    assert np.array_equal(streamed.permute(0, 2, 3, 1).numpy(), npz["arr_0"])
 
     # The same decoder and stats given explicitly give the same samples; a foreign decoder is refused.
     main(common + ["--out", str(tmp_path / "b"), "--autoencoder-kind", "tcae", "--autoencoder-path", runs["ae"],
