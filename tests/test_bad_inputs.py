@@ -109,7 +109,7 @@ CASES = [
     Case("iBOT on a convolutional DC-AE", lambda p: AutoencoderModule(net="DC-AE-T/f16c16", ssl=SSLConfig()),
          "iBOT reads the tokens of a ViT encoder; DC-AE-T/f16c16 is a convolutional DC-AE: set model.ssl to null"),
     Case("an unknown autoencoder kind", lambda p: load_autoencoder("vae", p["ae"]),
-         "autoencoder kind must be 'tcae' or 'dcae', got 'vae'"),
+         "autoencoder kind must be 'tcae', 'dcae' or 'sdvae', got 'vae'"),
     Case("DiT arguments that come from the cache", lambda p: DiffusionModule(dit="DiT-T/1", dit_args={"in_channels": 4}),
          "dit_args ['in_channels'] come from the latent cache"),
     Case("an unknown FID network", lambda p: build_feature_extractor("inceptoin"),

@@ -10,7 +10,8 @@ from tcae_ldm.cli import lightning_main
 from tests.tiny import REPO
 
 BASES = {"configs/ablations": "configs/tcae.yaml", "configs/ablations/demo": "configs/demo/tcae.yaml",
-         "configs/dit_on_dcae.yaml": "configs/dit_on_tcae.yaml", "configs/demo/dit_on_dcae.yaml": "configs/demo/dit_on_tcae.yaml"}
+         "configs/dit_on_dcae.yaml": "configs/dit_on_tcae.yaml", "configs/demo/dit_on_dcae.yaml": "configs/demo/dit_on_tcae.yaml",
+         "configs/eval.yaml": "configs/tcae.yaml"}
 # What the DC-AE DiT overlays may change: the cache they read and where the run is written, nothing else.
 DIT_OVERLAY_KEYS = {"trainer.logger.init_args.name", "data.init_args.cache_dir", "data.init_args.expect_autoencoder.kind",
                     "data.init_args.expect_autoencoder.name", "data.init_args.expect_autoencoder.path"}
@@ -90,3 +91,29 @@ def test_demo_ablation_twins_train_through_the_cli(path, tmp_path):
     assert ckpt["step_count"] == 2
     has_ssl = any(k.startswith("ssl.") for k in ckpt["state_dict"])
     assert has_ssl == (name not in ("stc_only", "none"))
+
+
+@pytest.mark.slow
+def test_evaluation_overlay_scores_the_whole_split_beside_the_training_logs(tmp_path):
+    """Training's periodic validation covers half the split (limit_val_batches 0.5) and says so in val/rfid_images;
+    `test` with configs/eval.yaml covers all of it, writes test/* into <run>/test/ and leaves the run's log alone."""
+    import csv
+
+    from tests.tiny import TINY
+
+    common = ["--config", os.path.join(REPO, "configs", "demo", "tcae.yaml"), *TINY, "--data.init_args.val_per_class=2",
+              f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    lightning_main(["fit", *common, "--model.init_args.max_steps=2", "--trainer.check_val_every_n_epoch=1",
+                    "--trainer.limit_val_batches=0.5", "--trainer.num_sanity_val_steps=0"])
+    run = tmp_path / "tcae"
+    history = (run / "metrics.csv").read_text()
+    lightning_main(["test", *common, "--config", os.path.join(REPO, "configs", "eval.yaml"),
+                    "--trainer.limit_val_batches=0.5", "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+
+    def logged(path, key):
+        return [float(r[key]) for r in csv.DictReader(open(path)) if r.get(key)]
+
+    assert logged(run / "metrics.csv", "val/rfid_images") == [8.0]  # half of the 16 validation crops
+    assert logged(run / "test" / "metrics.csv", "test/rfid_images") == [16.0]  # all of them
+    assert len(logged(run / "test" / "metrics.csv", "test/rfid_random")) == 1
+    assert (run / "metrics.csv").read_text() == history

@@ -99,3 +99,12 @@ def isolated_env(**extra: str) -> dict:
            "MASTER_PORT"}
     env = {k: v for k, v in os.environ.items() if not k.startswith(inherited) and k not in ddp}
     return {**env, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **extra}
+
+
+def tiny_dit_checkpoint(path):
+    """A DiffusionModule-shaped checkpoint of a random DiT-T/1 on 16x4x4 latents, 8 classes."""
+    from tcae_ldm.lit.diffusion import DiffusionModule
+
+    module = DiffusionModule(dit="DiT-T/1", dit_args={"class_dropout_prob": 0.1}, latent_shape=(16, 4, 4), num_classes=8)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return str(path)

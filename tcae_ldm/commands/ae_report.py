@@ -9,8 +9,9 @@ import argparse
 import json
 import os
 
+from tcae_ldm.commands import fail
 from tcae_ldm.data.demo import DemoPhotosDataModule
-from tcae_ldm.lit.autoencoder import AutoencoderModule
+from tcae_ldm.lit.checkpoints import CheckpointError, load_autoencoder_module
 from tcae_ldm.metrics.reconstruction import evaluate_against_bicubic
 
 
@@ -22,11 +23,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--image-size", type=int, default=None,
                    help="crop size (default: a TC-AE's training size; required for a DC-AE)")
     args = p.parse_args(argv)
-    module = AutoencoderModule.load_from_checkpoint(args.ckpt, map_location="cpu", metrics_lpips=None,
-                                                  metrics_fid=None)
+    try:
+        module = load_autoencoder_module(args.ckpt, metrics_lpips=None, metrics_fid=None)
+    except CheckpointError as e:
+        fail("tcae-ldm ae-report", str(e))
     image_size = args.image_size or getattr(module.net, "image_size", None)
     if image_size is None:
-        p.error(f"{module.hparams.net} has no training image size of its own: pass --image-size")
+        fail("tcae-ldm ae-report", f"{module.hparams.net} has no training image size of its own: pass --image-size")
     dm = DemoPhotosDataModule(image_size=image_size, val_per_class=args.val_per_class,
                               train_per_class=1, global_batch_size=32)
     dm.setup()

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import yaml
 
+from tcae_ldm.commands import fail
 from tcae_ldm.metrics.convergence import (
     GEN_PREFIX,
     GFID_COLUMN,
@@ -103,8 +104,11 @@ _LenientLoader.add_multi_constructor("", _untagged)
 def _read_yaml(path: str) -> dict:
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        data = yaml.load(f, Loader=_LenientLoader)
+    try:
+        with open(path) as f:
+            data = yaml.load(f, Loader=_LenientLoader)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not readable YAML ({type(e).__name__}): is this a run folder?") from None
     return data if isinstance(data, dict) else {}
 
 
@@ -136,6 +140,8 @@ class Run:
 
 
 def _find_metrics(run_dir: str) -> str:
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"{run_dir} is not a folder" if os.path.exists(run_dir) else f"{run_dir} does not exist")
     direct = os.path.join(run_dir, METRICS_FILE)
     if os.path.isfile(direct):
         return direct
@@ -163,7 +169,12 @@ def load_run(run_dir: str) -> Run:
         identity[what] = value if what == "autoencoder_gmacs" else describe(value)
     parent, base = os.path.split(os.path.abspath(folder))
     name = f"{os.path.basename(parent)}/{base}" if base.startswith("version_") else base  # version_0 says nothing
-    return Run(folder, name, identity, read_metrics(metrics_path))
+    try:
+        metrics = read_metrics(metrics_path)
+    except (ValueError, UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"{metrics_path} is not a metrics table a CSVLogger writes ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    return Run(folder, name, identity, metrics)
 
 
 def mismatches(runs: list[Run]) -> tuple[list[str], list[str]]:
@@ -317,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
         levels = [float(v) for v in args.levels.split(",") if v.strip()] if args.levels else None
         result = compare_runs(args.runs, args.baseline, args.metric, levels)
     except (ValueError, FileNotFoundError) as e:
-        p.error(str(e))
+        fail("tcae-ldm compare", str(e))
     os.makedirs(args.out, exist_ok=True)
     write_table(result, args.out)
     plot(result, args.out)

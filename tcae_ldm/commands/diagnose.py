@@ -11,9 +11,10 @@ import os
 
 import torch
 
+from tcae_ldm.commands import fail
 from tcae_ldm.data.demo import DemoPhotosDataModule
 from tcae_ldm.data.images import ImageFolderDataModule
-from tcae_ldm.lit.autoencoder import AutoencoderModule
+from tcae_ldm.lit.checkpoints import CheckpointError, load_autoencoder_module
 from tcae_ldm.metrics.diagnostics import (
     TOKEN_STAGES,
     diagnose,
@@ -47,10 +48,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    module = AutoencoderModule.load_from_checkpoint(args.ckpt, map_location="cpu", metrics_lpips=None,
-                                                  metrics_fid=None)
+    try:
+        module = load_autoencoder_module(args.ckpt, metrics_lpips=None, metrics_fid=None)
+    except CheckpointError as e:
+        fail("tcae-ldm diagnose", str(e))
     net = module.eval_net.to(args.device)
-    dm = build_datamodule(args, module.net.image_size)
+    image_size = args.image_size or getattr(module.net, "image_size", None)
+    if image_size is None:
+        fail("tcae-ldm diagnose", f"{module.hparams.net} has no training image size of its own: pass --image-size")
+    dm = build_datamodule(args, image_size)
     results = {"checkpoint": os.path.abspath(args.ckpt), "step": module.step_count,
                **diagnose(net, dm, tokens=args.tokens, max_images=args.max_images, batch_size=args.batch_size,
                           num_workers=args.num_workers)}

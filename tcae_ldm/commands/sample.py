@@ -1,102 +1,105 @@
-"""`tcae-ldm sample`: class-conditional samples from a DiffusionModule checkpoint (EMA weights).
+"""`tcae-ldm sample`: class-conditional samples of a DiT checkpoint (EMA weights) on every GPU of the node.
 
-    tcae-ldm sample --ckpt runs/dit_tcae/checkpoints/last.ckpt --out samples/ --num 50000 --labels uniform
+    tcae-ldm sample --ckpt runs/imagenet/dit_tcae/checkpoints/last.ckpt --out samples --num 50000
+    tcae-ldm sample --ckpt DiT-XL-2-256x256.pt --out samples --num 50000 --cfg-scale 1.5   # the published DiT
 
-Writes <out>/images/000000.png ..., <out>/grid.png and <out>/samples_{N}x{H}x{W}x3.npz (ADM's layout:
-arr_0 uint8 (N, H, W, 3), plus labels (N,)) that FID tools read directly. Latents are decoded by the
-autoencoder that made the training cache (recorded in the checkpoint) unless another is given.
+Runs as Lightning predict (tcae_ldm.lit.sampling): every index is drawn once, on one GPU, with a seed that does
+not depend on the number of GPUs; multi-node runs take --num-nodes under torchrun or SLURM. Writes
+<out>/images/000000.png ..., <out>/grid.png and <out>/samples_{N}x{H}x{W}x3.npz (ADM's layout: arr_0 uint8
+(N, H, W, 3), plus labels (N,)) that `tcae-ldm fid` and ADM's evaluator read. Latents are decoded by the
+autoencoder that made the training cache (recorded in the checkpoint) unless another is given; a
+facebookresearch/DiT checkpoint is sampled as DiT does (DDPM, learned variance, 250 steps, guidance on 3 of
+its 4 channels) and decoded by SD-VAE (stabilityai/sd-vae-ft-ema from the Hugging Face cache, or a folder).
 """
 from __future__ import annotations
 
 import argparse
-import math
-import os
 
-import numpy as np
 import torch
-from PIL import Image
-from torchvision.utils import make_grid, save_image
 
-from tcae_ldm.data.transforms import to_uint8
+from tcae_ldm.commands import fail
 
-
-def parse_labels(text: str, num: int, num_classes: int, seed: int) -> torch.Tensor:
-    """'uniform': labels drawn uniformly from the seed; '0,1,2': that list repeated to num samples."""
-    if text == "uniform":
-        return torch.randint(num_classes, (num,), generator=torch.Generator().manual_seed(seed))
-    try:
-        given = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"--labels must be 'uniform' or comma-separated class indices, got {text!r}") from None
-    bad = [v for v in given if not 0 <= v < num_classes]
-    if not given or bad:
-        raise ValueError(f"--labels {text!r}: class indices must lie in [0, {num_classes}), got {bad or 'none'}")
-    return torch.tensor(given, dtype=torch.long).repeat(math.ceil(num / len(given)))[:num]
+PROG = "tcae-ldm sample"
+PRECISIONS = {"fp32": "32-true", "tf32": "32-true", "bf16": "bf16-mixed"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tcae-ldm sample", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True, help="DiffusionModule checkpoint (.ckpt)")
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="DiffusionModule checkpoint (.ckpt) or a facebookresearch/DiT .pt")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--num", type=int, default=64, help="number of samples")
-    p.add_argument("--labels", default="uniform", help="'uniform' or comma-separated class indices, cycled")
+    p.add_argument("--labels", default="balanced",
+                   help="'balanced' (every class equally often, as the gFID callback), 'uniform' (seeded draws, "
+                        "as DiT's sample_ddp.py) or comma-separated class indices, cycled")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's)")
     p.add_argument("--sampler", default=None, help="euler / heun (flow), ddpm / ddim (ddpm)")
     p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale; 1 = none")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("T_LO", "T_HI"),
                    help="apply guidance only for model time t in [T_LO, T_HI]")
-    p.add_argument("--seed", type=int, default=0, help="batch b uses noise seed + b")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--autoencoder-kind", choices=["tcae", "dcae"], default=None,
+    p.add_argument("--cfg-channels", type=int, default=None,
+                   help="guide only the first k latent channels (default: the checkpoint's; DiT's: 3)")
+    p.add_argument("--seed", type=int, default=0, help="chunk b of --batch-size samples uses noise seed + b")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per chunk (per GPU and call)")
+    p.add_argument("--autoencoder-kind", choices=["tcae", "dcae", "sdvae"], default=None,
                    help="decoder kind (default: the autoencoder recorded in the checkpoint)")
-    p.add_argument("--autoencoder-path", default=None, help="TC-AE checkpoint/folder or DC-AE hub id/folder")
+    p.add_argument("--autoencoder-path", default=None,
+                   help="TC-AE checkpoint/folder, DC-AE or SD-VAE hub id/folder")
     p.add_argument("--autoencoder-dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--cache-dir", default=None,
                    help="latent cache whose stats de-normalise the samples (default: those stored in the checkpoint)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
-                   help="DiT autocast dtype (default: bf16 on CUDA, fp32 elsewhere)")
+    p.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, gpu, cpu")
+    p.add_argument("--devices", default="auto", help="devices per node: auto (every GPU), a count, or a list")
+    p.add_argument("--num-nodes", type=int, default=1, help="nodes (launch with torchrun or SLURM)")
+    p.add_argument("--strategy", default="auto", help="Lightning strategy (auto: DDP when there are several devices)")
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default=None,
+                   help="DiT precision: bf16 autocast (default on GPUs), fp32, or tf32 (fp32 with TF32 matmuls, as "
+                        "DiT's sample_ddp.py); decoding is always fp32")
     p.add_argument("--grid-size", type=int, default=64, help="samples shown in grid.png")
     return p
 
 
-def main(argv: list[str] | None = None) -> str:
+def _devices(text: str):
+    if text == "auto":
+        return "auto"
+    return [int(v) for v in text.strip("[]").split(",") if v.strip()] if "," in text else int(text)
+
+
+def main(argv: list[str] | None = None) -> str | None:
     args = build_parser().parse_args(argv)
-    from tcae_ldm.lit.diffusion import DiffusionModule  # heavy imports after --help
+    for name in ("num", "batch_size"):
+        if getattr(args, name) < 1:
+            fail(PROG, f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if bool(args.autoencoder_path) != bool(args.autoencoder_kind):
+        fail(PROG, "--autoencoder-kind and --autoencoder-path go together")
+    import lightning as L  # heavy imports after --help and the argument checks
 
-    module = DiffusionModule.load_from_checkpoint(args.ckpt, map_location="cpu")
-    module.to(args.device).eval()
-    if args.autoencoder_path or args.cache_dir:
-        if bool(args.autoencoder_path) != bool(args.autoencoder_kind):
-            raise SystemExit("--autoencoder-kind and --autoencoder-path go together")
-        spec = ({"kind": args.autoencoder_kind, "path": args.autoencoder_path, "dtype": args.autoencoder_dtype}
-                if args.autoencoder_path else None)
-        module.set_decoder(spec, cache_dir=args.cache_dir)
-    labels = parse_labels(args.labels, args.num, module.num_classes, args.seed)
-    precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
-    autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    from tcae_ldm.lit.checkpoints import CheckpointError, load_diffusion_module
+    from tcae_ldm.lit.sampling import SampleDataModule, SampleWriter, sample_labels
 
-    img_dir = os.path.join(args.out, "images")
-    os.makedirs(img_dir, exist_ok=True)
-    arrays = []
-    for b, start in enumerate(range(0, args.num, args.batch_size)):
-        y = labels[start: start + args.batch_size]
-        with autocast:
-            z = module.sample(y, seed=args.seed + b, steps=args.steps, sampler=args.sampler,
-                              cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, decode=False)
-        images = to_uint8(module.decode(z.float())).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
-        for i, img in enumerate(images):
-            Image.fromarray(img).save(os.path.join(img_dir, f"{start + i:06d}.png"))
-        arrays.append(images)
-        print(f"sampled {start + len(y)}/{args.num}", flush=True)
-    arr = np.concatenate(arrays)
-    n, h, w, _ = arr.shape
-    shown = torch.from_numpy(arr[: args.grid_size]).permute(0, 3, 1, 2).float() / 255
-    save_image(make_grid(shown, nrow=int(math.ceil(math.sqrt(len(shown))))), os.path.join(args.out, "grid.png"))
-    npz = os.path.join(args.out, f"samples_{n}x{h}x{w}x3.npz")
-    np.savez(npz, arr_0=arr, labels=labels.numpy())
-    print(f"wrote {n} samples to {npz}")
-    return npz
+    spec = ({"kind": args.autoencoder_kind, "path": args.autoencoder_path, "dtype": args.autoencoder_dtype}
+            if args.autoencoder_path else None)
+    try:
+        module = load_diffusion_module(args.ckpt, autoencoder=spec)
+        if spec or args.cache_dir:
+            module.set_decoder(spec, cache_dir=args.cache_dir)
+        module.set_sampling(args.steps, args.sampler, args.cfg_scale, args.cfg_interval, args.cfg_channels)
+        labels = sample_labels(args.labels, args.num, module.num_classes, args.seed)
+        module.autoencoder  # noqa: B018  (load the decoder now: a missing file fails here, on one line)
+    except (CheckpointError, FileNotFoundError, ValueError, KeyError) as e:
+        fail(PROG, str(e.args[0]) if isinstance(e, KeyError) else str(e))
+
+    on_gpu = args.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    precision = args.precision or ("bf16" if on_gpu else "fp32")
+    if precision == "tf32":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    writer = SampleWriter(args.out, labels, args.grid_size)
+    trainer = L.Trainer(accelerator=args.accelerator, devices=_devices(args.devices), num_nodes=args.num_nodes,
+                        strategy=args.strategy, precision=PRECISIONS[precision], logger=False, callbacks=[writer],
+                        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=True)
+    trainer.predict(module, SampleDataModule(labels, args.batch_size, args.seed), return_predictions=False)
+    if trainer.is_global_zero:
+        print(f"wrote {args.num} samples to {writer.npz_path}", flush=True)
+    return writer.npz_path
 
 
 if __name__ == "__main__":

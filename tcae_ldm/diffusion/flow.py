@@ -89,6 +89,7 @@ class RectifiedFlow:
         cfg_interval: Sequence[float] | None = None,
         null_label: int | None = None,
         shift: float = 1.0,
+        guide_channels: int | None = None,
     ) -> torch.Tensor:
         """Integrate from noise (t = 1) to data (t = 0); Heun costs two model calls per step."""
         if sampler not in FLOW_SAMPLERS:
@@ -99,7 +100,8 @@ class RectifiedFlow:
 
         def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
             t_batch = torch.full((x.shape[0],), t, device=x.device)
-            return guided_prediction(model_fn, x, t_batch, y, cfg_scale, null_label, cfg_interval).to(x.dtype)
+            out = guided_prediction(model_fn, x, t_batch, y, cfg_scale, null_label, cfg_interval, guide_channels)
+            return out[:, : x.shape[1]].to(x.dtype)
 
         for t_cur, t_next in zip(ts[:-1].tolist(), ts[1:].tolist()):
             dt = t_next - t_cur  # negative: we go towards the data

@@ -1,5 +1,6 @@
-"""Frozen autoencoders behind one interface: TC-AE (our checkpoints or saved folders) and DC-AE (diffusers
-folders and Hub ids, or a DC-AE trained by our AutoencoderModule).
+"""Frozen autoencoders behind one interface: TC-AE (our checkpoints or saved folders), DC-AE (diffusers
+folders and Hub ids, or a DC-AE trained by our AutoencoderModule), and SD-VAE (diffusers AutoencoderKL, to
+decode the published DiT checkpoints' samples).
 
 x in [-1, 1] (B, 3, H, W) <-> z (B, c, h, w). Every stage after autoencoder training (latent cache, DiT
 sampling, benchmarks) goes through this interface, so TC-AE and DC-AE latents are handled identically.
@@ -27,6 +28,7 @@ from tcae_ldm.models.dcae import (
     load_pretrained_dcae,
     public_config,
 )
+from tcae_ldm.models.sdvae import load_pretrained_sdvae, sdvae_latent_shape
 from tcae_ldm.models.tcae import TCAE, TCAE_PRESETS
 from tcae_ldm.utils.checkpoints import read_checkpoint
 
@@ -36,8 +38,8 @@ MATCH_KEYS = ("kind", "name", "config_hash", "weights_hash", "encoder_hash", "pa
 
 class AutoencoderSpec(TypedDict):
     """How to load a frozen autoencoder; a config value (``autoencoder: {kind, path, dtype}``)."""
-    kind: Literal["tcae", "dcae"]
-    path: str  # an AutoencoderModule checkpoint file, or tcae: a save_pretrained folder / dcae: a hub id or folder
+    kind: Literal["tcae", "dcae", "sdvae"]
+    path: str  # an AutoencoderModule checkpoint file, or tcae: a save_pretrained folder / dcae, sdvae: a hub id or folder
     dtype: NotRequired[Literal["fp32", "bf16"]]  # bf16 runs the network under autocast; latents are fp32
 
 
@@ -284,12 +286,33 @@ class DCAEAutoencoder(FrozenAutoencoder):
         return cls(model, name, "", public_config(model), dtype)
 
 
+class SDVAEAutoencoder(FrozenAutoencoder):
+    """diffusers AutoencoderKL (stabilityai/sd-vae-ft-ema / -mse), raw latents; encode returns the posterior mean."""
+
+    kind = "sdvae"
+
+    def _encode(self, x):
+        return self.model.encode(x).latent_dist.mean  # deterministic, unlike DiT's train.py, which samples
+
+    def _decode(self, z):
+        return self.model.decode(z).sample
+
+    def latent_shape(self, image_size: int) -> tuple[int, int, int]:
+        return sdvae_latent_shape(self.model, image_size)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype: str = "fp32") -> "SDVAEAutoencoder":
+        model = load_pretrained_sdvae(name_or_path)
+        return cls(model, name_or_path, _normpath(name_or_path), public_config(model), dtype)
+
+
 #################################################################################
 #                                   Factory                                     #
 #################################################################################
 
 def load_autoencoder(kind: str, path: str, dtype: str = "fp32") -> FrozenAutoencoder:
-    """kind 'tcae': checkpoint file or save_pretrained folder; kind 'dcae': checkpoint file, hub id or local folder."""
+    """kind 'tcae': checkpoint file or save_pretrained folder; 'dcae': checkpoint file, hub id or local folder;
+    'sdvae': hub id or local folder."""
     if kind == "tcae":
         if os.path.isdir(path):
             return TCAEAutoencoder.from_pretrained(path, dtype)
@@ -301,4 +324,6 @@ def load_autoencoder(kind: str, path: str, dtype: str = "fp32") -> FrozenAutoenc
         if os.path.isfile(path):
             return DCAEAutoencoder.from_checkpoint(path, dtype)
         return DCAEAutoencoder.from_pretrained(path, dtype)
-    raise ValueError(f"autoencoder kind must be 'tcae' or 'dcae', got {kind!r}")
+    if kind == "sdvae":
+        return SDVAEAutoencoder.from_pretrained(path, dtype)
+    raise ValueError(f"autoencoder kind must be 'tcae', 'dcae' or 'sdvae', got {kind!r}")

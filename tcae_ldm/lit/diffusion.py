@@ -6,6 +6,8 @@ rebuilds its own DiT. Training randomness (noise, t, label dropout) is drawn fro
 (seed, rank, step, micro-batch) and the data stream is checkpointed, so resuming from any step replays
 exactly what an uninterrupted run does.
 The autoencoder that decodes samples is loaded lazily and is never part of the checkpoint.
+predict_step draws the samples of one chunk of indices (tcae-ldm sample, tcae_ldm.lit.sampling), and
+from_official_dit() wraps a published facebookresearch/DiT checkpoint in this module, to sample it the same way.
 """
 from __future__ import annotations
 
@@ -15,7 +17,10 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
+from tcae_ldm.data.transforms import to_uint8
 from tcae_ldm.diffusion import DDPM, create_objective
+from tcae_ldm.diffusion.ddpm import DDPM_SAMPLERS
+from tcae_ldm.diffusion.flow import FLOW_SAMPLERS
 from tcae_ldm.latents.cache import LatentNormalizer, read_metadata
 from tcae_ldm.latents.frozen import (
     AutoencoderSpec,
@@ -30,8 +35,9 @@ from tcae_ldm.lit.outputs import save_grid
 from tcae_ldm.lit.preflight import preflight
 from tcae_ldm.lit.resume import SafeResume
 from tcae_ldm.lit.schedules import param_groups
-from tcae_ldm.models.dit import create_dit
+from tcae_ldm.models.dit import create_dit, dit_from_official
 from tcae_ldm.models.ema import EMA
+from tcae_ldm.models.sdvae import SD_VAE_DEFAULT, SD_VAE_SCALE
 from tcae_ldm.utils.seeding import default_seed, seed_of
 
 LINKED = ("input_size", "in_channels", "num_classes")
@@ -49,9 +55,10 @@ class DiffusionModule(L.LightningModule):
                  sample_every_n_steps: int = 0, sample_grid_size: int = 16,
                  autoencoder: AutoencoderSpec | None = None, seed: int | None = None,
                  latent_shape: tuple[int, int, int] | None = None, num_classes: int | None = None,
-                 compile: CompileSpec = False, max_loss: float | None = 1e4):
+                 compile: CompileSpec = False, max_loss: float | None = 1e4, cfg_channels: int | None = None):
         """latent_shape / num_classes: filled in from the datamodule and stored in checkpoints; leave unset.
         autoencoder: decodes samples; None uses the one that made the cache (its metadata).
+        cfg_channels: guide only the first k latent channels (None: all; the published DiT sampler guides 3).
         compile: torch.compile the trained DiT in place (True, or torch.compile kwargs); checkpoint keys do not
         change and the EMA copy, which samples, stays eager.
         max_loss: a loss above this stops the run like a NaN does (a divergence), before the update; None: only
@@ -161,6 +168,31 @@ class DiffusionModule(L.LightningModule):
             self.save_sample_grid()
 
     # ------------------------------------------------------------------ sampling
+    def set_sampling(self, steps: int | None = None, sampler: str | None = None, cfg_scale: float | None = None,
+                     cfg_interval: tuple[float, float] | None = None, cfg_channels: int | None = None) -> None:
+        """Change the sampling settings that sample() defaults to (those given; checked first)."""
+        new = {"sample_steps": steps, "sampler": sampler, "cfg_scale": cfg_scale, "cfg_interval": cfg_interval,
+               "cfg_channels": cfg_channels}
+        new = {k: v for k, v in new.items() if v is not None}
+        settings = {"sample_steps": self.hparams.sample_steps, "sampler": self.sampler,
+                    "cfg_scale": self.hparams.cfg_scale, **new}
+        self.check_sampling(settings["sample_steps"], settings["sampler"], settings["cfg_scale"])
+        self.hparams.update(new)
+        self.sampler = settings["sampler"]
+
+    def check_sampling(self, steps: int, sampler: str, cfg_scale: float) -> None:
+        """A ValueError naming the setting that this module cannot sample with."""
+        samplers = FLOW_SAMPLERS if self.hparams.objective == "flow" else DDPM_SAMPLERS
+        if sampler not in samplers:
+            raise ValueError(f"sampler {sampler!r} does not fit the {self.hparams.objective} objective: choose one "
+                             f"of {list(samplers)}")
+        if steps < 1 or (isinstance(self.objective, DDPM) and steps > self.objective.num_timesteps):
+            limit = f"1 .. {self.objective.num_timesteps}" if isinstance(self.objective, DDPM) else "at least 1"
+            raise ValueError(f"{steps} sampling steps: the {self.hparams.objective} objective takes {limit}")
+        if cfg_scale != 1.0 and self.eval_net.y_embedder.embedding_table.num_embeddings == self.num_classes:
+            raise ValueError(f"cfg_scale={cfg_scale} needs a null class, but this DiT was trained without label "
+                             f"dropout (dit_args.class_dropout_prob = 0)")
+
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, seed: int = 0, steps: int | None = None, sampler: str | None = None,
                cfg_scale: float | None = None, cfg_interval: tuple[float, float] | None = None,
@@ -169,22 +201,43 @@ class DiffusionModule(L.LightningModule):
         hp = self.hparams
         net = self.eval_net
         cfg_scale = hp.cfg_scale if cfg_scale is None else cfg_scale
-        if cfg_scale != 1.0 and net.y_embedder.embedding_table.num_embeddings == self.num_classes:
-            raise ValueError(f"cfg_scale={cfg_scale} needs a null class, but this DiT was trained without label "
-                             f"dropout (dit_args.class_dropout_prob = 0)")
+        steps, sampler = steps or hp.sample_steps, sampler or self.sampler
+        self.check_sampling(steps, sampler, cfg_scale)
         was_training = net.training
         net.eval()  # no label dropout while sampling
         g = torch.Generator().manual_seed(seed)  # CPU noise: the same samples on any device
         noise = torch.randn((labels.shape[0], *hp.latent_shape), generator=g).to(self.device)
-        kwargs = dict(steps=steps or hp.sample_steps, sampler=sampler or self.sampler,
-                      cfg_scale=cfg_scale,
+        kwargs = dict(steps=steps, sampler=sampler, cfg_scale=cfg_scale,
                       cfg_interval=cfg_interval if cfg_interval is not None else hp.cfg_interval,
-                      null_label=self.num_classes)
+                      null_label=self.num_classes, guide_channels=hp.get("cfg_channels"))
         if isinstance(self.objective, DDPM):
             kwargs["generator"] = g
         z = self.objective.sample(net, noise, labels.to(self.device), **kwargs)
         net.train(was_training)
         return self.decode(z) if decode else z
+
+    def predict_step(self, batch, batch_idx):
+        """One chunk of `tcae-ldm sample`: {"index", "label", "seed"} -> uint8 images (B, H, W, 3) with their indices.
+        The DiT runs under the trainer's precision, the decoder in fp32."""
+        z = self.sample(batch["label"], seed=int(batch["seed"]), decode=False)
+        with torch.autocast(self.device.type, enabled=False):
+            images = self.decode(z.float())
+        return {"index": batch["index"].cpu(), "images": to_uint8(images).permute(0, 2, 3, 1).cpu()}
+
+    @classmethod
+    def from_official_dit(cls, checkpoint: dict, autoencoder: AutoencoderSpec | None = None) -> "DiffusionModule":
+        """A published facebookresearch/DiT checkpoint (DiT-XL-2-256x256.pt) as a module that samples as DiT does:
+        DDPM with the learned variance, 250 respaced steps, CFG 1.5 on 3 of the 4 channels, SD-VAE latents
+        scaled by 0.18215 (decoded by sd-vae-ft-ema unless another autoencoder is given)."""
+        name, kwargs, state = dit_from_official(checkpoint)
+        size = kwargs.pop("input_size")
+        shape = [kwargs.pop("in_channels"), size, size]
+        module = cls(dit=name, dit_args=kwargs, objective="ddpm", ema_decay=None, sample_steps=250, sampler="ddpm",
+                     cfg_scale=1.5, cfg_channels=3, num_classes=kwargs.pop("num_classes"), latent_shape=shape,
+                     autoencoder=autoencoder or {"kind": "sdvae", "path": SD_VAE_DEFAULT})
+        module.dit.load_state_dict(state)
+        module.normalizer.std.fill_(1 / SD_VAE_SCALE)  # DiT's latents are the VAE's times 0.18215, not centred
+        return module
 
     def set_decoder(self, autoencoder: FrozenAutoencoder | AutoencoderSpec | None = None,
                     cache_dir: str | None = None) -> None:

@@ -16,7 +16,9 @@ import time
 
 import lightning as L
 import torch
+from tqdm.auto import tqdm
 
+from tcae_ldm.lit.sampling import balanced_labels
 from tcae_ldm.metrics.convergence import (
     GEN_PREFIX,
     IMAGES_SEEN_COLUMN,
@@ -58,7 +60,7 @@ class GenerationEvalCallback(L.Callback):
 
     # ------------------------------------------------------------------ evaluation
     def _labels(self, num_classes: int) -> torch.Tensor:
-        return torch.arange(self.num_samples) % num_classes  # balanced, the same at every evaluation
+        return balanced_labels(self.num_samples, num_classes)  # the same at every evaluation
 
     @torch.no_grad()
     def evaluate(self, trainer, pl_module) -> float | None:
@@ -73,7 +75,9 @@ class GenerationEvalCallback(L.Callback):
         labels = self._labels(pl_module.num_classes)
         chunks = list(torch.split(torch.arange(self.num_samples), self.batch_size))
         # Chunk i is drawn with seed (seed + i) on whichever rank owns it: samples do not depend on world size.
-        for i in range(trainer.global_rank, len(chunks), trainer.world_size):
+        mine = range(trainer.global_rank, len(chunks), trainer.world_size)
+        quiet = not trainer.is_global_zero or trainer.progress_bar_callback is None  # as the trainer's own bars
+        for i in tqdm(mine, desc=f"gFID-{self.num_samples} samples (rank 0's chunks)", leave=False, disable=quiet):
             images = pl_module.sample(labels[chunks[i]], seed=self.seed + i, steps=self.sample_steps,
                                       sampler=self.sampler, cfg_scale=self.cfg_scale)
             self.metric.update(images)

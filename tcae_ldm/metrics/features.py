@@ -8,7 +8,9 @@
     random            a fixed-seed random conv net, for tests.
 
 The network's name is part of every metric name (gfid_inception, rfid_demo-classifier), so a proxy
-number can never pass for a paper-comparable one.
+number can never pass for a paper-comparable one. Each network also gives class logits (`ext(x, logits=True)`),
+which the Inception Score reads: Inception's 1008 ("logits_unbiased", torch-fidelity's and the ADM evaluator's
+IS layer), the demo classifier's 8, the random network's 10 from a fixed random head.
 """
 from __future__ import annotations
 
@@ -27,6 +29,10 @@ INCEPTION_FILE = os.path.basename(INCEPTION_URL)
 DEMO_CLASSIFIER_FILE = "tcae-ldm-demo-classifier.pt"
 
 
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:200]
+
+
 class FeatureExtractor(nn.Module):
     """Frozen images -> features network; accepts uint8 (B, 3, H, W) or float in [-1, 1]."""
 
@@ -37,8 +43,8 @@ class FeatureExtractor(nn.Module):
     def as_float(x: torch.Tensor) -> torch.Tensor:
         return x.float().div(127.5).sub(1.0) if x.dtype == torch.uint8 else x.float()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, dim) float32 features; forward() always receives uint8 images."""
+    def __call__(self, x: torch.Tensor, logits: bool = False):
+        """(B, dim) float32 features, or (features, (B, K) class logits); forward() always receives uint8 images."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"{self.name} features expect images of shape (B, 3, H, W), got {tuple(x.shape)}")
         if x.dtype != torch.uint8:
@@ -46,7 +52,7 @@ class FeatureExtractor(nn.Module):
             # so they meet the 8-bit reference images on equal terms
             x = to_uint8(x.float())
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            return super().__call__(x)
+            return super().__call__(x, logits)
 
 
 class InceptionFeatures(FeatureExtractor):
@@ -66,10 +72,16 @@ class InceptionFeatures(FeatureExtractor):
             FeatureExtractorInceptionV3,
         )
 
-        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=path)
+        try:
+            self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                                   feature_extractor_weights_path=path)
+        except Exception as e:  # noqa: BLE001  (torch.load and load_state_dict raise several types)
+            raise ValueError(f"{path} is not torch-fidelity's Inception weight file {INCEPTION_FILE} "
+                             f"({type(e).__name__}: {first_line(e)})") from None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)[0]  # (B, 2048); resizes to 299 internally like TF did
+    def forward(self, x: torch.Tensor, logits: bool = False):
+        features, class_logits = self.net(x)  # (B, 2048), (B, 1008); resizes to 299 internally like TF did
+        return (features, class_logits) if logits else features
 
 
 class ConvFeatureNet(nn.Module):
@@ -99,7 +111,7 @@ class RandomFeatures(FeatureExtractor):
 
     name = "random"
 
-    def __init__(self, dim: int = 32, seed: int = 0):
+    def __init__(self, dim: int = 32, seed: int = 0, num_classes: int = 10):
         super().__init__()
         self.dim = dim
         with torch.random.fork_rng(devices=[]):  # a fixed net without disturbing the caller's RNG stream
@@ -111,10 +123,12 @@ class RandomFeatures(FeatureExtractor):
                 if isinstance(m, nn.Conv2d):
                     nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
                     nn.init.normal_(m.bias, std=0.1)
+            self.head = nn.Linear(dim, num_classes)  # logits for the Inception Score's tests
         self.requires_grad_(False).eval()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.as_float(x)).mean(dim=(2, 3))  # (B, dim)
+    def forward(self, x: torch.Tensor, logits: bool = False):
+        features = self.net(self.as_float(x)).mean(dim=(2, 3))  # (B, dim)
+        return (features, self.head(features)) if logits else features
 
 
 class DemoClassifierFeatures(FeatureExtractor):
@@ -127,22 +141,27 @@ class DemoClassifierFeatures(FeatureExtractor):
         self.net, self.image_size, self.dim = net, image_size, net.dim
         self.requires_grad_(False).eval()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, logits: bool = False):
         x = self.as_float(x)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             # one input size whatever the image size, as Inception's fixed 299 resize
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
                               align_corners=False)
-        return self.net.features(x)
+        features = self.net.features(x)
+        return (features, self.net.head(features)) if logits else features
 
     @classmethod
     def load(cls, path: str | None = None) -> "DemoClassifierFeatures":
         path = path or torch_hub_file(DEMO_CLASSIFIER_FILE)
         require_weights(path, "the demo-classifier FID network",
                         f"Train it on the CPU: tcae-ldm train-demo-classifier --out {path}")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        net = ConvFeatureNet(dim=ckpt["dim"], width=ckpt["width"], num_classes=ckpt["num_classes"])
-        net.load_state_dict(ckpt["state_dict"])
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            net = ConvFeatureNet(dim=ckpt["dim"], width=ckpt["width"], num_classes=ckpt["num_classes"])
+            net.load_state_dict(ckpt["state_dict"])
+        except Exception as e:  # noqa: BLE001  (torch.load, a missing key and load_state_dict raise several types)
+            raise ValueError(f"{path} is not a demo-classifier weight file from `tcae-ldm train-demo-classifier` "
+                             f"({type(e).__name__}: {first_line(e)})") from None
         return cls(net, image_size=ckpt["image_size"])
 
 

@@ -8,7 +8,8 @@ network are never scored against another.
 """
 from __future__ import annotations
 
-import warnings
+import os
+import zipfile
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -16,7 +17,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from scipy import linalg
 
 
 def metric_name(kind: str, features_name: str) -> str:
@@ -24,37 +24,51 @@ def metric_name(kind: str, features_name: str) -> str:
     return f"{kind}_{features_name}"
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), computed as pytorch-fid and the ADM evaluator do."""
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), the trace of the square root taken from eigenvalues.
+
+    S1 S2 has the eigenvalues of the symmetric positive semi-definite S1^1/2 S2 S1^1/2 (S1^1/2 from eigh), so
+    Tr((S1 S2)^1/2) is the sum of their square roots, with those that round-off pushes below zero clipped to 0.
+    The value is the one scipy's sqrtm gives (pytorch-fid, the ADM evaluator) on well-conditioned statistics and
+    torch-fidelity's eigenvalue form gives in general (both tested), and it stays finite and real where sqrtm
+    needs an epsilon nudge or returns complex parts: singular covariances (fewer samples than dimensions)."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"statistics of different feature sizes: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {sigma1.shape} vs {sigma2.shape}")
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
+        raise ValueError("FID of statistics that hold NaN or infinite values")
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():
-        # a singular product (fewer samples than feature dims) has no stable square root: nudge both
-        warnings.warn(f"FID: singular covariance product; adding {eps} to the diagonals")
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        # round-off leaves a tiny imaginary part; a large one means the statistics are broken
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"FID: imaginary component {np.max(np.abs(covmean.imag))} in sqrt(S1 S2)")
-        covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # S1^1/2
+    inner = root1 @ sigma2 @ root1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
 @dataclass
 class ReferenceStats:
-    """Mean and covariance of a reference set; `features` is None for files that do not say (ADM's)."""
+    """Mean and covariance of a reference set; `features` is None for files that do not say (ADM's), and
+    `image_size` the side of the images they were computed on (ours record it, ADM's holds the images)."""
 
     mu: np.ndarray
     sigma: np.ndarray
     features: str | None = None
     count: int | None = None
+    image_size: int | None = None
+
+
+def npz_member_shape(path: str, key: str) -> tuple[int, ...] | None:
+    """The shape of array `key` of an .npz, read from its header alone (ADM's reference batch holds 1.9 GB of
+    images), or None when the file has no such array."""
+    with zipfile.ZipFile(path) as z:
+        if f"{key}.npy" not in z.namelist():
+            return None
+        with z.open(f"{key}.npy") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            return tuple(read(f)[0])
 
 
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, features: str | None = None,
@@ -71,13 +85,25 @@ def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, features: str | Non
 
 def load_stats(path: str, expect_features: str | None = None) -> ReferenceStats:
     """Read mu / sigma from our files or ADM's reference batches; refuse stats of another feature network."""
-    with np.load(path, allow_pickle=False) as f:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"reference statistics {path} do not exist (make them with `tcae-ldm fid-stats`, "
+                                f"or use ADM's VIRTUAL_imagenet256_labeled.npz)")
+    try:
+        f = np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001  (numpy raises several types for what is not an .npz)
+        raise ValueError(f"reference statistics {path} are not an .npz file numpy can read ({type(e).__name__})") from None
+    with f:
         if "mu" not in f or "sigma" not in f:
             raise ValueError(f"{path} has no 'mu'/'sigma' arrays (keys: {sorted(f.keys())}); make reference "
-                           f"statistics with `tcae-ldm fid-stats`")
+                             f"statistics with `tcae-ldm fid-stats`")
+        size = int(f["image_size"]) if "image_size" in f else None
         stats = ReferenceStats(f["mu"].astype(np.float64), f["sigma"].astype(np.float64),
                                str(f["features"]) if "features" in f else None,
-                               int(f["count"]) if "count" in f else None)
+                               int(f["count"]) if "count" in f else None, size)
+        has_images = "arr_0" in f
+    if stats.image_size is None and has_images:  # ADM's reference batch: (N, H, W, 3) images
+        shape = npz_member_shape(path, "arr_0")
+        stats.image_size = int(shape[1]) if len(shape) == 4 and shape[1] == shape[2] else None
     if expect_features is not None and stats.features is not None and stats.features != expect_features:
         raise ValueError(f"reference statistics {path} were computed with the '{stats.features}' network, "
                          f"not '{expect_features}'; make matching ones with `tcae-ldm fid-stats --features "
@@ -179,7 +205,11 @@ class FIDMetric(nn.Module):
 
     @torch.no_grad()
     def update(self, images: torch.Tensor) -> None:
-        """images: uint8 (B, 3, H, W) or float in [-1, 1]."""
+        """images: uint8 (B, 3, H, W) or float in [-1, 1], of the reference's size when it records one."""
+        size = self.reference.image_size
+        if size is not None and tuple(images.shape[-2:]) != (size, size):
+            raise ValueError(f"{self.name}: the images are {images.shape[-2]}x{images.shape[-1]} but the reference "
+                             f"statistics were computed on {size}x{size} images")
         ext = self.extractor
         params = next(ext.parameters(), None)
         if params is not None and params.device != images.device:
@@ -203,6 +233,7 @@ class ReconstructionFID(nn.Module):
         self._extractor = [extractor]  # a measuring instrument: outside the module tree, as in FIDMetric
         self.name = metric_name("rfid", extractor.name)
         self.real, self.fake = FrechetStats(extractor.dim), FrechetStats(extractor.dim)
+        self.num_images = 0  # images (all ranks) behind the last compute(): a partial split shows here
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, x_rec: torch.Tensor) -> None:
@@ -216,6 +247,7 @@ class ReconstructionFID(nn.Module):
 
     def compute(self) -> float:
         real, fake = self.real.reduced(), self.fake.reduced()
+        self.num_images = real.count
         return frechet_distance(*fake.mean_cov(), *real.mean_cov())
 
     def reset(self) -> None:
@@ -223,12 +255,39 @@ class ReconstructionFID(nn.Module):
         self.fake.reset()
 
 
+@dataclass
+class ExtractedFeatures:
+    """What a pass over a set of images gives: running statistics of every image, and the features / logits of
+    the images that were kept (for precision / recall and the Inception Score)."""
+
+    stats: FrechetStats
+    features: torch.Tensor | None = None  # (n_kept, dim) float32, on the CPU
+    logits: torch.Tensor | None = None  # (n_kept, K) float32, on the CPU
+
+
 @torch.no_grad()
-def accumulate_stats(batches: Iterable[torch.Tensor], extractor, device: str | torch.device = "cpu",
-                     stats: FrechetStats | None = None) -> FrechetStats:
-    """Feed image batches (uint8 or [-1, 1] float) through the extractor into running statistics."""
+def extract_features(batches: Iterable[torch.Tensor], extractor, device: str | torch.device = "cpu",
+                     keep: bool | set[int] = False, logits: bool = False, total: int | None = None,
+                     desc: str | None = None) -> ExtractedFeatures:
+    """Feed image batches (uint8 or [-1, 1] float) through the extractor into running statistics; keep the
+    features (and logits) of every image (keep=True) or of those whose running index is in `keep`. A progress
+    bar named `desc` counts the batches (total: their number, when the iterable has no len)."""
+    from tqdm.auto import tqdm
+
     extractor.to(device)
-    stats = stats or FrechetStats(extractor.dim, device)
-    for x in batches:
-        stats.update(extractor(x.to(device)))
-    return stats
+    out = ExtractedFeatures(FrechetStats(extractor.dim, device))
+    kept_f, kept_l, seen = [], [], 0
+    for x in tqdm(batches, total=total, desc=desc, disable=desc is None, unit="batch", leave=False):
+        f, lg = extractor(x.to(device), logits=True) if logits else (extractor(x.to(device)), None)
+        out.stats.update(f)
+        if keep:
+            rows = (torch.arange(len(f)) if keep is True else
+                    torch.tensor([i for i in range(len(f)) if seen + i in keep], dtype=torch.long))
+            kept_f.append(f[rows.to(f.device)].float().cpu())
+            if lg is not None:
+                kept_l.append(lg[rows.to(lg.device)].float().cpu())
+        seen += len(f)
+    if keep:
+        out.features = torch.cat(kept_f) if kept_f else torch.zeros(0, extractor.dim)
+        out.logits = torch.cat(kept_l) if kept_l else None
+    return out

@@ -47,6 +47,8 @@ class ReconstructionMetrics(nn.Module):
             out["lpips_vgg"] = self.lpips_mean.compute()
         if self.fid is not None:
             out[self.fid.name] = torch.tensor(self.fid.compute())  # every rank: the statistics are all-reduced
+            # the number of images behind it, beside it: a rFID of part of the split never passes for the whole
+            out["rfid_images"] = torch.tensor(float(self.fid.num_images))
         return out
 
     def reset(self) -> None:

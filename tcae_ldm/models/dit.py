@@ -3,7 +3,8 @@
 Follows facebookresearch/DiT ``models.py``: adaLN-Zero blocks, one shared timestep + label embedding whose
 sum conditions every block, a fixed 2-D sin-cos position embedding, and label dropout to a "null" class
 (index ``num_classes``) for classifier-free guidance. Parameter counts and GMACs match the paper's Table 1
-(see the table at the end of the presets section).
+(see the table at the end of the presets section). The module and parameter names are DiT's own, so the
+published checkpoints (``DiT-XL-2-256x256.pt``) load through ``dit_from_official`` (see the end of the file).
 """
 from __future__ import annotations
 
@@ -15,6 +16,22 @@ from einops import rearrange
 from timm.layers import Mlp, PatchEmbed, build_sincos2d_pos_embed
 from timm.models.vision_transformer import Attention
 from torch.utils.checkpoint import checkpoint
+
+POS_EMBED_LAYOUTS = ("timm", "dit")
+
+
+def sincos_pos_embed(grid: int, dim: int, layout: str = "timm") -> torch.Tensor:
+    """(grid * grid, dim) fixed 2-D sin-cos position table of a row-major token grid, frequencies
+    10000^(-k / (dim / 4)). "timm": timm's order (sin y, sin x, cos y, cos x). "dit": DiT's (MAE's) order
+    (sin x, cos x, sin y, cos y), in float64 then float32 as DiT computes it, so the published weights see
+    the table they were trained with, bit for bit."""
+    if layout == "timm":
+        return build_sincos2d_pos_embed([grid, grid], dim=dim)
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="ij")
+    halves = [torch.outer(pos.reshape(-1), omega) for pos in (xs, ys)]
+    return torch.cat([f(h) for h in halves for f in (torch.sin, torch.cos)], dim=1).float()
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -135,9 +152,13 @@ class DiT(nn.Module):
         learn_sigma: bool = False,
         grad_checkpointing: bool = False,
         time_scale: float = 1000.0,
+        pos_embed_layout: str = "timm",
     ):
         """time_scale multiplies t before the sinusoid: 1000 for t in [0, 1] (both objectives here feed
-        that), 1.0 for raw DDPM steps in [0, 1000) as in the original DiT."""
+        that), 1.0 for raw DDPM steps in [0, 1000) as in the original DiT.
+        pos_embed_layout: the order of the sin-cos position embedding's four quarters: "timm" (sin y, sin x,
+        cos y, cos x: timm's default, what this project's runs are trained with) or "dit" (sin x, cos x, sin y,
+        cos y: DiT's / MAE's, which the published DiT weights expect)."""
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size={input_size} is not divisible by patch_size={patch_size}")
@@ -145,6 +166,8 @@ class DiT(nn.Module):
             raise ValueError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
         if hidden_size % 4:
             raise ValueError(f"hidden_size={hidden_size} must be a multiple of 4 for the 2-D sin-cos embedding")
+        if pos_embed_layout not in POS_EMBED_LAYOUTS:
+            raise ValueError(f"pos_embed_layout must be one of {POS_EMBED_LAYOUTS}, got {pos_embed_layout!r}")
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -159,7 +182,7 @@ class DiT(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         # Fixed sin-cos embedding: a buffer (not a parameter), rebuilt at construction, not checkpointed.
         grid = input_size // patch_size
-        self.register_buffer("pos_embed", build_sincos2d_pos_embed([grid, grid], dim=hidden_size).unsqueeze(0),
+        self.register_buffer("pos_embed", sincos_pos_embed(grid, hidden_size, pos_embed_layout).unsqueeze(0),
                              persistent=False)  # (1, N, D)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
@@ -247,3 +270,36 @@ def create_dit(name: str, **overrides) -> DiT:
 # Every /2 and /4 GMACs figure is within 0.1% of the paper (torch's counter counts only matmuls and convolutions,
 # attention scores included). The original DiT's 675,129,632 parameters for XL/2 include its frozen
 # pos-embed (294,912); here that is a buffer, which leaves 674,834,720.
+
+
+#################################################################################
+#                     Published facebookresearch/DiT checkpoints                #
+#################################################################################
+
+def dit_from_official(checkpoint: dict) -> tuple[str, dict, dict]:
+    """(preset name, create_dit kwargs, state_dict) of a facebookresearch/DiT checkpoint: a released file
+    (``DiT-XL-2-256x256.pt``: the EMA weights as a plain state_dict) or a checkpoint of its train.py (whose
+    "ema" entry is used, as its sample.py does).
+
+    The names of every weight are ours already (timm's PatchEmbed, Attention and Mlp, DiT's module names); the
+    only difference is ``pos_embed``, a frozen parameter there and a buffer here: it is checked against our
+    "dit"-layout embedding and dropped. Architecture numbers are read off the weights' shapes; the number of
+    heads, which no shape carries, comes from the preset with that width, depth and patch size."""
+    state = checkpoint.get("ema", checkpoint)
+    if "x_embedder.proj.weight" not in state or "pos_embed" not in state:
+        raise ValueError("not a facebookresearch/DiT checkpoint (no x_embedder.proj.weight / pos_embed)")
+    hidden, in_channels, patch = state["x_embedder.proj.weight"].shape[:3]
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    grid = math.isqrt(state["pos_embed"].shape[1])
+    out_channels = state["final_layer.linear.weight"].shape[0] // (patch * patch)
+    names = [n for n, p in DIT_PRESETS.items() if (p["hidden_size"], p["depth"], p["patch_size"]) == (hidden, depth, patch)]
+    if not names:
+        raise ValueError(f"no DiT preset has width {hidden}, depth {depth} and patch size {patch}")
+    kwargs = dict(input_size=grid * patch, in_channels=in_channels, learn_sigma=out_channels == 2 * in_channels,
+                  num_classes=state["y_embedder.embedding_table.weight"].shape[0] - 1,  # the last row is the null class
+                  class_dropout_prob=0.1, pos_embed_layout="dit")
+    ours = {k: v for k, v in state.items() if k != "pos_embed"}
+    expected = sincos_pos_embed(grid, hidden, "dit")
+    if not torch.allclose(state["pos_embed"].reshape(grid * grid, hidden).float(), expected, atol=1e-5):
+        raise ValueError("the checkpoint's pos_embed is not DiT's 2-D sin-cos table: not a facebookresearch/DiT model")
+    return names[0], kwargs, ours

@@ -106,10 +106,9 @@ def test_different_metric_network_or_dataset_is_not_comparable(tmp_path, capsys)
     result = compare_runs([str(base), str(proxy), str(other_data)], levels=[30])
     assert any("metric network" in p and "b=demo-classifier" in p for p in result["problems"])
     assert any("dataset" in p and "c=demo64" in p for p in result["problems"])
-    with pytest.raises(SystemExit) as err:  # asking for a column a run lacks is a usage error naming it
+    with pytest.raises(SystemExit) as err:  # asking for a column a run lacks is an error naming it
         main([str(base), str(proxy), "--out", str(tmp_path / "o"), "--metric", "gfid_inception"])
-    assert err.value.code == 2
-    assert "gen/gfid_inception" in capsys.readouterr().err
+    assert "gen/gfid_inception" in str(err.value) and str(err.value).startswith("tcae-ldm compare: error: ")
 
 
 def test_different_global_batch_is_not_comparable(tmp_path):
@@ -152,3 +151,31 @@ def test_default_levels_come_from_the_baseline_and_version_folders_are_found(tmp
     assert row["speedup_40"] == pytest.approx(20000 / (10000 + 5 / 17 * 10000))
     assert row["speedup_25"] == pytest.approx(40000 / (20000 + 3 / 8 * 10000))
 
+
+
+def test_folders_that_are_not_runs_fail_on_one_line(tmp_path):
+    run = write_run(tmp_path, "a", CURVE_BASE)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "ae").mkdir()  # an autoencoder run: metrics.csv without any gFID
+    (tmp_path / "ae" / "metrics.csv").write_text("epoch,step,val/psnr\n0,10,20.5\n")
+    (tmp_path / "binary").mkdir()
+    (tmp_path / "binary" / "metrics.csv").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "badstep").mkdir()
+    (tmp_path / "badstep" / "metrics.csv").write_text("step,gen/gfid_inception\nten,3.0\n")
+    (tmp_path / "badyaml").mkdir()
+    (tmp_path / "badyaml" / "metrics.csv").write_text("step,gen/gfid_inception\n10,3.0\n")
+    (tmp_path / "badyaml" / "config.yaml").write_text("model: [unclosed\n")
+    (tmp_path / "file.ckpt").write_bytes(b"PK")
+    cases = [(tmp_path / "missing", "missing does not exist"),
+             (tmp_path / "file.ckpt", "file.ckpt is not a folder"),
+             (tmp_path / "empty", "empty: no metrics.csv (expected a Lightning CSVLogger run folder)"),
+             (tmp_path / "ae", "has no gen/gfid_{net} column"),
+             (tmp_path / "binary", "binary/metrics.csv is not a metrics table a CSVLogger writes"),
+             (tmp_path / "badstep", "badstep/metrics.csv is not a metrics table a CSVLogger writes"),
+             (tmp_path / "badyaml", "badyaml/config.yaml is not readable YAML")]
+    for folder, message in cases:
+        with pytest.raises(SystemExit) as err:
+            main([str(run), str(folder), "--out", str(tmp_path / "out")])
+        text = str(err.value)
+        assert text.startswith("tcae-ldm compare: error: ") and message in text and "\n" not in text, text
+    assert not (tmp_path / "out").exists()

@@ -1,10 +1,12 @@
 """`tcae-ldm diagnose` end to end on a trained checkpoint."""
 import json
 
+import pytest
 import torch
 
 from tcae_ldm.cli import main as cli_main
-from tests.tiny import tiny_data, tiny_module, tiny_trainer
+from tests.models.test_dit import official_checkpoint
+from tests.tiny import tiny_data, tiny_dit_checkpoint, tiny_module, tiny_trainer
 
 
 def test_diagnose_command_end_to_end(tmp_path):
@@ -24,3 +26,15 @@ def test_diagnose_command_end_to_end(tmp_path):
         assert row in md
     assert "12.5%" in md  # chance for the 8 demo classes
 
+
+
+def test_a_dit_checkpoint_fails_on_one_line(tmp_path):
+    torch.save(official_checkpoint()[1], tmp_path / "DiT-T-2.pt")  # a facebookresearch/DiT release's layout
+    cases = [(tiny_dit_checkpoint(tmp_path / "dit.ckpt"), "is a DiffusionModule checkpoint (DiT-T/1)"),
+             (str(tmp_path / "DiT-T-2.pt"), "is a facebookresearch/DiT checkpoint")]
+    for path, message in cases:
+        with pytest.raises(SystemExit) as err:
+            cli_main(["diagnose", "--ckpt", path, "--out", str(tmp_path / "diag")])
+        text = str(err.value)
+        assert text.startswith("tcae-ldm diagnose: error: ") and message in text
+        assert "expected an autoencoder checkpoint" in text and "\n" not in text

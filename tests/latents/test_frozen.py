@@ -118,8 +118,30 @@ def test_missing_models_give_one_clear_error(tmp_path, monkeypatch):
     assert "huggingface-cli download" in str(err.value) and "local folder" in str(err.value)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_autoencoder("tcae", str(tmp_path / "missing.ckpt"))
-    with pytest.raises(ValueError, match="'tcae' or 'dcae'"):
-        load_autoencoder("sdvae", "x")
+    with pytest.raises(ValueError, match="'tcae', 'dcae' or 'sdvae'"):
+        load_autoencoder("vqgan", "x")
+    with pytest.raises(FileNotFoundError, match="SD-VAE 'stabilityai/sd-vae-ft-ema' could not be loaded offline") as err:
+        load_autoencoder("sdvae", "stabilityai/sd-vae-ft-ema")
+    assert "hf download stabilityai/sd-vae-ft-ema" in str(err.value) and "local folder" in str(err.value)
+
+
+TINY_SDVAE = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4, latent_channels=4,
+                  sample_size=32)
+
+
+def test_sdvae_from_a_diffusers_folder(tmp_path):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(**TINY_SDVAE).save_pretrained(tmp_path / "vae")
+    ae = load_autoencoder("sdvae", str(tmp_path / "vae"))
+    x = images()
+    z = ae.encode(x)
+    assert ae.latent_shape(32) == (4, 16, 16) == tuple(z.shape[1:])  # two blocks: one halving
+    torch.testing.assert_close(z, ae.model.encode(x).latent_dist.mean)  # raw latents, deterministic
+    assert ae.decode(z).shape == x.shape
+    assert ae.identity()["kind"] == "sdvae" and ae.spec()["kind"] == "sdvae"
 
 
 def test_identity_matching():

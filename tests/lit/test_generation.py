@@ -71,3 +71,16 @@ def test_labels_are_balanced_and_fixed():
     assert cb._labels(4).tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
     assert np.array_equal(cb._labels(4), cb._labels(4))
 
+
+
+def test_sampling_shows_a_progress_bar_when_the_trainer_does(tmp_path, capsys):
+    extractor = RandomFeatures()
+    stats = FrechetStats(extractor.dim)
+    stats.update(extractor(torch.rand(16, 3, 16, 16) * 2 - 1))
+    save_stats(str(tmp_path / "ref.npz"), *stats.mean_cov(), features="random", count=16)
+    for bar in (False, True):
+        cb = GenerationEvalCallback(str(tmp_path / "ref.npz"), every_n_steps=2, num_samples=8, features="random",
+                                    batch_size=4, eval_at_end=False)
+        L.Trainer(max_steps=2, logger=False, callbacks=[cb], enable_checkpointing=False, enable_progress_bar=bar,
+                  enable_model_summary=False).fit(TinyGenerator())
+        assert ("gFID-8 samples" in capsys.readouterr().err) == bar

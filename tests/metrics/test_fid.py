@@ -56,7 +56,45 @@ def test_rank_deficient_statistics_stay_finite():
     x = np.random.default_rng(4).normal(size=(5, 16))  # fewer samples than dims: singular covariance
     mu, sigma = x.mean(0), np.cov(x, rowvar=False)
     d = frechet_distance(mu, sigma, mu, sigma)
-    assert np.isfinite(d) and abs(d) < 1e-2
+    assert np.isfinite(d) and abs(d) < 1e-6 * np.trace(sigma)
+
+
+def torch_fidelity_fd(mu1, s1, mu2, s2):
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    return fid_statistics_to_metric({"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2}, verbose=False)[KEY_METRIC_FID]
+
+
+def sqrtm_fd(mu1, s1, mu2, s2):
+    """The previous form (pytorch-fid's, the ADM evaluator's): scipy's sqrtm of S1 S2, real part."""
+    covmean = linalg.sqrtm(s1 @ s2)
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean).real), covmean
+
+
+def test_eigenvalue_form_equals_sqrtm_and_torch_fidelity_on_well_conditioned_statistics():
+    rng = np.random.default_rng(7)
+    for dim in (3, 16, 64):
+        s1, s2 = random_spd(dim, dim), random_spd(dim, dim + 1)
+        mu1, mu2 = rng.normal(size=dim), rng.normal(size=dim)
+        ours = frechet_distance(mu1, s1, mu2, s2)
+        assert ours == pytest.approx(sqrtm_fd(mu1, s1, mu2, s2)[0], rel=1e-9)
+        assert ours == pytest.approx(torch_fidelity_fd(mu1, s1, mu2, s2), rel=1e-9)
+
+
+def test_eigenvalue_form_stays_real_where_sqrtm_breaks_down():
+    """3 samples of 128-d ReLU features per set: sqrtm's 'square root' of the singular product has imaginary
+    parts of order 1000 (it is no square root of a real matrix); the eigenvalue form is real and finite and
+    agrees with torch-fidelity's eigvals form."""
+    rng = np.random.default_rng(0)
+    x, y = np.maximum(rng.normal(size=(3, 128)), 0), np.maximum(rng.normal(size=(3, 128)) + 0.05, 0)
+    stats = (x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+    _, covmean = sqrtm_fd(*stats)
+    assert np.abs(covmean.imag).max() > 100
+    ours = frechet_distance(*stats)
+    assert np.isfinite(ours) and ours > 0
+    assert ours == pytest.approx(torch_fidelity_fd(*stats), rel=1e-6)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        frechet_distance(stats[0], stats[1] * np.nan, stats[2], stats[3])
 
 
 def test_running_statistics_equal_one_shot_mean_and_cov():
@@ -91,11 +129,11 @@ def test_stats_file_round_trip_and_adm_reference_format(tmp_path):
     stats = FrechetStats(4)
     stats.update(torch.randn(20, 4))
     path = str(tmp_path / "ref.npz")
-    stats.save(path, features="random", source="unit test")
+    stats.save(path, features="random", source="unit test", image_size=16)
     ref = load_stats(path, expect_features="random")
     np.testing.assert_allclose(ref.mu, stats.mean_cov()[0])
     np.testing.assert_allclose(ref.sigma, stats.mean_cov()[1])
-    assert (ref.features, ref.count) == ("random", 20)
+    assert (ref.features, ref.count, ref.image_size) == ("random", 20, 16)
     with pytest.raises(ValueError, match="'random' network, not 'inception'"):
         load_stats(path, expect_features="inception")
     # ADM's VIRTUAL_imagenet256_labeled.npz: images in arr_0 plus mu/sigma and spatial mu_s/sigma_s
@@ -105,9 +143,14 @@ def test_stats_file_round_trip_and_adm_reference_format(tmp_path):
     ref = load_stats(adm, expect_features="inception")  # says nothing about its network: accepted
     np.testing.assert_array_equal(ref.mu, mu)
     np.testing.assert_array_equal(ref.sigma, sigma)
-    assert ref.features is None
+    assert ref.features is None and ref.image_size == 8  # read from the images' array header alone
     save_stats(str(tmp_path / "plain.npz"), mu, sigma)
-    assert load_stats(str(tmp_path / "plain.npz")).features is None
+    assert (load_stats(str(tmp_path / "plain.npz")).features, load_stats(str(tmp_path / "plain.npz")).image_size) == (None, None)
+    with pytest.raises(FileNotFoundError, match="reference statistics .*missing.npz do not exist"):
+        load_stats(str(tmp_path / "missing.npz"))
+    (tmp_path / "garbage.npz").write_text("not an npz")
+    with pytest.raises(ValueError, match="garbage.npz are not an .npz file numpy can read"):
+        load_stats(str(tmp_path / "garbage.npz"))
     np.savez(str(tmp_path / "nomu.npz"), arr_0=np.zeros(3))
     with pytest.raises(ValueError, match="no 'mu'/'sigma'"):
         load_stats(str(tmp_path / "nomu.npz"))
@@ -132,6 +175,10 @@ def test_fid_metric_zero_on_reference_and_grows_with_shift():
     assert metric.compute() > near > 1e-3
     with pytest.raises(ValueError, match="16-d"):
         FIDMetric(RandomFeatures(dim=8), ReferenceStats(ref.mu, ref.sigma))
+    sized = FIDMetric(ext, ReferenceStats(ref.mu, ref.sigma, features=ext.name, image_size=32))
+    with pytest.raises(ValueError, match="gfid_random: the images are 16x16 but the reference statistics were "
+                                         "computed on 32x32 images"):
+        sized.update(images(0))
     with pytest.raises(ValueError, match="'random' network cannot score 'demo-classifier'"):
         other = RandomFeatures(dim=16)
         other.name = "demo-classifier"
@@ -155,7 +202,8 @@ def test_rfid_is_the_frechet_distance_of_real_and_reconstructed_features():
     metrics = ReconstructionMetrics(fid=ReconstructionFID(ext))
     metrics.update(x, x_rec)
     out = metrics.compute()
-    assert set(out) == {"psnr", "ssim", "rfid_random"} and float(out["rfid_random"]) == pytest.approx(expected, rel=1e-6)
+    assert set(out) == {"psnr", "ssim", "rfid_random", "rfid_images"}
+    assert float(out["rfid_random"]) == pytest.approx(expected, rel=1e-6) and float(out["rfid_images"]) == len(x)
     metrics.reset()
     assert metrics.fid.real.count == 0
 

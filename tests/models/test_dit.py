@@ -1,4 +1,5 @@
 """DiT: shapes, adaLN-Zero init, label dropout, CFG, and the paper's parameter / GMACs table."""
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -10,6 +11,7 @@ from tcae_ldm.models.dit import (
     LabelEmbedder,
     TimestepEmbedder,
     create_dit,
+    dit_from_official,
 )
 
 NUM_CLASSES = 10
@@ -124,3 +126,65 @@ def test_paper_gmacs(name):
         x, t, y = torch.randn(1, 4, 32, 32), torch.rand(1), torch.zeros(1, dtype=torch.long)
     assert count_gmacs(paper_model(name), x, t, y) == pytest.approx(PAPER_GMACS[name], rel=0.01)
 
+
+
+def mae_sincos(dim: int, grid: int) -> np.ndarray:
+    """DiT's position table as its models.py describes it (MAE's recipe): positions on a meshgrid with x first,
+    half the channels per axis, each half [sin, cos] of pos * 10000^(-k / (dim / 4)), computed in float64."""
+    xs, ys = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64))
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+
+    def axis(pos):
+        out = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return np.concatenate([axis(xs), axis(ys)], axis=1)  # (grid * grid, dim)
+
+
+def official_checkpoint(learn_sigma: bool = True, input_size: int = 8, num_classes: int = NUM_CLASSES):
+    """A random DiT-T/2 saved as facebookresearch/DiT saves its models: the same weight names plus pos_embed."""
+    model = randomize(tiny(2, learn_sigma=learn_sigma, input_size=input_size, num_classes=num_classes,
+                           class_dropout_prob=0.1, pos_embed_layout="dit"))
+    grid = input_size // 2
+    state = {**model.state_dict(), "pos_embed": torch.from_numpy(mae_sincos(64, grid)).float().unsqueeze(0)}
+    return model, state
+
+
+def test_dit_layout_pos_embed_is_dits_table():
+    model = tiny(2, pos_embed_layout="dit")
+    np.testing.assert_array_equal(model.pos_embed[0].numpy(), mae_sincos(64, 4).astype(np.float32))  # bitwise
+    assert not torch.allclose(tiny(2).pos_embed, model.pos_embed)  # timm's order differs
+    with pytest.raises(ValueError, match="pos_embed_layout must be one of"):
+        tiny(2, pos_embed_layout="mae")
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_official_checkpoint_maps_onto_a_preset(wrapped):
+    model, state = official_checkpoint()
+    ckpt = {"model": {}, "ema": state, "args": None} if wrapped else state  # train.py's layout, or a release
+    name, kwargs, ours = dit_from_official(ckpt)
+    assert name == "DiT-T/2" and "pos_embed" not in ours
+    assert kwargs == dict(input_size=8, in_channels=4, learn_sigma=True, num_classes=NUM_CLASSES,
+                          class_dropout_prob=0.1, pos_embed_layout="dit")
+    loaded = create_dit(name, **kwargs)
+    loaded.load_state_dict(ours)  # strict: every key maps
+    x, t, y = inputs()
+    torch.testing.assert_close(loaded.eval()(x, t, y), model.eval()(x, t, y))
+    bad = {**state, "pos_embed": state["pos_embed"].flip(-1)}
+    with pytest.raises(ValueError, match="not DiT's 2-D sin-cos table"):
+        dit_from_official(bad)
+    with pytest.raises(ValueError, match="not a facebookresearch/DiT checkpoint"):
+        dit_from_official({"state_dict": {}})
+
+
+def test_the_published_dit_xl2_layout_maps_onto_our_preset():
+    """DiT-XL-2-256x256.pt's layout (shapes on the meta device, the real position table): DiT-XL/2, 4x32x32
+    latents, learned sigma, 1000 classes, and 675,129,632 parameters with its pos_embed, as released."""
+    with torch.device("meta"):
+        ours = create_dit("DiT-XL/2", input_size=32, in_channels=4, learn_sigma=True, num_classes=1000)
+    state = {**ours.state_dict(), "pos_embed": torch.from_numpy(mae_sincos(1152, 16)).float().unsqueeze(0)}
+    assert sum(v.numel() for v in state.values()) == 675_129_632
+    name, kwargs, mapped = dit_from_official(state)
+    assert name == "DiT-XL/2" and kwargs == dict(input_size=32, in_channels=4, learn_sigma=True, num_classes=1000,
+                                                 class_dropout_prob=0.1, pos_embed_layout="dit")
+    assert mapped.keys() == ours.state_dict().keys()

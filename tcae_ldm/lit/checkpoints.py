@@ -1,0 +1,102 @@
+"""What a checkpoint file given to a command holds, and one clear line when it is not what the command needs.
+
+Files are read with torch.load(weights_only=True): the project's config dataclasses are registered as safe where
+they are defined, and facebookresearch/DiT's train.py checkpoints carry an argparse.Namespace, allowed here.
+Anything else pickled in the file is refused without being unpickled.
+
+    kind            what it is                                       read by
+    "diffusion"     a DiffusionModule checkpoint (tcae-ldm fit on a DiT config)      sample
+    "official-dit"  a facebookresearch/DiT release (DiT-XL-2-256x256.pt) or train.py checkpoint   sample
+    "autoencoder"   an AutoencoderModule checkpoint (TC-AE or DC-AE)   ae-report, diagnose
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+# importing the autoencoder module registers its config dataclasses as safe to unpickle
+from tcae_ldm.lit.autoencoder import AutoencoderModule
+from tcae_ldm.lit.diffusion import DiffusionModule
+
+ALLOWED_GLOBALS = [argparse.Namespace]  # facebookresearch/DiT train.py saves its args
+DIT_EXPECTED = ("a DiT checkpoint: a DiffusionModule's .ckpt (runs/.../dit_*/checkpoints/last.ckpt) or a "
+                "facebookresearch/DiT release such as DiT-XL-2-256x256.pt")
+AUTOENCODER_EXPECTED = "an autoencoder checkpoint: an AutoencoderModule's .ckpt (runs/.../tcae/checkpoints/last.ckpt)"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable or of another kind; the message is one line naming it."""
+
+
+def read_checkpoint(path: str, expected: str) -> dict:
+    """The checkpoint's contents (tensors memory-mapped where possible), or CheckpointError saying what is wrong
+    with the file and what `expected` it should have been."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} does not exist; expected {expected}")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder; expected {expected}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes); expected {expected}")
+    try:
+        unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001  (whatever torch's readers raise, the file is not a complete torch.save)
+        unsafe = None
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in ALLOWED_GLOBALS}
+    if unsafe and unsafe - allowed:
+        raise CheckpointError(f"{path} holds pickled objects of types {sorted(unsafe - allowed)} that no checkpoint "
+                              f"of this project has (it is not loaded); expected {expected}")
+    error = None
+    for mmap in (True, False):  # files in torch's legacy (non-zip) format cannot be memory-mapped
+        try:
+            with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            break
+        except Exception as e:  # noqa: BLE001
+            error = e
+    else:
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path} cannot be read as a checkpoint (truncated, or not written by torch.save: "
+                              f"{type(error).__name__}: {reason}); expected {expected}")
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dictionary; expected {expected}")
+    return ckpt
+
+
+def checkpoint_kind(ckpt: dict) -> tuple[str, str]:
+    """(kind, a few words on it): 'diffusion', 'official-dit', 'autoencoder' or 'unknown'."""
+    hp = ckpt.get("hyper_parameters") or {}
+    if "state_dict" in ckpt and "dit" in hp:
+        return "diffusion", f"a DiffusionModule checkpoint ({hp['dit']})"
+    if "state_dict" in ckpt and "net" in hp:
+        return "autoencoder", f"an AutoencoderModule checkpoint ({hp['net']})"
+    weights = ckpt.get("ema", ckpt)
+    if isinstance(weights, dict) and "x_embedder.proj.weight" in weights:
+        return "official-dit", "a facebookresearch/DiT checkpoint"
+    keys = sorted(map(str, ckpt))[:5]
+    return "unknown", f"a file of neither kind (top-level keys {keys})"
+
+
+def load_diffusion_module(path: str, autoencoder: dict | None = None) -> DiffusionModule:
+    """The DiffusionModule of a DiT checkpoint of this project or a facebookresearch/DiT one; autoencoder: the
+    decoder of an official DiT (default: sd-vae-ft-ema)."""
+    ckpt = read_checkpoint(path, DIT_EXPECTED)
+    kind, what = checkpoint_kind(ckpt)
+    if kind == "official-dit":
+        try:
+            return DiffusionModule.from_official_dit(ckpt, autoencoder)
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path} looks like a facebookresearch/DiT checkpoint but does not load: {e}") from None
+    if kind != "diffusion":
+        raise CheckpointError(f"{path} is {what}; expected {DIT_EXPECTED}")
+    del ckpt
+    return DiffusionModule.load_from_checkpoint(path, map_location="cpu")
+
+
+def load_autoencoder_module(path: str, **overrides) -> AutoencoderModule:
+    """The AutoencoderModule of an autoencoder checkpoint; overrides go to load_from_checkpoint (metrics_*...)."""
+    kind, what = checkpoint_kind(read_checkpoint(path, AUTOENCODER_EXPECTED))
+    if kind != "autoencoder":
+        raise CheckpointError(f"{path} is {what}; expected {AUTOENCODER_EXPECTED}")
+    return AutoencoderModule.load_from_checkpoint(path, map_location="cpu", **overrides)
