@@ -47,9 +47,15 @@ class ReconstructionLoss(nn.Module):
         cfg = self.cfg = cfg or ReconstructionLossConfig()
         self.l1_weight, self.lpips_weight, self.gan_weight = cfg.l1_weight, cfg.lpips_weight, cfg.gan_weight
         self.disc_start, self.adaptive = cfg.disc_start, cfg.adaptive_gan_weight
-        self.lpips = FrozenLPIPS(build_lpips(cfg.lpips_trunk)) if cfg.lpips_weight > 0 else None
+        self.lpips: FrozenLPIPS | None = None  # built by load_lpips(): the module builds without the VGG16 file
         self.discriminator = PatchDiscriminator(channels=cfg.disc_channels, num_layers=cfg.disc_layers,
                                                 norm=cfg.disc_norm) if cfg.gan_weight > 0 else None
+
+    def load_lpips(self) -> FrozenLPIPS | None:
+        """The LPIPS network when lpips_weight > 0, built on first call; a missing VGG16 file raises here."""
+        if self.lpips is None and self.lpips_weight > 0:
+            self.lpips = FrozenLPIPS(build_lpips(self.cfg.lpips_trunk))
+        return self.lpips
 
     def gan_active(self, step: int) -> bool:
         return self.discriminator is not None and step >= self.disc_start
@@ -67,7 +73,8 @@ class ReconstructionLoss(nn.Module):
 
     def perceptual(self, x, x_rec):
         """Mean LPIPS distance in fp32 (0 when LPIPS is off)."""
-        return x.new_zeros(()) if self.lpips is None else self.lpips(x, x_rec).mean()
+        lpips = self.load_lpips()
+        return x.new_zeros(()) if lpips is None else lpips(x, x_rec).mean()
 
     def _adaptive_weight(self, nll, g_loss, last_layer):
         g_nll = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
