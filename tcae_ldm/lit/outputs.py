@@ -1,4 +1,5 @@
-"""Where a run writes its files (the logger's folder), and image grids saved there and sent to the logger."""
+"""What a run writes besides its metrics: its folder (the logger's), image grids saved there and sent to every logger
+that takes images, and the gradient norms it logs."""
 from __future__ import annotations
 
 import os
@@ -25,3 +26,11 @@ def save_grid(trainer, images: torch.Tensor, subdir: str, step: int, tag: str, n
     if hasattr(exp, "add_image"):
         exp.add_image(tag, grid, step)
     return path
+
+
+def grad_norm(params) -> torch.Tensor:
+    """The 2-norm of all gradients of params together (what clip_grad_norm_ measures); 0 when none has one."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
