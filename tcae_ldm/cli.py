@@ -19,8 +19,6 @@ import re
 import sys
 import warnings
 
-import yaml
-
 # Lightning's subcommands (LightningCLI), with what they do in this project.
 LIGHTNING_COMMANDS = {
     "fit": "train an autoencoder or a DiT from a config (--ckpt_path last resumes)",
@@ -72,21 +70,6 @@ def config_files(args: list[str]) -> list[str]:
         elif arg.startswith("--config="):
             files.append(arg.split("=", 1)[1])
     return files
-
-
-def check_yaml_syntax(path: str) -> None:
-    """A config that is not valid YAML -> ValueError naming the file and the line (jsonargparse reads the file's
-    text and names it '<unicode string>')."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path} does not exist")
-    with open(path) as f:
-        try:
-            yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            what = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ValueError(f"{path}{where}: not valid YAML: {what}") from None
 
 
 # ----------------------------------------------------------------------------------------------- one-line errors
@@ -212,8 +195,10 @@ def lightning_main(args: list[str] | None = None, run: bool = True):
     cli, parser = cli_class()
     import lightning as L
 
+    from tcae_ldm.utils.files import load_yaml
+
     for path in config_files(sys.argv[1:] if args is None else list(args)):
-        check_yaml_syntax(path)
+        load_yaml(path)  # a syntax error names the file; jsonargparse would name '<unicode string>'
     with warnings.catch_warnings():
         # ResumeNotice says it in one line; Lightning's warning would repeat it among its other warnings
         warnings.filterwarnings("ignore", message=r'.*ckpt_path="last"\) is set, but there is no last checkpoint')

@@ -6,11 +6,11 @@ autoencoder, on the demo photos or an ImageNet-style folder.
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
 
+from tcae_ldm.commands import CommandParser
 from tcae_ldm.data.demo import DemoPhotosDataModule
 from tcae_ldm.data.images import ImageFolderDataModule
 from tcae_ldm.lit.autoencoder import AutoencoderModule
@@ -32,8 +32,7 @@ def build_datamodule(args, image_size: int):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="tcae-ldm diagnose", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(prog="tcae-ldm diagnose", description=__doc__)
     p.add_argument("--ckpt", required=True, help="AutoencoderModule checkpoint; EMA weights are used when present")
     p.add_argument("--out", required=True, help="folder for diagnostics.json and diagnostics.md")
     p.add_argument("--data", choices=["demo"], default="demo", help="the bundled photos, unless --data-root")

@@ -9,7 +9,6 @@ score is named after its network (gfid_inception, gfid_demo-classifier), as ever
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from tcae_ldm.commands import CommandParser
 from tcae_ldm.data.images import CroppedImageFiles, find_images
 from tcae_ldm.metrics.features import FEATURE_EXTRACTORS, build_feature_extractor
 from tcae_ldm.metrics.fid import (
@@ -53,7 +53,7 @@ def _image_side(path: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="tcae-ldm fid", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="tcae-ldm fid", description=__doc__)
     p.add_argument("samples", help="ADM-style .npz (arr_0: uint8 N x H x W x 3) or an image folder")
     p.add_argument("--ref", required=True, help="reference statistics .npz (ADM's or from `tcae-ldm fid-stats`)")
     p.add_argument("--features", default="inception", help=f"feature network: {', '.join(FEATURE_EXTRACTORS)}")

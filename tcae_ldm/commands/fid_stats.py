@@ -9,12 +9,12 @@ FIDMetric refuses to score against statistics made with another one.
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
 from torch.utils.data import DataLoader
 
+from tcae_ldm.commands import CommandParser
 from tcae_ldm.data.demo import demo_split_tensors
 from tcae_ldm.data.images import CroppedImageFiles, find_images
 from tcae_ldm.metrics.features import FEATURE_EXTRACTORS, build_feature_extractor
@@ -22,7 +22,7 @@ from tcae_ldm.metrics.fid import accumulate_stats
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="tcae-ldm fid-stats", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="tcae-ldm fid-stats", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", metavar="DIR", help="image folder, searched recursively")
     src.add_argument("--demo", action="store_true", help="the embedded demo photos (DemoPhotosDataModule)")

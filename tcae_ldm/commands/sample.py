@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid, save_image
 
+from tcae_ldm.commands import CommandParser
 from tcae_ldm.data.transforms import to_uint8
 
 
@@ -35,7 +36,7 @@ def parse_labels(text: str, num: int, num_classes: int, seed: int) -> torch.Tens
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tcae-ldm sample", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="tcae-ldm sample", description=__doc__)
     p.add_argument("--ckpt", required=True, help="DiffusionModule checkpoint (.ckpt)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--num", type=int, default=64, help="number of samples")
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--autoencoder-kind", choices=["tcae", "dcae"], default=None,
                    help="decoder kind (default: the autoencoder recorded in the checkpoint)")
     p.add_argument("--autoencoder-path", default=None, help="TC-AE checkpoint/folder or DC-AE hub id/folder")
-    p.add_argument("--autoencoder-dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--autoencoder-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16 runs the decoder under autocast")
     p.add_argument("--cache-dir", default=None,
                    help="latent cache whose stats de-normalise the samples (default: those stored in the checkpoint)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

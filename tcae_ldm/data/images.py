@@ -108,7 +108,20 @@ def collate_skipping(items: list) -> dict:
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Shared loader logic: global -> per-device batch size, workers, pinned memory."""
+    """Shared loader logic: global -> per-device batch size, workers, pinned memory.
+
+    Args:
+        image_size: side of the square training images (ADM centre crop); the autoencoder's image_size is linked
+            to it.
+        global_batch_size: images per optimizer step across all devices and accumulation steps.
+        num_workers: DataLoader worker processes per device (0: load in the main process).
+        hflip: random horizontal flips of the training images.
+        pin_memory: page-locked batches for faster host-to-GPU copies (CUDA only).
+        persistent_workers: keep the workers alive between epochs.
+        val_batch_size: validation images per device (default: the per-device training batch).
+        seed: seed of the shuffling (and of the demo's crops).
+        views: iBOT's multi-crop views of each training image (null: none; needed when the model trains with ssl).
+    """
 
     def __init__(self, image_size: int = 256, global_batch_size: int = 256, num_workers: int = 8,
                  hflip: bool = True, pin_memory: bool = True, persistent_workers: bool = True,
@@ -156,7 +169,14 @@ class ImageDataModule(L.LightningDataModule):
 
 
 class ImageFolderDataModule(ImageDataModule):
-    """ImageNet-style data: root/train/<class>/* and root/val/<class>/*."""
+    """ImageNet-style data: root/train/<class>/* and root/val/<class>/*.
+
+    Args:
+        root: folder holding the train and val folders.
+        train_dir: training split's folder under root.
+        val_dir: validation split's folder under root.
+        skip_corrupt: skip unreadable files (counted as data/skipped) instead of stopping with their name.
+    """
 
     def __init__(self, root: str, train_dir: str = "train", val_dir: str = "val", skip_corrupt: bool = False,
                  **kwargs):

@@ -41,8 +41,9 @@ NetArgs = keyword_dict("NetArgs", constructor_args("tcae") | constructor_args("d
 
 
 class AutoencoderModule(L.LightningModule):
-    """Autoencoder training: phase 'joint' trains the whole autoencoder (with iBOT when `ssl` is set; TC-AE only),
-    'decoder_finetune' freezes the encoder and so the latent space.
+    """Autoencoder training (TC-AE or DC-AE): L1 + LPIPS + GAN, with iBOT when `ssl` is set (TC-AE only).
+
+    Phase 'joint' trains the whole autoencoder, 'decoder_finetune' freezes the encoder and so the latent space.
 
     Args:
         net: preset of tcae_ldm.models.zoo: 'TC-AE-B/p8-c128' (the paper's), 'DC-AE/f32c32' (its baseline), ...

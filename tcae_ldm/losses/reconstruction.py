@@ -18,17 +18,30 @@ from tcae_ldm.models.discriminator import PatchDiscriminator
 
 @dataclass
 class ReconstructionLossConfig:
-    """Weights and switches of L_rec; every field is a config key under `model.loss`."""
-    l1_weight: float = 1.0            # weight of the pixel L1 term
-    lpips_weight: float = 1.0         # lambda_p; 0 turns LPIPS off (no VGG weights needed)
-    lpips_trunk: str = "pretrained"   # VGG16 trunk: 'pretrained' (torchvision cache), 'random' (tests), or a path
-    gan_weight: float = 0.1           # lambda_q; 0 removes the discriminator
-    disc_start: int = 0               # generator steps before the GAN term and critic updates start
-    adaptive_gan_weight: bool = True  # scale lambda_q by ||grad L_nll|| / ||grad L_gan|| at the decoder's last layer
-    max_adaptive_weight: float = 1e4  # clamp of that ratio
-    disc_channels: int = 64           # PatchGAN base width
-    disc_layers: int = 3              # PatchGAN stride-2 layers
-    disc_norm: str = "group"          # 'group' (DDP-safe with small batches), 'batch' or 'none'
+    """Weights and switches of L_rec; every field is a config key under `model.loss`.
+
+    Args:
+        l1_weight: weight of the pixel L1 term.
+        lpips_weight: lambda_p; 0 turns LPIPS off (no VGG16 weights needed).
+        lpips_trunk: VGG16 trunk: 'pretrained' (torchvision's cache), 'random' (tests), or a file.
+        gan_weight: lambda_q; 0 removes the discriminator.
+        disc_start: generator steps before the GAN term and the critic's updates start.
+        adaptive_gan_weight: scale lambda_q by ||grad L_nll|| / ||grad L_gan|| at the decoder's last layer (VQGAN).
+        max_adaptive_weight: clamp of that ratio.
+        disc_channels: PatchGAN base width.
+        disc_layers: PatchGAN stride-2 layers.
+        disc_norm: 'group' (DDP-safe with small batches), 'batch' or 'none'.
+    """
+    l1_weight: float = 1.0
+    lpips_weight: float = 1.0
+    lpips_trunk: str = "pretrained"
+    gan_weight: float = 0.1
+    disc_start: int = 0
+    adaptive_gan_weight: bool = True
+    max_adaptive_weight: float = 1e4
+    disc_channels: int = 64
+    disc_layers: int = 3
+    disc_norm: str = "group"
 
 
 # Checkpoints keep this config in their hyper-parameters; allow it under torch.load(weights_only=True).

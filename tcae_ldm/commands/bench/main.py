@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from tcae_ldm.commands import CommandParser
 from tcae_ldm.commands.bench import cases, timing
 from tcae_ldm.commands.bench.tables import tables
 from tcae_ldm.models.dit import DIT_PRESETS
@@ -49,8 +50,7 @@ def _csv(s: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="tcae-ldm bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(prog="tcae-ldm bench", description=__doc__)
     p.add_argument("--autoencoders", type=_csv, help=f"comma list; TC-AE presets (':vanilla' = staged=False, ':ckpt' = "
                    f"activation checkpointing) and DC-AE presets {sorted(cases.DCAE_PRESETS)}, either with ':cl' = "
                    f"channels-last "
