@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     dm = build_datamodule(args, module.net.image_size)
     results = {"checkpoint": os.path.abspath(args.ckpt), "step": module.step_count,
                **diagnose(net, dm, tokens=args.tokens, max_images=args.max_images, batch_size=args.batch_size,
-                          num_workers=args.num_workers)}
+                          num_workers=args.num_workers, progress=True)}
     write_report(results, args.out)
     print(format_table(results))
     return results

@@ -38,11 +38,13 @@ class Progress:
     def __iter__(self):
         start = last = time.perf_counter()
         done = 0
-        for item in self.iterable:
-            yield item
-            done += 1
-            now = time.perf_counter()
-            if (self.every and done % self.every == 0) or now - last >= self.interval:
-                self._print(progress_line(self.what, done, self.total, done / (now - start), self.unit))
-                last = now
-        self._print(f"{self.what}: {done} {self.unit} in {duration(time.perf_counter() - start)}")
+        try:
+            for item in self.iterable:
+                yield item
+                done += 1
+                now = time.perf_counter()
+                if (self.every and done % self.every == 0) or now - last >= self.interval:
+                    self._print(progress_line(self.what, done, self.total, done / (now - start), self.unit))
+                    last = now
+        finally:  # also when the consumer stops early
+            self._print(f"{self.what}: {done} {self.unit} in {duration(time.perf_counter() - start)}")

@@ -136,3 +136,11 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_flagged(tiny_run):
               "env": {**saved["env"], "cpu_native_bf16": False}}
     assert "has no bf16 instructions (AVX512-BF16 / AMX)" in bench.tables(report)
 
+
+
+def test_timing_reports_progress_after_the_warm_up_and_each_round():
+    lines = []
+    cases = [timing.Case("A", lambda: None, items=1), timing.Case("B", lambda: None, items=1)]
+    timing.time_interleaved(cases, repeats=3, device=torch.device("cpu"), progress=lines.append)
+    assert lines[0].startswith("warmed up 2 of 2 cases in 0:0")
+    assert [ln.split(" |")[0] for ln in lines[1:]] == ["timed 1/3 rounds (33%)", "timed 2/3 rounds (67%)"]
