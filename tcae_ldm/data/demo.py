@@ -21,8 +21,12 @@ DEMO_CLASSES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
 
 def load_demo_photos() -> dict[str, np.ndarray]:
     """The eight photographs as uint8 (H, W, 3) arrays, read from the installed packages (no download)."""
-    import skimage.data
-    from sklearn.datasets import load_sample_images
+    try:
+        import skimage.data
+        from sklearn.datasets import load_sample_images
+    except ImportError as e:
+        raise ImportError(f"the demo photos come with scikit-image and scikit-learn ({e}): "
+                          f"pip install -e '.[demo]' (make demo does)") from None
 
     photos = {name: getattr(skimage.data, name)() for name in DEMO_CLASSES[:5]}
     photos["stereo_motorcycle"] = skimage.data.stereo_motorcycle()[0]  # (left, right, disparity)
