@@ -208,6 +208,7 @@ def lightning_main(args: list[str] | None = None, run: bool = True):
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run a command; errors propagate (see run() for the command line's one-line errors)."""
     args = sys.argv[1:] if argv is None else list(argv)
     if not args or args[0] in ("-h", "--help"):
         print(overview())
@@ -218,17 +219,24 @@ def main(argv: list[str] | None = None) -> None:
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
         print(f"tcae-ldm: unknown command {command!r}{hint} (tcae-ldm --help lists the commands)", file=sys.stderr)
         raise SystemExit(2)
+    if command in COMMANDS:
+        importlib.import_module(f"tcae_ldm.commands.{COMMANDS[command][0]}").main(args[1:])
+    else:
+        lightning_main(None if argv is None else args)  # None: LightningCLI reads sys.argv itself
+
+
+def run(argv: list[str] | None = None) -> None:
+    """The `tcae-ldm` executable: main(), with an error the project raised on purpose ending the command in one
+    line that names it (exit status 1); any other error keeps its traceback."""
     try:
-        if command in COMMANDS:
-            importlib.import_module(f"tcae_ldm.commands.{COMMANDS[command][0]}").main(args[1:])
-        else:
-            lightning_main(None if argv is None else args)  # None: LightningCLI reads sys.argv itself
+        main(argv)
     except Exception as e:
         cause = None if os.environ.get(DEBUG_ENV) else project_error(e)
         if cause is None:
             raise
-        _fail(command, cause)
+        args = sys.argv[1:] if argv is None else list(argv)
+        _fail(args[0] if args else "", cause)
 
 
 if __name__ == "__main__":
-    main()
+    run()

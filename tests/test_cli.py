@@ -17,6 +17,7 @@ from tcae_ldm.cli import (
     lightning_main,
     main,
     project_error,
+    run,
 )
 from tcae_ldm.commands import CommandParser
 from tests.tiny import REPO, TINY
@@ -26,9 +27,9 @@ DEMO_DCAE = os.path.join(REPO, "configs", "demo", "dcae.yaml")
 
 
 def _fails(argv, capsys, code=None) -> str:
-    """Run the CLI expecting it to stop; its stderr."""
+    """Run the command line expecting it to stop; its stderr."""
     with pytest.raises(SystemExit) as exit_:
-        main(argv)
+        run(argv)
     if code is not None:
         assert exit_.value.code == code
     return capsys.readouterr().err
@@ -162,6 +163,8 @@ def test_a_yaml_syntax_error_names_the_file(tmp_path, capsys):
 def test_a_missing_config_file_is_named(tmp_path, capsys):
     line = _error_line(_fails(["fit", "--config", str(tmp_path / "nope.yaml")], capsys, code=1))
     assert line == f"tcae-ldm fit: error: config file {tmp_path / 'nope.yaml'} does not exist"
+    with pytest.raises(FileNotFoundError, match="nope.yaml does not exist"):  # from Python, main() raises
+        main(["fit", "--config", str(tmp_path / "nope.yaml")])
 
 
 def test_a_misspelt_net_args_key_fails_when_the_config_is_parsed(tmp_path, capsys):
