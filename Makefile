@@ -1,27 +1,29 @@
 # tcae-ldm: `make demo` runs the CPU demo on the embedded photos, `make test` runs the suite,
 # `make compare-demo` answers TC-AE vs DC-AE in miniature, `make bench` measures cost and speed.
-# Both create .venv on first use and install the package with its test extras.
+# Each creates .venv on first use and installs the package with the extras it needs: `demo` (the photographs'
+# packages) for the demo and the benchmark, `test` (which includes `demo`) for the tests.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-stamp
+DEMO_STAMP := $(VENV)/.installed-demo
+TEST_STAMP := $(VENV)/.installed-test
 RUNS   ?= runs/demo
 # Nothing downloads at run time: models come from local caches or are random in tests.
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: install test test-fast fid-demo demo compare-demo bench clean
+.PHONY: install test test-fast fid-demo demo compare-demo bench clean distclean
 
-$(STAMP): pyproject.toml
+$(VENV)/.installed-%: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
-	touch $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[$*]"
+	touch $@
 
-install: $(STAMP)
+install: $(TEST_STAMP)
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(OFFLINE) $(BIN)/python -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(TEST_STAMP)
 	$(OFFLINE) $(BIN)/python -m pytest -q -m "not slow"
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -37,13 +39,13 @@ TCAE_AE  := $(RUNS)/tcae/.done
 DCAE_AE  := $(RUNS)/dcae/.done
 
 # The offline FID proxy: a small classifier of the 8 photos (rfid_/gfid_demo-classifier) and the train crops' stats.
-$(FEATURES): | $(STAMP)
+$(FEATURES): | $(DEMO_STAMP)
 	$(OFFLINE) $(BIN)/tcae-ldm train-demo-classifier --out $@
 $(FID_REF): $(FEATURES)
 	$(OFFLINE) $(BIN)/tcae-ldm fid-stats --demo --split train --features demo-classifier --weights $(FEATURES) --out $@
 
 # Autoencoders: train, then compare with the bicubic baseline at the same float budget.
-$(RUNS)/%/.done: configs/demo/%.yaml $(FEATURES) | $(STAMP)
+$(RUNS)/%/.done: configs/demo/%.yaml $(FEATURES) | $(DEMO_STAMP)
 	$(OFFLINE) $(BIN)/tcae-ldm fit --config configs/demo/$*.yaml
 	$(OFFLINE) $(BIN)/tcae-ldm ae-report --ckpt $(RUNS)/$*/checkpoints/last.ckpt --out $(RUNS)/$* --image-size 64
 	touch $@
@@ -73,8 +75,13 @@ compare-demo: $(RUNS)/dit_tcae/.done $(RUNS)/dit_dcae/.done
 	$(OFFLINE) $(BIN)/tcae-ldm compare $(RUNS)/dit_dcae $(RUNS)/dit_tcae --baseline dit_dcae --out $(RUNS)/compare
 
 # Cost and throughput of TC-AE vs DC-AE (and the DiT on their latents), measured side by side.
-bench: $(STAMP)
+bench: $(DEMO_STAMP)
 	$(OFFLINE) $(BIN)/tcae-ldm bench --out $(RUNS)/bench.json
 
+# clean removes what the demo targets wrote ($(RUNS)) and nothing else of runs/ (paper-scale runs live beside it);
+# distclean also removes the virtual environment.
 clean:
-	rm -rf $(VENV) runs lightning_logs .pytest_cache
+	rm -rf $(RUNS)
+
+distclean: clean
+	rm -rf $(VENV) .pytest_cache

@@ -1,6 +1,7 @@
 """Every shipped config parses and resolves; the small ones also build their model."""
 import glob
 import os
+import re
 
 import pytest
 import torch
@@ -10,11 +11,14 @@ from tcae_ldm.cli import lightning_main
 from tests.tiny import REPO
 
 BASES = {"configs/ablations": "configs/tcae.yaml", "configs/ablations/demo": "configs/demo/tcae.yaml",
-         "configs/dit_on_dcae.yaml": "configs/dit_on_tcae.yaml", "configs/demo/dit_on_dcae.yaml": "configs/demo/dit_on_tcae.yaml",
-         "configs/eval.yaml": "configs/tcae.yaml"}
+         "configs/overlays": "configs/demo/tcae.yaml", "configs/eval.yaml": "configs/tcae.yaml",
+         "configs/dit_on_dcae.yaml": "configs/dit_on_tcae.yaml", "configs/demo/dit_on_dcae.yaml": "configs/demo/dit_on_tcae.yaml"}
 # What the DC-AE DiT overlays may change: the cache they read and where the run is written, nothing else.
-DIT_OVERLAY_KEYS = {"trainer.logger.init_args.name", "data.init_args.cache_dir", "data.init_args.expect_autoencoder.kind",
-                    "data.init_args.expect_autoencoder.name", "data.init_args.expect_autoencoder.path"}
+CACHE_KEYS = {"data.init_args.cache_dir", "data.init_args.expect_autoencoder.kind", "data.init_args.expect_autoencoder.name",
+              "data.init_args.expect_autoencoder.path"}
+DIT_OVERLAY_KEYS = {"configs/demo/dit_on_tcae.yaml": CACHE_KEYS | {"trainer.logger.init_args.name"},
+                    "configs/dit_on_tcae.yaml": CACHE_KEYS | {"trainer.logger.0.init_args.name",  # CSV and TensorBoard
+                                                              "trainer.logger.1.init_args.name"}}
 
 
 def _stack(path):
@@ -57,7 +61,7 @@ def test_dit_on_dcae_is_the_same_run_on_another_cache(base, capsys):
         resolved.append(_flatten(yaml.safe_load(capsys.readouterr().out)))
     tcae, dcae = resolved
     differ = {k for k in tcae.keys() | dcae.keys() if tcae.get(k) != dcae.get(k)}
-    assert differ == DIT_OVERLAY_KEYS, differ
+    assert differ == DIT_OVERLAY_KEYS[base], differ
     assert dcae["data.init_args.expect_autoencoder.kind"] == "dcae" and "latents_dcae" in dcae["data.init_args.cache_dir"]
 
 
@@ -117,3 +121,33 @@ def test_evaluation_overlay_scores_the_whole_split_beside_the_training_logs(tmp_
     assert logged(run / "test" / "metrics.csv", "test/rfid_images") == [16.0]  # all of them
     assert len(logged(run / "test" / "metrics.csv", "test/rfid_random")) == 1
     assert (run / "metrics.csv").read_text() == history
+
+
+# Keys that only give a config its shape; every other key carries a comment.
+STRUCTURE = {"trainer", "model", "data", "init_args", "class_path"}
+KEY_LINE = re.compile(r"^\s*(?:- )?([A-Za-z_][\w.]*\+?):(.*)$")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, REPO))
+def test_every_key_has_a_comment(path):
+    """On its line, or on a comment line right above it (for a longer explanation)."""
+    lines = open(path).read().splitlines()
+    bare = []
+    for i, line in enumerate(lines):
+        m = KEY_LINE.match(line)
+        if m and m.group(1) not in STRUCTURE and "#" not in m.group(2):
+            if not (i and lines[i - 1].lstrip().startswith("#") and lines[i - 1].startswith(" ")):
+                bare.append(f"line {i + 1}: {line.strip()}")
+    assert not bare, "\n".join(bare)
+
+
+@pytest.mark.parametrize("base", ["configs/tcae.yaml", "configs/demo/dit_on_tcae.yaml", "configs/dit_on_tcae.yaml"])
+def test_the_wandb_overlay_adds_a_logger_to_any_run(base, capsys):
+    """W&B is appended after the run's own loggers, which keep the run's folder and metrics.csv (wandb itself need
+    not be installed to parse the config)."""
+    with pytest.raises(SystemExit):
+        lightning_main(["fit", "--config", os.path.join(REPO, base), "--config",
+                        os.path.join(REPO, "configs", "overlays", "wandb.yaml"), "--print_config"])
+    loggers = yaml.safe_load(capsys.readouterr().out)["trainer"]["logger"]
+    assert [lg["class_path"].rsplit(".", 1)[1] for lg in loggers][-1] == "WandbLogger"
+    assert loggers[0]["class_path"].endswith(("CSVLogger", "TensorBoardLogger")) and len(loggers) >= 2

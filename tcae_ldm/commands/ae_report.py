@@ -5,18 +5,17 @@ latent (c * h * w), then upsamples back: the number any learned compressor has t
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
-from tcae_ldm.commands import fail
+from tcae_ldm.commands import CommandParser, fail
 from tcae_ldm.data.demo import DemoPhotosDataModule
 from tcae_ldm.lit.checkpoints import CheckpointError, load_autoencoder_module
 from tcae_ldm.metrics.reconstruction import evaluate_against_bicubic
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="tcae-ldm ae-report", description=__doc__)
+    p = CommandParser(prog="tcae-ldm ae-report", description=__doc__)
     p.add_argument("--ckpt", required=True, help="AutoencoderModule checkpoint (last.ckpt / best.ckpt)")
     p.add_argument("--out", required=True, help="folder for ae_report.json and ae_report.md")
     p.add_argument("--val-per-class", type=int, default=64, help="demo validation crops per class")

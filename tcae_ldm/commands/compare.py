@@ -20,7 +20,6 @@ logs these with the trainer's global step, which CSVLogger writes as the `step` 
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -30,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import yaml
 
-from tcae_ldm.commands import fail
+from tcae_ldm.commands import CommandParser, fail
 from tcae_ldm.metrics.convergence import (
     GEN_PREFIX,
     GFID_COLUMN,
@@ -315,7 +314,7 @@ def plot(result: dict, out_dir: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="tcae-ldm compare", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="tcae-ldm compare", description=__doc__)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="Lightning CSVLogger folders of DiT runs")
     p.add_argument("--out", required=True, help="folder for convergence.png, comparison.md, comparison.csv")
     p.add_argument("--baseline", default=None, help="run name (folder name) to compare against (default: first)")

@@ -6,12 +6,11 @@ autoencoder, on the demo photos or an ImageNet-style folder.
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
 
-from tcae_ldm.commands import fail
+from tcae_ldm.commands import CommandParser, fail
 from tcae_ldm.data.demo import DemoPhotosDataModule
 from tcae_ldm.data.images import ImageFolderDataModule
 from tcae_ldm.lit.checkpoints import CheckpointError, load_autoencoder_module
@@ -33,8 +32,7 @@ def build_datamodule(args, image_size: int):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="tcae-ldm diagnose", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(prog="tcae-ldm diagnose", description=__doc__)
     p.add_argument("--ckpt", required=True, help="AutoencoderModule checkpoint; EMA weights are used when present")
     p.add_argument("--out", required=True, help="folder for diagnostics.json and diagnostics.md")
     p.add_argument("--data", choices=["demo"], default="demo", help="the bundled photos, unless --data-root")
@@ -59,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     dm = build_datamodule(args, image_size)
     results = {"checkpoint": os.path.abspath(args.ckpt), "step": module.step_count,
                **diagnose(net, dm, tokens=args.tokens, max_images=args.max_images, batch_size=args.batch_size,
-                          num_workers=args.num_workers)}
+                          num_workers=args.num_workers, progress=True)}
     write_report(results, args.out)
     print(format_table(results))
     return results

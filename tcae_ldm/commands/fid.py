@@ -13,7 +13,6 @@ precision_<network> / recall_<network> (k = 3), the last two through torch-fidel
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from tcae_ldm.commands import fail
+from tcae_ldm.commands import CommandParser, fail
 from tcae_ldm.data.images import CorruptImageError, CroppedImageFiles, find_images
 from tcae_ldm.metrics.features import FEATURE_EXTRACTORS, build_feature_extractor
 from tcae_ldm.metrics.fid import (
@@ -119,8 +118,8 @@ def reference_features(path: str, extractor, device: str, batch_size: int) -> to
                             desc="reference features").features
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+def build_parser() -> CommandParser:
+    p = CommandParser(prog=PROG, description=__doc__)
     p.add_argument("samples", help="ADM-style .npz (arr_0: uint8 N x H x W x 3) or an image folder")
     p.add_argument("--ref", required=True, help="reference .npz (ADM's reference batch or `tcae-ldm fid-stats` output)")
     p.add_argument("--features", default="inception", help=f"feature network: {', '.join(FEATURE_EXTRACTORS)}")

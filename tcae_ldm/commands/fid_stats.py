@@ -11,14 +11,13 @@ samples of another size. It also keeps the features of a seeded random subset of
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from tcae_ldm.commands import fail
+from tcae_ldm.commands import CommandParser, fail
 from tcae_ldm.data.demo import demo_split_tensors
 from tcae_ldm.data.images import CorruptImageError, CroppedImageFiles, find_images
 from tcae_ldm.metrics.features import FEATURE_EXTRACTORS, build_feature_extractor
@@ -28,7 +27,7 @@ PROG = "tcae-ldm fid-stats"
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog=PROG, description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", metavar="DIR", help="image folder, searched recursively")
     src.add_argument("--demo", action="store_true", help="the embedded demo photos (DemoPhotosDataModule)")

@@ -13,18 +13,17 @@ its 4 channels) and decoded by SD-VAE (stabilityai/sd-vae-ft-ema from the Huggin
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 
-from tcae_ldm.commands import fail
+from tcae_ldm.commands import CommandParser, fail
 
 PROG = "tcae-ldm sample"
 PRECISIONS = {"fp32": "32-true", "tf32": "32-true", "bf16": "bf16-mixed"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+def build_parser() -> CommandParser:
+    p = CommandParser(prog=PROG, description=__doc__)
     p.add_argument("--ckpt", required=True, help="DiffusionModule checkpoint (.ckpt) or a facebookresearch/DiT .pt")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--num", type=int, default=64, help="number of samples")
@@ -44,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoder kind (default: the autoencoder recorded in the checkpoint)")
     p.add_argument("--autoencoder-path", default=None,
                    help="TC-AE checkpoint/folder, DC-AE or SD-VAE hub id/folder")
-    p.add_argument("--autoencoder-dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--autoencoder-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16 runs the decoder under autocast")
     p.add_argument("--cache-dir", default=None,
                    help="latent cache whose stats de-normalise the samples (default: those stored in the checkpoint)")
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, gpu, cpu")

@@ -5,12 +5,12 @@ demo photographs apart; its penultimate features are the `demo-classifier` netwo
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
 import torch.nn.functional as F
 
+from tcae_ldm.commands import CommandParser
 from tcae_ldm.data.demo import demo_split_tensors
 from tcae_ldm.metrics.features import (
     DEMO_CLASSIFIER_FILE,
@@ -62,7 +62,7 @@ def train_demo_classifier(out_path: str | None, steps: int = 200, batch_size: in
 
 
 def main(argv: list[str] | None = None) -> DemoClassifierFeatures:
-    p = argparse.ArgumentParser(prog="tcae-ldm train-demo-classifier", description=__doc__.split("\n\n")[0])
+    p = CommandParser(prog="tcae-ldm train-demo-classifier", description=__doc__)
     p.add_argument("--out", default=torch_hub_file(DEMO_CLASSIFIER_FILE), help="weight file to write")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=32, help="crops per step")

@@ -22,8 +22,12 @@ DEMO_CLASSES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
 
 def load_demo_photos() -> dict[str, np.ndarray]:
     """The eight photographs as uint8 (H, W, 3) arrays, read from the installed packages (no download)."""
-    import skimage.data
-    from sklearn.datasets import load_sample_images
+    try:
+        import skimage.data
+        from sklearn.datasets import load_sample_images
+    except ImportError as e:
+        raise ImportError(f"the demo photos come with scikit-image and scikit-learn ({e}): "
+                          f"pip install -e '.[demo]' (make demo does)") from None
 
     photos = {name: getattr(skimage.data, name)() for name in DEMO_CLASSES[:5]}
     photos["stereo_motorcycle"] = skimage.data.stereo_motorcycle()[0]  # (left, right, disparity)
@@ -84,7 +88,17 @@ def build_demo_split(image_size: int, train_per_class: int, val_per_class: int, 
 
 
 class DemoPhotosDataModule(ImageDataModule):
-    """The CPU demo's data: crops of 8 bundled photographs, 8 classes, disjoint train/val regions."""
+    """The CPU demo's data: crops of 8 bundled photographs, 8 classes, disjoint train/val regions.
+
+    Args:
+        train_per_class: training crops per photograph.
+        val_per_class: validation crops per photograph.
+        val_fraction: right-hand fraction of each photograph's width that only validation crops come from.
+        crop_scale: crop side as a fraction of the photograph's shorter side, drawn uniformly in this range.
+        image_size: side the crops are resized to.
+        global_batch_size: crops per optimizer step across all devices.
+        num_workers: DataLoader worker processes (the crops are in memory: 0 is fastest).
+    """
 
     def __init__(self, train_per_class: int = 128, val_per_class: int = 16, val_fraction: float = 0.3,
                  crop_scale: tuple[float, float] = (0.2, 0.5), image_size: int = 64, global_batch_size: int = 32,

@@ -222,9 +222,21 @@ class ImageDataModule(L.LightningDataModule):
     """Shared loader logic: global -> per-device batch size, workers, pinned memory, exact resume, and the
     device side of the batches (uint8 -> [-1, 1], the SSL views' colour augmentations).
 
-    fast_decode: the training transforms decode JPEGs at the reduced size their crops allow (PIL's draft mode)
-    and resample with torch's uint8 kernels (within a level of PIL's pixels; tests/data/test_transforms.py);
-    false gives the reference pixels of PIL's full decode and resampling. Evaluation always uses the reference.
+    Args:
+        image_size: side of the square training images (ADM centre crop); the autoencoder's image_size is linked
+            to it.
+        global_batch_size: images per optimizer step across all devices and accumulation steps.
+        num_workers: DataLoader worker processes per device (0: load in the main process).
+        hflip: random horizontal flips of the training images.
+        pin_memory: page-locked batches for faster host-to-GPU copies (CUDA only).
+        persistent_workers: keep the workers alive between epochs.
+        val_batch_size: validation images per device (default: the per-device training batch).
+        seed: seed of the shuffling and of every random draw of an item (with the epoch and the item's index).
+        views: iBOT's multi-crop views of each training image (null: none; needed when the model trains with ssl).
+        fast_decode: the training transforms decode JPEGs at the reduced size their crops allow (PIL's draft mode)
+            and resample with torch's uint8 kernels (within a level of PIL's pixels; tests/data/test_transforms.py);
+            false gives the reference pixels of PIL's full decode and resampling. Evaluation always uses the
+            reference.
     """
 
     skip_corrupt = False
@@ -330,9 +342,15 @@ class ImageDataModule(L.LightningDataModule):
 class ImageFolderDataModule(ImageDataModule):
     """ImageNet-style data: root/train/<class>/* and root/val/<class>/*, one class index for both splits.
 
-    class_list: a file of class names, one per line, that fixes the class index (default: train/'s class folders
-    that hold images, sorted). min_image_side: images whose short side is smaller are unusable (an error, or
-    skipped with skip_corrupt); None = half the image size, so the centre crop upsamples by at most 2x.
+    Args:
+        root: folder holding the train and val folders.
+        train_dir: training split's folder under root.
+        val_dir: validation split's folder under root.
+        skip_corrupt: skip unusable files (counted as data/skipped) instead of stopping with their name.
+        class_list: a file of class names, one per line, that fixes the class index (default: train/'s class
+            folders that hold images, sorted).
+        min_image_side: images whose short side is smaller are unusable (an error, or skipped with
+            skip_corrupt); null = half the image size, so the centre crop upsamples by at most 2x.
     """
 
     def __init__(self, root: str, train_dir: str = "train", val_dir: str = "val", skip_corrupt: bool = False,

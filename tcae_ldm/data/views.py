@@ -42,7 +42,16 @@ from tcae_ldm.data.transforms import (
 
 @dataclass
 class MultiCropConfig:
-    """iBOT's multi-crop recipe; sizes must be multiples of the patch size that the encoder can compress."""
+    """iBOT's multi-crop recipe; sizes must be multiples of the patch size that the encoder can compress.
+
+    Args:
+        global_size: side of the 2 global crops (paper scale: 224 of a 256 image).
+        local_size: side of the local crops.
+        num_local: local crops per image (iBOT: 10 at ImageNet scale).
+        global_scale: area fraction of the image a global crop covers.
+        local_scale: area fraction of the image a local crop covers.
+        color_jitter: brightness / contrast / saturation strength on the SSL views, 0 = off.
+    """
     global_size: int = 224                          # side of the 2 global crops (paper-scale: 224 of a 256 image)
     local_size: int = 96                            # side of the local crops
     num_local: int = 10                             # iBOT uses 10 local crops at ImageNet scale

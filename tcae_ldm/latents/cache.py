@@ -59,7 +59,14 @@ class IndexedDataset(Dataset):
 
 
 class CacheSourceDataModule(L.LightningDataModule):
-    """The images a cache is made from: a split of an image datamodule, without flips or shuffling."""
+    """The images a cache is made from: a split of an image datamodule, without flips or shuffling.
+
+    Args:
+        images: the image datamodule (its image_size must be the autoencoder's training size).
+        batch_size: images per predict step and device (each is encoded with its mirror image).
+        num_workers: DataLoader worker processes (default: the image datamodule's).
+        split: which split to encode.
+    """
 
     def __init__(self, images: ImageDataModule, batch_size: int = 64, num_workers: int | None = None,
                  split: Literal["train", "val"] = "train"):
@@ -216,6 +223,12 @@ class LatentCacheWriter(BasePredictionWriter):
 
     At the end, statistics are reduced across ranks and rank 0 writes latents_stats.pt and metadata.json
     from the module's cache_metadata(image_size) and the datamodule's cache_metadata().
+
+    Args:
+        output_dir: the cache folder (on storage that every node sees).
+        dtype: storage dtype of the latents, 'fp32' or 'bf16' (half the disk).
+        shard_size: items per shard file.
+        overwrite: replace an existing cache in output_dir (otherwise it is refused).
     """
 
     def __init__(self, output_dir: str, dtype: str = "fp32", shard_size: int = 4096, overwrite: bool = False):

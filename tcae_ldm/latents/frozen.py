@@ -14,7 +14,7 @@ import hashlib
 import inspect
 import json
 import os
-from typing import Literal, NotRequired, TypedDict
+from typing import Literal, TypedDict
 
 import torch
 import torch.nn as nn
@@ -36,11 +36,16 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MATCH_KEYS = ("kind", "name", "config_hash", "weights_hash", "encoder_hash", "path")
 
 
-class AutoencoderSpec(TypedDict):
-    """How to load a frozen autoencoder; a config value (``autoencoder: {kind, path, dtype}``)."""
+class _AutoencoderSource(TypedDict):
     kind: Literal["tcae", "dcae", "sdvae"]
     path: str  # an AutoencoderModule checkpoint file, or tcae: a save_pretrained folder / dcae, sdvae: a hub id or folder
-    dtype: NotRequired[Literal["fp32", "bf16"]]  # bf16 runs the network under autocast; latents are fp32
+
+
+# The optional key sits in a total=False subclass rather than under typing.NotRequired: that needs Python 3.11, and
+# with postponed annotations (the `from __future__` import above) TypedDict cannot see it and requires the key.
+class AutoencoderSpec(_AutoencoderSource, total=False):
+    """How to load a frozen autoencoder; a config value (``autoencoder: {kind, path, dtype}``)."""
+    dtype: Literal["fp32", "bf16"]  # optional; bf16 runs the network under autocast; latents are fp32
 
 
 #################################################################################

@@ -145,6 +145,19 @@ class LatentDataModule(L.LightningDataModule):
 
     There are no epochs (set trainer.max_steps); the stream position is checkpointed, so resuming from any
     step replays exactly what an uninterrupted run sees next.
+
+    Args:
+        cache_dir: the latent cache folder (written by a cache_latents config); it also sets the DiT's latent
+            shape and number of classes.
+        global_batch_size: latents per optimizer step across all devices and accumulation steps.
+        num_workers: DataLoader worker processes per device.
+        in_memory: load every shard into RAM (else memory-map them, shared by the ranks through the page cache).
+        random_flip: each item is the latent of the image or of its mirror image, chosen per pass.
+        expect_autoencoder: identity the cache's autoencoder must have ({kind, name, ...}): another is refused.
+        expect_image_size: image size the cache must have been made at.
+        seed: seed of the order and the flips (default: the run's seed_everything).
+        pin_memory: page-locked batches for faster host-to-GPU copies (CUDA only).
+        persistent_workers: keep the workers alive between passes.
     """
 
     per_device_batch_size = ImageDataModule.per_device_batch_size  # the same global -> per-device rule

@@ -21,7 +21,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from tcae_ldm.latents.frozen import autoencoder_weights
 from tcae_ldm.lit.compiling import CompileSpec, compile_in_place
 from tcae_ldm.lit.guards import check_loss
-from tcae_ldm.lit.outputs import save_grid
+from tcae_ldm.lit.outputs import grad_norm, save_grid
 from tcae_ldm.lit.preflight import preflight
 from tcae_ldm.lit.resume import SafeResume
 from tcae_ldm.lit.schedules import param_groups, set_lr, warmup_cosine
@@ -31,30 +31,59 @@ from tcae_ldm.losses.ssl import SSLConfig, iBOTObjective
 from tcae_ldm.metrics.features import build_feature_extractor
 from tcae_ldm.metrics.fid import ReconstructionFID
 from tcae_ldm.metrics.reconstruction import ReconstructionMetrics
+from tcae_ldm.models.dcae import load_pretrained_weights
 from tcae_ldm.models.ema import EMA
-from tcae_ldm.models.zoo import autoencoder_family, create_autoencoder
+from tcae_ldm.models.zoo import autoencoder_family, constructor_args, create_autoencoder
 from tcae_ldm.utils.checkpoints import read_checkpoint
+from tcae_ldm.utils.kwargs import keyword_dict
 
 log = logging.getLogger(__name__)
 
+# model.net_args: TC-AE or AutoencoderDC constructor arguments, or `pretrained` (a DC-AE folder / Hub id).
+NetArgs = keyword_dict("NetArgs", constructor_args("tcae") | constructor_args("dcae"))
+
 
 class AutoencoderModule(L.LightningModule):
-    """Autoencoder training: phase 'joint' trains the whole autoencoder (with iBOT when `ssl` is set; TC-AE only),
-    'decoder_finetune' freezes the encoder and so the latent space.
+    """Autoencoder training (TC-AE or DC-AE): L1 + LPIPS + GAN, with iBOT when `ssl` is set (TC-AE only).
 
-    net / net_args: a preset of tcae_ldm.models.zoo and overrides of its constructor arguments.
-    metrics_fid: feature network of the rFID logged by validation and testing (see tcae_ldm.metrics.features;
-    `inception` is the papers' rFID, `demo-classifier` the offline demo's proxy, None turns it off), with
-    metrics_fid_weights its weight file (default: the network's standard location).
-    compile: torch.compile the encoder and decoder in place (True, or torch.compile kwargs); checkpoints keep
-    their keys, the EMA copy stays eager.
-    channels_last: convolution weights and images in channels-last memory format (faster convolutions on most
-    GPUs and oneDNN CPUs; DC-AE and the critic are convolutional). Values and checkpoints are unchanged.
-    max_loss: a total loss above this stops the run like a NaN does (a divergence), before the update; None: only
-    NaN / inf stop it.
+    Phase 'joint' trains the whole autoencoder, 'decoder_finetune' freezes the encoder and so the latent space.
+
+    Args:
+        net: preset of tcae_ldm.models.zoo: 'TC-AE-B/p8-c128' (the paper's), 'DC-AE/f32c32' (its baseline), ...
+        net_args: overrides of the preset's constructor arguments (TCAE's, or AutoencoderDC's plus `pretrained`:
+            a diffusers folder or Hub id whose weights initialise a DC-AE when the run starts); a key that neither
+            takes fails when the config is parsed.
+        image_size: side of the training images, linked from data.image_size by the CLI; sets TC-AE's token grid
+            (DC-AE takes any multiple of its downsampling factor).
+        loss: L_rec = L1 + lambda_p * LPIPS + lambda_q * GAN; the loss owns the critic.
+        ssl: the joint iBOT objective (L_iBOT = L_CLS + L_MIM); null trains reconstruction only.
+        optimizer: optimizer of the autoencoder (and the iBOT heads).
+        disc_optimizer: optimizer of the critic.
+        max_steps: generator updates; the run stops after the last one.
+        warmup_steps: linear learning-rate warm-up, then cosine decay to min_lr_ratio x the base rate.
+        min_lr_ratio: final learning rate as a fraction of the base rate.
+        grad_clip: gradient-norm clipping, group by group (encoder, decoder, iBOT heads, critic), so that no
+            group's norm scales down another's update (null: none); the norms are logged either way.
+        ema_decay: decay of the EMA weights used by validation, testing and export (null: no EMA).
+        phase: 'joint' trains the whole autoencoder; 'decoder_finetune' freezes the encoder.
+        init_from: checkpoint whose autoencoder weights (its EMA when it has one) initialise a new run.
+        metrics_lpips: LPIPS metric's VGG16 trunk: 'pretrained' (torch hub cache), 'random', a file, or null.
+        metrics_fid: feature network of the rFID logged by validation and testing (tcae_ldm.metrics.features):
+            'inception' is the papers' rFID, 'demo-classifier' the offline demo's proxy, null turns it off.
+        metrics_fid_weights: weight file of that network (default: its standard location).
+        val_grid_images: validation images shown in reconstructions/step*.png, originals over reconstructions.
+        compile: torch.compile the encoder and decoder in place (true, or torch.compile kwargs); checkpoints keep
+            their keys, the EMA copy stays eager.
+        channels_last: convolution weights and images in channels-last memory format (faster convolutions on
+            most GPUs and oneDNN CPUs; DC-AE and the critic are convolutional); values and checkpoints unchanged.
+        max_loss: a total loss above this stops the run like a NaN does (a divergence), before the update; null:
+            only NaN / inf stop it.
+
+    Files that the weights do not hold (LPIPS' VGG16, the rFID network, a pretrained DC-AE) are read in
+    configure_model / setup, when a run starts: a checkpoint loads without them, and a missing one is one error.
     """
 
-    def __init__(self, net: str = "TC-AE-B/p8-c128", net_args: dict | None = None,
+    def __init__(self, net: str = "TC-AE-B/p8-c128", net_args: NetArgs | None = None, image_size: int | None = None,
                  loss: ReconstructionLossConfig | None = None, ssl: SSLConfig | None = None,
                  optimizer: OptimizerCallable = torch.optim.AdamW,
                  disc_optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -69,14 +98,22 @@ class AutoencoderModule(L.LightningModule):
         self.automatic_optimization = False
         if ssl is not None and phase == "decoder_finetune":
             raise ValueError("decoder_finetune trains the decoder only: set model.ssl to null")
-        if ssl is not None and autoencoder_family(net) != "tcae":
+        family = autoencoder_family(net)
+        if ssl is not None and family != "tcae":
             raise ValueError(f"iBOT reads the tokens of a ViT encoder; {net} is a convolutional DC-AE: set model.ssl "
                              f"to null")
         # iBOT needs a [CLS] token in the encoder; it is recorded in net_args because it takes part in the
         # encoder's attention, so every later rebuild of this network (finetune, cache, export) needs it too.
         net_args = {**(net_args or {}), **({"cls_token": True} if ssl else {})}
+        if image_size is not None and family == "tcae":
+            if net_args.setdefault("image_size", image_size) != image_size:
+                raise ValueError(f"model.net_args.image_size={net_args['image_size']} but the images are "
+                                 f"{image_size}x{image_size} (data.image_size): remove net_args.image_size")
         self.hparams["net_args"] = net_args
-        self.net = create_autoencoder(net, **net_args)
+        self.pretrained = net_args.get("pretrained")  # a DC-AE's weights, loaded in setup()
+        self.net = create_autoencoder(net, **{k: v for k, v in net_args.items() if k != "pretrained"})
+        if image_size is not None:
+            self.net.latent_shape(image_size)  # a size the network cannot compress fails here, naming the factor
         self.loss = ReconstructionLoss(loss)
         self.ssl = iBOTObjective(self.net.encoder, self.net.width, ssl) if ssl is not None else None
         self.optimizer_fn, self.disc_optimizer_fn, self.init_from = optimizer, disc_optimizer, init_from
@@ -92,11 +129,9 @@ class AutoencoderModule(L.LightningModule):
                 self.loss.discriminator.to(memory_format=self.memory_format)
         self.ema = EMA(self.net, ema_decay) if ema_decay else None
         compile_in_place([self.net.encoder, self.net.decoder], compile)  # after the EMA's (eager) copy
-        lpips = self.loss.lpips if self.loss.lpips is not None else (
-            FrozenLPIPS(build_lpips(metrics_lpips)) if metrics_lpips else None)
-        fid = ReconstructionFID(build_feature_extractor(metrics_fid, metrics_fid_weights)) if metrics_fid else None
-        self.val_metrics = ReconstructionMetrics(lpips, fid)
+        self.val_metrics: ReconstructionMetrics | None = None  # built by configure_model
         self.step_count = 0  # generator updates; trainer.global_step counts both optimizers' steps
+        self.from_checkpoint = False  # weights restored from a checkpoint: init_from / pretrained must not replace them
 
     # ------------------------------------------------------------------ setup
     def load_weights(self, path: str) -> None:
@@ -117,14 +152,33 @@ class AutoencoderModule(L.LightningModule):
         preflight(self.trainer)  # everything a long run needs, checked before its first step
 
     def setup(self, stage: str) -> None:
-        # Initialise from another run only when training starts (not when this module is rebuilt from its own
-        # checkpoint); a resumed run then overwrites these weights with its checkpoint's.
-        if stage == "fit" and self.init_from and self.step_count == 0:
+        # Initialise from a pretrained DC-AE (any stage: `validate` scores the published weights) or from another
+        # run (when training starts), not when this module was rebuilt from its own checkpoint; a resumed run then
+        # overwrites these weights with its checkpoint's.
+        if self.from_checkpoint or self.step_count:
+            return
+        initialised = False
+        if self.pretrained:
+            load_pretrained_weights(self.net, self.pretrained, self.hparams.net)
+            initialised = True
+        if stage == "fit" and self.init_from:
             self.load_weights(self.init_from)
-            if self.ema is not None:
-                self.ema.module.load_state_dict(self.net.state_dict())
-            if self.ssl is not None:  # the teacher starts as the student, as at construction
-                self.ssl.init_teacher(self.net.encoder)
+            initialised = True
+        if initialised and self.ema is not None:
+            self.ema.module.load_state_dict(self.net.state_dict())
+        if initialised and self.ssl is not None:  # the teacher starts as the student, as at construction
+            self.ssl.init_teacher(self.net.encoder)
+
+    def configure_model(self) -> None:
+        """The measuring networks, built when a run starts: LPIPS (loss and metric) and the rFID network."""
+        if self.val_metrics is not None:
+            return
+        lpips = self.loss.load_lpips()
+        if lpips is None and self.hparams.metrics_lpips:
+            lpips = FrozenLPIPS(build_lpips(self.hparams.metrics_lpips))
+        fid = self.hparams.metrics_fid
+        fid = ReconstructionFID(build_feature_extractor(fid, self.hparams.metrics_fid_weights)) if fid else None
+        self.val_metrics = ReconstructionMetrics(lpips, fid)
 
     def configure_optimizers(self):
         trainable = torch.nn.ModuleList([self.net] + ([self.ssl.heads] if self.ssl is not None else []))
@@ -218,8 +272,10 @@ class AutoencoderModule(L.LightningModule):
         norms = {}
         for name, module in groups.items():
             grads = [p for p in module.parameters() if p.grad is not None]
-            if grads and self.grad_clip:
-                norms[f"grad_norm/{name}"] = torch.nn.utils.clip_grad_norm_(grads, self.grad_clip).detach()
+            if not grads:
+                continue
+            norm = torch.nn.utils.clip_grad_norm_(grads, self.grad_clip) if self.grad_clip else grad_norm(grads)
+            norms[f"grad_norm/{name}"] = norm.detach()
         opt.step()
         return norms
 
@@ -267,3 +323,4 @@ class AutoencoderModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint):
         self.step_count = checkpoint.get("step_count", 0)
+        self.from_checkpoint = True

@@ -15,12 +15,22 @@ from tcae_ldm.latents.frozen import AutoencoderSpec, FrozenAutoencoder, load_aut
 
 
 class LatentCacheModule(L.LightningModule):
-    """predict_step: images (B, 3, H, W) -> latents of the images and of their horizontal flips."""
+    """predict_step: images (B, 3, H, W) -> latents of the images and of their horizontal flips.
+
+    Args:
+        autoencoder: the frozen autoencoder {kind: tcae | dcae, path, dtype}; it is loaded when the run starts.
+    """
 
     def __init__(self, autoencoder: AutoencoderSpec):
         super().__init__()
-        self.autoencoder: FrozenAutoencoder = load_autoencoder(**autoencoder)
-        self.spec = self.autoencoder.spec()  # absolute paths, so a cache can be decoded from anywhere
+        self.autoencoder_spec = dict(autoencoder)
+        self.autoencoder: FrozenAutoencoder | None = None
+        self.spec: dict | None = None
+
+    def configure_model(self) -> None:
+        if self.autoencoder is None:  # here, not in __init__: a missing file is then one error, not a parser dump
+            self.autoencoder = load_autoencoder(**self.autoencoder_spec)
+            self.spec = self.autoencoder.spec()  # absolute paths, so a cache can be decoded from anywhere
 
     def predict_step(self, batch, batch_idx):
         if "image" not in batch:

@@ -16,6 +16,12 @@ class LatentDiagnosticsCallback(L.Callback):
     Runs on rank zero only, at most once per `every_n_steps` generator updates (the module's `step_count`
     when it has one, else trainer.global_step), on a seeded subset of at most `max_images` images per split
     of the trainer's datamodule. It leaves the RNG and the network's train/eval mode as they were.
+
+    Args:
+        every_n_steps: generator steps between two diagnoses.
+        max_images: images per split in the probes' seeded subset (null: all).
+        tokens: image tokens probed for A1: 'fine' (stage 1, as the paper measures them) or 'coarse'.
+        batch_size: images per encoding batch.
     """
 
     def __init__(self, every_n_steps: int = 5000, max_images: int | None = 2048, tokens: str = "fine",

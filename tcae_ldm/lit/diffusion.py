@@ -31,23 +31,53 @@ from tcae_ldm.latents.frozen import (
 )
 from tcae_ldm.lit.compiling import CompileSpec, compile_in_place
 from tcae_ldm.lit.guards import check_loss
-from tcae_ldm.lit.outputs import save_grid
+from tcae_ldm.lit.outputs import grad_norm, save_grid
 from tcae_ldm.lit.preflight import preflight
 from tcae_ldm.lit.resume import SafeResume
 from tcae_ldm.lit.schedules import param_groups
-from tcae_ldm.models.dit import create_dit, dit_from_official
+from tcae_ldm.models.dit import DiT, create_dit, dit_from_official
 from tcae_ldm.models.ema import EMA
 from tcae_ldm.models.sdvae import SD_VAE_DEFAULT, SD_VAE_SCALE
+from tcae_ldm.utils.kwargs import keyword_dict, parameter_names
 from tcae_ldm.utils.seeding import default_seed, seed_of
 
 LINKED = ("input_size", "in_channels", "num_classes")
+DiTArgs = keyword_dict("DiTArgs", parameter_names(DiT))  # model.dit_args: DiT constructor arguments
 DEFAULT_SAMPLER = {"flow": "euler", "ddpm": "ddpm"}
 
 
 class DiffusionModule(L.LightningModule):
-    """Latent DiT training (flow or DDPM objective), EMA weights for sampling, CFG sampling and decoding."""
+    """Latent DiT training (flow or DDPM objective), EMA weights for sampling, CFG sampling and decoding.
 
-    def __init__(self, dit: str = "DiT-XL/1", dit_args: dict | None = None, objective: str = "flow",
+    Args:
+        dit: preset of tcae_ldm.models.dit ('DiT-XL/1': one token per position of an 8x8 latent).
+        dit_args: overrides of the preset's DiT arguments (learn_sigma, class_dropout_prob, depth, ...); its input
+            size, channels and classes come from the latent cache.
+        objective: training objective and its sampler family: 'flow' (rectified flow) or 'ddpm' (DiT's).
+        objective_args: arguments of the objective (flow: time_sampling; ddpm: its schedule).
+        optimizer: optimizer of the DiT.
+        warmup_steps: linear learning-rate warm-up (DiT: none).
+        ema_decay: decay of the EMA weights that sample (DiT: 0.9999; null: no EMA).
+        ema_warmup: decay min(ema_decay, (1 + n) / (10 + n)) at update n, so a short run's EMA leaves the init.
+        grad_clip: gradient-norm clipping (null: none; DiT trains without); the norm is logged either way.
+        sample_steps: sampling steps of the grids and `tcae-ldm sample`.
+        sampler: 'euler' / 'heun' (flow), 'ddpm' / 'ddim' (ddpm); default: the objective's own.
+        cfg_scale: classifier-free guidance scale; 1 is none (the paper's gFID setting).
+        cfg_interval: [t_lo, t_hi]: guidance only for model time t in it (null: everywhere).
+        sample_every_n_steps: a grid of EMA samples every N steps in <log dir>/samples/ and the logger (0: off).
+        sample_grid_size: samples in that grid (its classes cycle).
+        autoencoder: decoder of samples {kind, path, dtype}; null: the one recorded in the cache's metadata.
+        seed: seed of the training noise and the grids (default: the run's seed_everything).
+        latent_shape: (c, h, w) of the cache's latents, linked from the datamodule by the CLI; checkpoints keep it.
+        num_classes: classes of the cache's labels, linked like latent_shape.
+        compile: torch.compile the trained DiT in place (true, or torch.compile kwargs); checkpoint keys do not
+            change and the EMA copy, which samples, stays eager.
+        max_loss: a loss above this stops the run like a NaN does (a divergence), before the update; null: only
+            NaN / inf stop it.
+        cfg_channels: guide only the first k latent channels (null: all; the published DiT sampler guides 3).
+    """
+
+    def __init__(self, dit: str = "DiT-XL/1", dit_args: DiTArgs | None = None, objective: str = "flow",
                  objective_args: dict | None = None, optimizer: OptimizerCallable = torch.optim.AdamW,
                  warmup_steps: int = 0, ema_decay: float | None = 0.9999, ema_warmup: bool = False,
                  grad_clip: float | None = None, sample_steps: int = 50, sampler: str | None = None,
@@ -56,13 +86,6 @@ class DiffusionModule(L.LightningModule):
                  autoencoder: AutoencoderSpec | None = None, seed: int | None = None,
                  latent_shape: tuple[int, int, int] | None = None, num_classes: int | None = None,
                  compile: CompileSpec = False, max_loss: float | None = 1e4, cfg_channels: int | None = None):
-        """latent_shape / num_classes: filled in from the datamodule and stored in checkpoints; leave unset.
-        autoencoder: decodes samples; None uses the one that made the cache (its metadata).
-        cfg_channels: guide only the first k latent channels (None: all; the published DiT sampler guides 3).
-        compile: torch.compile the trained DiT in place (True, or torch.compile kwargs); checkpoint keys do not
-        change and the EMA copy, which samples, stays eager.
-        max_loss: a loss above this stops the run like a NaN does (a divergence), before the update; None: only
-        NaN / inf stop it."""
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
         linked = sorted(set(dit_args or {}) & set(LINKED))
@@ -153,6 +176,10 @@ class DiffusionModule(L.LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
         self.log("train/images_seen", float(self.images_seen), batch_size=n)
         return loss
+
+    def on_before_optimizer_step(self, optimizer):
+        # before clipping; under DDP the gradients are already reduced, so every rank logs the same norm
+        self.log("train/grad_norm", grad_norm(self.dit.parameters()), batch_size=1)
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)

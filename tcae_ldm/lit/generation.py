@@ -30,7 +30,21 @@ from tcae_ldm.metrics.fid import FIDMetric
 
 
 class GenerationEvalCallback(L.Callback):
-    """gFID-N of the EMA DiT every K steps (and once at the end of training)."""
+    """gFID-N of the EMA DiT every K steps (and once at the end of training).
+
+    Args:
+        reference_stats: reference statistics .npz of the same feature network (ADM's, or `tcae-ldm fid-stats`).
+        every_n_steps: optimizer steps between two evaluations.
+        num_samples: samples per evaluation (the N of FID-N), balanced over the classes.
+        features: feature network: 'inception' (the ADM evaluator's), 'demo-classifier' (offline proxy), 'random'.
+        features_weights: weight file of that network (default: its standard location).
+        batch_size: samples per sampling call and device.
+        cfg_scale: classifier-free guidance scale; 1 is none (the paper's gFID).
+        sample_steps: sampling steps (default: the module's sample_steps).
+        sampler: sampler (default: the module's).
+        seed: seed of the samples' noise; chunk i uses seed + i, so the samples do not depend on the GPU count.
+        eval_at_end: evaluate once more when training ends.
+    """
 
     def __init__(self, reference_stats: str, every_n_steps: int = 10000, num_samples: int = 10000,
                  features: str = "inception", features_weights: str | None = None, batch_size: int = 125,

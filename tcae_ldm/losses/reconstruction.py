@@ -19,17 +19,30 @@ from tcae_ldm.utils.precision import autocast_off
 
 @dataclass
 class ReconstructionLossConfig:
-    """Weights and switches of L_rec; every field is a config key under `model.loss`."""
-    l1_weight: float = 1.0            # weight of the pixel L1 term
-    lpips_weight: float = 1.0         # lambda_p; 0 turns LPIPS off (no VGG weights needed)
-    lpips_trunk: str = "pretrained"   # VGG16 trunk: 'pretrained' (torchvision cache), 'random' (tests), or a path
-    gan_weight: float = 0.1           # lambda_q; 0 removes the discriminator
-    disc_start: int = 0               # generator steps before the GAN term and critic updates start
-    adaptive_gan_weight: bool = True  # scale lambda_q by ||grad L_nll|| / ||grad L_gan|| at the decoder's last layer
-    max_adaptive_weight: float = 1e4  # clamp of that ratio
-    disc_channels: int = 64           # PatchGAN base width
-    disc_layers: int = 3              # PatchGAN stride-2 layers
-    disc_norm: str = "group"          # 'group' (DDP-safe with small batches), 'batch' or 'none'
+    """Weights and switches of L_rec; every field is a config key under `model.loss`.
+
+    Args:
+        l1_weight: weight of the pixel L1 term.
+        lpips_weight: lambda_p; 0 turns LPIPS off (no VGG16 weights needed).
+        lpips_trunk: VGG16 trunk: 'pretrained' (torchvision's cache), 'random' (tests), or a file.
+        gan_weight: lambda_q; 0 removes the discriminator.
+        disc_start: generator steps before the GAN term and the critic's updates start.
+        adaptive_gan_weight: scale lambda_q by ||grad L_nll|| / ||grad L_gan|| at the decoder's last layer (VQGAN).
+        max_adaptive_weight: clamp of that ratio.
+        disc_channels: PatchGAN base width.
+        disc_layers: PatchGAN stride-2 layers.
+        disc_norm: 'group' (DDP-safe with small batches), 'batch' or 'none'.
+    """
+    l1_weight: float = 1.0
+    lpips_weight: float = 1.0
+    lpips_trunk: str = "pretrained"
+    gan_weight: float = 0.1
+    disc_start: int = 0
+    adaptive_gan_weight: bool = True
+    max_adaptive_weight: float = 1e4
+    disc_channels: int = 64
+    disc_layers: int = 3
+    disc_norm: str = "group"
 
 
 # Checkpoints keep this config in their hyper-parameters; allow it under torch.load(weights_only=True).
@@ -48,9 +61,15 @@ class ReconstructionLoss(nn.Module):
         cfg = self.cfg = cfg or ReconstructionLossConfig()
         self.l1_weight, self.lpips_weight, self.gan_weight = cfg.l1_weight, cfg.lpips_weight, cfg.gan_weight
         self.disc_start, self.adaptive = cfg.disc_start, cfg.adaptive_gan_weight
-        self.lpips = FrozenLPIPS(build_lpips(cfg.lpips_trunk)) if cfg.lpips_weight > 0 else None
+        self.lpips: FrozenLPIPS | None = None  # built by load_lpips(): the module builds without the VGG16 file
         self.discriminator = PatchDiscriminator(channels=cfg.disc_channels, num_layers=cfg.disc_layers,
                                                 norm=cfg.disc_norm) if cfg.gan_weight > 0 else None
+
+    def load_lpips(self) -> FrozenLPIPS | None:
+        """The LPIPS network when lpips_weight > 0, built on first call; a missing VGG16 file raises here."""
+        if self.lpips is None and self.lpips_weight > 0:
+            self.lpips = FrozenLPIPS(build_lpips(self.cfg.lpips_trunk))
+        return self.lpips
 
     def gan_active(self, step: int) -> bool:
         return self.discriminator is not None and step >= self.disc_start
@@ -68,7 +87,8 @@ class ReconstructionLoss(nn.Module):
 
     def perceptual(self, x, x_rec):
         """Mean LPIPS distance in fp32 (0 when LPIPS is off)."""
-        return x.new_zeros(()) if self.lpips is None else self.lpips(x, x_rec).mean()
+        lpips = self.load_lpips()
+        return x.new_zeros(()) if lpips is None else lpips(x, x_rec).mean()
 
     def _adaptive_weight(self, nll, g_loss, last_layer):
         g_nll = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]

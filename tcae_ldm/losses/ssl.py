@@ -23,7 +23,29 @@ from tcae_ldm.utils.seeding import default_seed, seed_of
 
 @dataclass
 class SSLConfig:
-    """Joint iBOT objective; every field is a config key under `model.ssl`."""
+    """Joint iBOT objective; every field is a config key under `model.ssl`.
+
+    Args:
+        alpha: weight of L_rec in total = alpha * L_rec + L_iBOT.
+        heads_on: tokens the heads read: 'coarse' (stage 2) or 'fine' (see configs/tcae.yaml for why).
+        out_dim: [CLS] head output (prototypes; iBOT: 8192).
+        patch_out_dim: patch head output.
+        shared_head: one head for [CLS] and patch tokens (iBOT's default).
+        hidden_dim: head MLP width (iBOT: 2048).
+        bottleneck_dim: head bottleneck before the weight-normalised layer (iBOT: 256).
+        head_layers: MLP layers of the head.
+        mask_ratio: mean fraction of patches masked in a masked global view.
+        mask_ratio_var: the ratio is drawn uniformly in [ratio - var, ratio + var].
+        mask_probability: fraction of global views that are masked at all.
+        student_temp: student softmax temperature.
+        teacher_temp: [CLS] teacher temperature after warm-up.
+        teacher_patch_temp: patch teacher temperature after warm-up.
+        warmup_teacher_temp: both teacher temperatures start here.
+        teacher_temp_warmup_steps: steps until the teacher temperatures reach their final value.
+        momentum_base: teacher EMA momentum, cosine schedule to 1 over training.
+        lambda_cls: weight of L_CLS.
+        lambda_mim: weight of L_MIM.
+    """
     alpha: float = 1.0                  # total = alpha * L_rec + L_iBOT
     heads_on: Literal["fine", "coarse"] = "coarse"  # tokens the heads read (see configs/tcae.yaml for why)
     out_dim: int = 8192                 # [CLS] head output (prototypes)

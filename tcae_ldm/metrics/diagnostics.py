@@ -10,12 +10,14 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from tcae_ldm.data.images import collate_skipping
+from tcae_ldm.utils.progress import Progress
 
 TOKEN_STAGES = ("fine", "coarse")
 
@@ -174,11 +176,11 @@ def _eval_subset(dataset, eval_transform, max_images: int | None, seed: int):
 
 
 def diagnose(module_or_net, datamodule, tokens: str = "fine", max_images: int | None = None,
-             batch_size: int = 64, num_workers: int | None = None, seed: int = 0) -> dict:
+             batch_size: int = 64, num_workers: int | None = None, seed: int = 0, progress: bool = False) -> dict:
     """Linear probes (fitted on the train split, scored on val) and the latent spectrum of an autoencoder.
 
     max_images caps each split (a seeded random subset). The global RNG state is left untouched, so
-    running this inside training does not change the run.
+    running this inside training does not change the run. progress: print a line now and then (on stderr).
     """
     net = _net_of(module_or_net)
     device = next(net.parameters()).device
@@ -191,7 +193,8 @@ def diagnose(module_or_net, datamodule, tokens: str = "fine", max_images: int | 
         for split, ds in (("train", datamodule.train_set), ("val", datamodule.val_set)):
             loader = DataLoader(_eval_subset(ds, eval_tf, max_images, seed), batch_size=batch_size, shuffle=False,
                                 num_workers=workers, collate_fn=collate_skipping)
-            feats[split] = extract_features(net, loader, max_images, tokens)
+            feats[split] = extract_features(net, Progress(loader, f"encode {split}") if progress else loader,
+                                            max_images, tokens)
     tr, va = feats["train"], feats["val"]
     k = int(getattr(datamodule, "num_classes", 0) or 0) or int(max(tr["labels"].max(), va["labels"].max())) + 1
     val_counts = torch.bincount(va["labels"], minlength=k)
@@ -204,6 +207,8 @@ def diagnose(module_or_net, datamodule, tokens: str = "fine", max_images: int | 
         if tr[key] is None:
             results[name] = results[f"{name}_train"] = None
             continue
+        if progress:
+            print(f"fitting {name} on {tuple(tr[key].shape)} features", file=sys.stderr, flush=True)
         results[name], results[f"{name}_train"] = linear_probe(
             tr[key], tr["labels"], va[key], va["labels"], k, device=device, return_train_acc=True)
     results["spectrum"] = latent_spectrum(torch.cat([tr["latent_grid"], va["latent_grid"]]))

@@ -81,7 +81,7 @@ def load_pretrained_dcae(name_or_path: str):
     except (OSError, ValueError) as e:
         raise FileNotFoundError(
             f"DC-AE model {name_or_path!r} could not be loaded{' offline (HF_HUB_OFFLINE=1)' if offline else ''}: "
-            f"{e}. Provide it by running `huggingface-cli download {name_or_path}` where the Hub is reachable "
+            f"{e}. Provide it by running `hf download {name_or_path}` where the Hub is reachable "
             f"(then copy the Hugging Face cache, $HF_HOME, here), or pass a local folder holding config.json "
             f"and diffusion_pytorch_model.safetensors as the autoencoder path") from None
 
@@ -139,17 +139,22 @@ def dcae_config(name: str, overrides: dict | None = None) -> dict:
 def create_dcae(name: str, pretrained: str | None = None, **overrides) -> DCAE:
     """A DC-AE preset, randomly initialised, or with the weights of a diffusers AutoencoderDC (`pretrained`:
     a local folder, or a Hub id already in the local Hugging Face cache); its config must match the preset's."""
-    config = dcae_config(name, overrides)
-    net = DCAE(**config)
+    net = DCAE(**dcae_config(name, overrides))
     if pretrained is not None:
-        source = load_pretrained_dcae(pretrained)
-        theirs = public_config(source)
-        diff = sorted(k for k in net.config if _norm(net.config[k]) != _norm(theirs.get(k)))
-        if diff:
-            raise ValueError(f"pretrained DC-AE {pretrained!r} does not match preset {name!r} in {diff}: "
-                             f"{ {k: theirs.get(k) for k in diff} } vs { {k: net.config[k] for k in diff} }")
-        net.load_state_dict(source.state_dict())
+        load_pretrained_weights(net, pretrained, name)
     return net
+
+
+def load_pretrained_weights(net: DCAE, pretrained: str, name: str = "") -> None:
+    """Copy the weights of a diffusers AutoencoderDC (folder or Hub id in the local cache) into net, whose config
+    must match theirs."""
+    source = load_pretrained_dcae(pretrained)
+    theirs = public_config(source)
+    diff = sorted(k for k in net.config if _norm(net.config[k]) != _norm(theirs.get(k)))
+    if diff:
+        raise ValueError(f"pretrained DC-AE {pretrained!r} does not match preset {name!r} in {diff}: "
+                         f"{ {k: theirs.get(k) for k in diff} } vs { {k: net.config[k] for k in diff} }")
+    net.load_state_dict(source.state_dict())
 
 
 def _norm(value):

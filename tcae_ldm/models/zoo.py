@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch.nn as nn
 
 from tcae_ldm.models.dcae import DCAE_PRESETS, create_dcae
-from tcae_ldm.models.tcae import TCAE_PRESETS, create_tcae
+from tcae_ldm.models.tcae import TCAE, TCAE_PRESETS, create_tcae
+from tcae_ldm.utils.kwargs import parameter_names
 
 
 def autoencoder_family(name: str) -> str:
@@ -21,7 +22,21 @@ def autoencoder_family(name: str) -> str:
                    f"patch 4/8/16/32, channels 16-256); DC-AE presets are {sorted(DCAE_PRESETS)}")
 
 
+def constructor_args(family: str) -> set[str]:
+    """The keyword arguments a family's presets take as overrides."""
+    if family == "tcae":
+        return parameter_names(TCAE)
+    from diffusers import AutoencoderDC
+
+    return parameter_names(AutoencoderDC) | {"pretrained"}
+
+
 def create_autoencoder(name: str, **args) -> nn.Module:
     """Build a preset; args override its constructor arguments (TCAE kwargs, or AutoencoderDC kwargs plus
     `pretrained` for DC-AE)."""
-    return create_tcae(name, **args) if autoencoder_family(name) == "tcae" else create_dcae(name, **args)
+    family = autoencoder_family(name)
+    unknown = sorted(set(args) - constructor_args(family))
+    if unknown:
+        raise ValueError(f"{name} does not take {unknown} (net_args of a {'TC-AE' if family == 'tcae' else 'DC-AE'}"
+                         f" are: {', '.join(sorted(constructor_args(family)))})")
+    return create_tcae(name, **args) if family == "tcae" else create_dcae(name, **args)

@@ -1,9 +1,10 @@
-"""Files the project reads but never downloads: pretrained weights in the standard caches."""
+"""Files the project reads but never downloads: pretrained weights in the standard caches, and YAML configs."""
 from __future__ import annotations
 
 import os
 
 import torch
+import yaml
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -20,3 +21,18 @@ def require_weights(path: str, what: str, how: str) -> str:
     if not os.path.isfile(path):
         raise MissingWeightsError(f"{what} needs the weight file {path}, which does not exist. {how}")
     return path
+
+
+def load_yaml(path: str):
+    """The content of a YAML file; a missing file or a syntax error is one error naming the file and the line
+    (YAML parsers given the text name it '<unicode string>')."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} does not exist")
+    with open(path) as f:
+        try:
+            return yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"{path}{where}: not valid YAML: {what}") from None

@@ -211,3 +211,11 @@ def test_gpu_feed_arithmetic():
     assert fed["gpu_images_per_s"] == pytest.approx(197.8) and fed["workers_needed"] == pytest.approx(3.956)
     assert fed["margin"] == pytest.approx(500 / 197.8) and fed["verdict"] == "ok"
     assert feed_verdict(cost, 50.0, 7, 0.4)["verdict"] == "INPUT-BOUND"  # 350 images/s < 2 x 197.8
+
+
+def test_timing_reports_progress_after_the_warm_up_and_each_round():
+    lines = []
+    cases = [timing.Case("A", lambda: None, items=1), timing.Case("B", lambda: None, items=1)]
+    timing.time_interleaved(cases, repeats=3, device=torch.device("cpu"), progress=lines.append)
+    assert lines[0].startswith("warmed up 2 of 2 cases in 0:0")
+    assert [ln.split(" |")[0] for ln in lines[1:]] == ["timed 1/3 rounds (33%)", "timed 2/3 rounds (67%)"]

@@ -1,4 +1,5 @@
 """The frozen-autoencoder interface: TC-AE export / import, EMA preference, DC-AE wrapper, identities."""
+import importlib.metadata
 import json
 import os
 
@@ -115,7 +116,9 @@ def test_missing_models_give_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(FileNotFoundError, match="mit-han-lab/dc-ae-f32c32-in-1.0-diffusers") as err:
         load_autoencoder("dcae", "mit-han-lab/dc-ae-f32c32-in-1.0-diffusers")
-    assert "huggingface-cli download" in str(err.value) and "local folder" in str(err.value)
+    assert "`hf download mit-han-lab/dc-ae-f32c32-in-1.0-diffusers`" in str(err.value) and "local folder" in str(err.value)
+    hub = importlib.metadata.distribution("huggingface_hub")  # the command the hint names is the installed one's
+    assert "hf" in {ep.name for ep in hub.entry_points if ep.group == "console_scripts"}
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_autoencoder("tcae", str(tmp_path / "missing.ckpt"))
     with pytest.raises(ValueError, match="'tcae', 'dcae' or 'sdvae'"):

@@ -58,7 +58,7 @@ def test_checkpoint_records_linked_shape_and_resume_is_exact(runs):
     for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
         assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
     log = (runs["straight"] / "metrics.csv").read_text().splitlines()
-    assert {"train/loss", "train/lr", "train/images_seen"} <= set(log[0].split(","))
+    assert {"train/loss", "train/lr", "train/images_seen", "train/grad_norm"} <= set(log[0].split(","))
     assert sorted(os.listdir(runs["straight"] / "samples")) == ["step0000002.png", "step0000004.png"]
 
 

@@ -111,3 +111,16 @@ def test_diagnose_leaves_rng_and_datamodule_untouched():
     assert all(0.0 <= res[k] <= 1.0 for k in ("probe_tokens", "probe_latent", "probe_latent_pooled"))
     assert res["spectrum"]["samples"] == 24 * 4
 
+
+
+def test_diagnose_reports_progress_only_when_asked(capsys):
+    torch.manual_seed(0)
+    net = create_tcae("TC-AE-T/p4-c16", image_size=32, latent_size=2)
+    quiet = diagnose(net, _tiny_demo(), batch_size=16)
+    assert capsys.readouterr().err == ""
+    loud = diagnose(net, _tiny_demo(), batch_size=16, progress=True)
+    err = capsys.readouterr().err.splitlines()
+    assert [ln.split(" in ")[0] for ln in err if ln.startswith("encode")] == ["encode train: 2 batches",
+                                                                             "encode val: 1 batches"]
+    assert any(ln.startswith("fitting probe_latent on (32, 64) features") for ln in err)
+    assert loud["probe_latent"] == quiet["probe_latent"]

@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from tcae_ldm.commands import CommandParser
 from tcae_ldm.commands.bench import cases, joint, timing
 from tcae_ldm.commands.bench.pipelines import bench_jpeg_pipelines
 from tcae_ldm.commands.bench.tables import joint_tables, tables
@@ -51,8 +52,7 @@ def _csv(s: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="tcae-ldm bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(prog="tcae-ldm bench", description=__doc__)
     p.add_argument("--autoencoders", type=_csv, help=f"comma list; TC-AE presets (':vanilla' = staged=False, ':ckpt' = "
                    f"activation checkpointing) and DC-AE presets {sorted(cases.DCAE_PRESETS)}, either with ':cl' = "
                    f"channels-last "
@@ -200,7 +200,8 @@ def bench_autoencoders(args, report: dict, factor: int) -> None:
                 opt = opts[name] if mode == "train" else None
                 group.append(timing.Case(f"{variant}|{name}", fn, args.batch_size,
                                     lambda m=net.module, o=opt: timing.state_bytes(m, o)))
-            timing.time_interleaved(group, args.repeats, dev, min_round)
+            timing.time_interleaved(group, args.repeats, dev, min_round,
+                                    progress=lambda line, m=mode, p=prec: log(f"autoencoders: {m} {p}: {line}"))
             for c in group:
                 variant, name = c.key.split("|", 1)
                 entry = report["autoencoders"][name]
@@ -235,7 +236,8 @@ def bench_dits(args, report: dict) -> None:
                 fn = cases.dit_train_call(dit, f, groups[shape_key]["latent_shape"], args.dit_batch_size, dev, prec, opt)
                 group.append(timing.Case(f"{variant}|{dname}|{shape_key}", fn, args.dit_batch_size,
                                     lambda m=dit, o=opt: timing.state_bytes(m, o)))
-        timing.time_interleaved(group, args.repeats, dev, 0.25 if dev.type == "cuda" else 0.0)
+        timing.time_interleaved(group, args.repeats, dev, 0.25 if dev.type == "cuda" else 0.0,
+                                progress=lambda line, p=prec: log(f"DiTs: train {p}: {line}"))
         for c in group:
             variant, dname, shape_key = c.key.split("|")
             entry = report["dits"][f"{dname}@{shape_key}"]

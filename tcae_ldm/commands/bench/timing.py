@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from tcae_ldm.utils.progress import duration, progress_line
+
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks in TFLOP/s, matched in order against the device name.
 PEAK_BF16_TFLOPS = [("GH200", 989.0), ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0),
                     ("H100", 989.0), ("H800", 989.0), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0),
@@ -95,12 +97,15 @@ def describe_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
 
 
-def time_interleaved(cases: list[Case], repeats: int, device: torch.device, min_round_s: float = 0.0) -> None:
+def time_interleaved(cases: list[Case], repeats: int, device: torch.device, min_round_s: float = 0.0,
+                     progress: Callable[[str], None] | None = None) -> None:
     """Warm up each case (measuring its memory), then time `repeats` rounds A B C A B C ...; fills .result.
 
     On a GPU, a second warm-up call sizes how many calls one round makes (about min_round_s), so that
-    launch jitter stays small against the round; on a CPU one call is already long.
+    launch jitter stays small against the round; on a CPU one call is already long. progress receives a line
+    after the warm-up and after each round.
     """
+    started = time.perf_counter()
     live = []
     for c in cases:
         try:
@@ -120,7 +125,12 @@ def time_interleaved(cases: list[Case], repeats: int, device: torch.device, min_
             c.result = {"error": describe_error(e)}
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    for _ in range(repeats):
+    if progress:
+        progress(f"warmed up {len(live)} of {len(cases)} cases in {duration(time.perf_counter() - started)}")
+    started = time.perf_counter()
+    for r in range(repeats):
+        if progress and r:
+            progress(progress_line("timed", r, repeats, r / (time.perf_counter() - started), "rounds"))
         for c in list(live):
             try:
                 n = c.result["iters_per_round"]

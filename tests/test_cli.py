@@ -1,0 +1,266 @@
+"""The `tcae-ldm` command: its listing, typos, options' help, --config files, one-line errors naming what is wrong,
+linked values, and `--ckpt_path last` with nothing to resume."""
+import contextlib
+import dataclasses
+import importlib
+import io
+import os
+import typing
+
+import pytest
+import yaml
+
+from tcae_ldm.cli import (
+    COMMANDS,
+    LIGHTNING_COMMANDS,
+    condense_parser_error,
+    lightning_main,
+    main,
+    project_error,
+    run,
+)
+from tcae_ldm.commands import CommandParser
+from tests.tiny import REPO, TINY
+
+DEMO_TCAE = os.path.join(REPO, "configs", "demo", "tcae.yaml")
+DEMO_DCAE = os.path.join(REPO, "configs", "demo", "dcae.yaml")
+
+
+def _fails(argv, capsys, code=None) -> str:
+    """Run the command line expecting it to stop; its stderr."""
+    with pytest.raises(SystemExit) as exit_:
+        run(argv)
+    if code is not None:
+        assert exit_.value.code == code
+    return capsys.readouterr().err
+
+
+def _error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if "error:" in ln]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------------ listing, typos
+def test_help_lists_every_command_with_a_summary(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    summaries = {**LIGHTNING_COMMANDS, **{name: summary for name, (_, summary) in COMMANDS.items()}}
+    for name, summary in summaries.items():
+        assert any(line.split() and line.split()[0] == name and summary in line for line in out.splitlines()), name
+    main([])
+    assert capsys.readouterr().out == out
+
+
+def test_a_mistyped_command_names_the_closest_ones(capsys):
+    err = _fails(["fti"], capsys, code=2)
+    assert "unknown command 'fti'; did you mean fit or fid?" in err
+    assert "did you mean sample?" in _fails(["smaple"], capsys, code=2)
+    assert "did you mean" not in _fails(["xyzzy"], capsys, code=2)
+
+
+def _parser(command: str) -> CommandParser:
+    module = importlib.import_module(f"tcae_ldm.commands.{COMMANDS[command][0]}")
+    with contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit):
+        module.main(["--help"])
+    assert CommandParser.last.prog == f"tcae-ldm {command}"
+    return CommandParser.last
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_option_of_every_project_command_has_help_and_config_files(command):
+    parser = _parser(command)
+    assert not [a.option_strings or a.dest for a in parser._actions if not a.help]
+    assert "--config" in parser._option_string_actions
+
+
+def test_every_option_of_the_lightning_commands_has_help():
+    """Every init argument of every class that a shipped config names (modules, datamodules, callbacks, loggers,
+    their nested configs) shows a help text in `tcae-ldm fit --help` / `--model.help CLASS`."""
+    from jsonargparse import ArgumentParser
+
+    from tests.test_configs import CONFIGS
+
+    classes = set()
+
+    def collect(tree):
+        if isinstance(tree, dict):
+            if isinstance(tree.get("class_path"), str) and tree["class_path"].startswith("tcae_ldm."):
+                classes.add(tree["class_path"])
+            for value in tree.values():
+                collect(value)
+        elif isinstance(tree, list):
+            for value in tree:
+                collect(value)
+
+    for path in CONFIGS:
+        collect(yaml.safe_load(open(path)))
+    assert {"tcae_ldm.lit.autoencoder.AutoencoderModule", "tcae_ldm.lit.diffusion.DiffusionModule"} <= classes
+    types = {getattr(importlib.import_module(path.rsplit(".", 1)[0]), path.rsplit(".", 1)[1]) for path in classes}
+    for cls in list(types):  # and the dataclasses they take (model.loss, model.ssl, data.views), base classes too
+        hints = [h for c in cls.__mro__ if "__init__" in vars(c) for h in typing.get_type_hints(c.__init__).values()]
+        types |= {t for hint in hints for t in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(t)}
+    assert {"ReconstructionLossConfig", "SSLConfig", "MultiCropConfig"} <= {t.__name__ for t in types}
+    missing = []
+    for cls in sorted(types, key=lambda t: t.__qualname__):
+        parser = ArgumentParser()
+        parser.add_class_arguments(cls, "x", fail_untyped=False)
+        missing += [f"{cls.__qualname__}: {a.dest}" for a in parser._actions
+                    if a.dest.startswith("x.") and not a.dest.endswith(".help") and not a.help]
+    assert not missing, "\n".join(missing)
+
+
+# ------------------------------------------------------------------------------------------------ --config FILE
+def test_a_command_reads_its_options_from_a_config_file_and_the_command_line_wins(tmp_path):
+    parser = CommandParser("tcae-ldm demo")
+    parser.add_argument("--num", type=int, default=1, help="a number")
+    parser.add_argument("--names", default="a", help="comma list")
+    parser.add_argument("--pair", type=float, nargs=2, help="two floats")
+    parser.add_argument("--flag", action="store_true", help="a switch")
+    (tmp_path / "a.yaml").write_text("num: 5\nnames: [x, y]\npair: [0.5, 1]\nflag: true\n")
+    args = parser.parse_args(["--config", str(tmp_path / "a.yaml")])
+    assert (args.num, args.names, args.pair, args.flag) == (5, "x,y", [0.5, 1.0], True)
+    assert parser.parse_args(["--config", str(tmp_path / "a.yaml"), "--num", "7"]).num == 7
+
+
+@pytest.mark.parametrize("content, message", [
+    ("num: 5\nnmu: 6\n", "unknown option 'nmu'; did you mean 'num'?"),
+    ("flag: 3\n", "'flag' is a switch: give true or false, not 3"),
+    ("num: [1, 2\n", "line 2, column 1: not valid YAML"),
+    ("- 1\n", "expected a mapping of option names to values, got list"),
+])
+def test_a_bad_config_file_is_one_line_naming_the_file(tmp_path, capsys, content, message):
+    parser = CommandParser("tcae-ldm demo")
+    parser.add_argument("--num", type=int, default=1, help="a number")
+    parser.add_argument("--flag", action="store_true", help="a switch")
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--config", str(path)])
+    line = _error_line(capsys.readouterr().err)
+    assert line.startswith(f"tcae-ldm demo: error: {path}") and message in line
+
+
+def test_fid_stats_through_a_config_file(tmp_path):
+    out = tmp_path / "ref.npz"
+    (tmp_path / "fid.yaml").write_text(f"demo: true\nfeatures: random\nmax-images: 12\nbatch_size: 5\nout: {out}\n"
+                                       f"device: cpu\nimage-size: 32\n")
+    main(["fid-stats", "--config", str(tmp_path / "fid.yaml")])
+    import numpy as np
+
+    with np.load(out) as f:
+        assert int(f["count"]) == 12 and f["mu"].shape == (32,)
+
+
+# ------------------------------------------------------------------------------------------------ one-line errors
+def test_a_yaml_syntax_error_names_the_file(tmp_path, capsys):
+    bad = tmp_path / "overlay.yaml"
+    bad.write_text("model:\n  init_args:\n    max_steps: [1\n")
+    line = _error_line(_fails(["fit", "--config", DEMO_TCAE, "--config", str(bad)], capsys, code=1))
+    assert f"{bad}, line 4, column 1: not valid YAML" in line and "<unicode string>" not in line
+
+
+def test_a_missing_config_file_is_named(tmp_path, capsys):
+    line = _error_line(_fails(["fit", "--config", str(tmp_path / "nope.yaml")], capsys, code=1))
+    assert line == f"tcae-ldm fit: error: config file {tmp_path / 'nope.yaml'} does not exist"
+    with pytest.raises(FileNotFoundError, match="nope.yaml does not exist"):  # from Python, main() raises
+        main(["fit", "--config", str(tmp_path / "nope.yaml")])
+
+
+def test_a_misspelt_net_args_key_fails_when_the_config_is_parsed(tmp_path, capsys):
+    argv = ["fit", "--config", DEMO_TCAE, "--model.init_args.net_args={latent_size: 4, qk_nrom: true}", "--print_config"]
+    line = _error_line(_fails(argv, capsys, code=2))
+    assert line == "error: model.net_args: Unexpected keys: {'qk_nrom'}"
+    overlay = tmp_path / "overlay.yaml"  # the same from a config file
+    overlay.write_text("model:\n  init_args:\n    net_args:\n      latent_size: 4\n      qk_nrom: true\n")
+    assert "qk_nrom" in _error_line(_fails(["fit", "--config", DEMO_TCAE, "--config", str(overlay), "--print_config"],
+                                           capsys, code=2))
+
+
+def test_a_dit_args_typo_and_a_bad_value_are_one_line(capsys):
+    dit = os.path.join(REPO, "configs", "demo", "dit_on_tcae.yaml")
+    line = _error_line(_fails(["fit", "--config", dit, "--model.init_args.dit_args={depht: 2}", "--print_config"],
+                              capsys, code=2))
+    assert line == "error: model.dit_args: Unexpected keys: {'depht'}"
+    line = _error_line(_fails(["fit", "--config", DEMO_TCAE, "--model.init_args.optimizer.init_args.lr=abc",
+                               "--print_config"], capsys, code=2))
+    assert line == "error: model.optimizer.lr: Expected a <class 'float'>"
+
+
+def test_net_args_of_the_other_family_are_refused_naming_them(capsys):
+    line = _error_line(_fails(["fit", "--config", DEMO_DCAE, "--model.init_args.net_args={latent_size: 4}",
+                               "--trainer.max_steps=1"], capsys, code=1))
+    assert line.startswith("tcae-ldm fit: error: DC-AE-S/f16c32 does not take ['latent_size'] (net_args of a DC-AE")
+
+
+@pytest.mark.parametrize("case", ["vgg16", "inception", "dcae"])
+def test_a_missing_weight_file_is_one_line_when_the_run_starts(tmp_path, capsys, monkeypatch, case):
+    """Raised by configure_model / setup, not by a constructor, so jsonargparse does not wrap it in its report of
+    every Union member; and nothing is trained first."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.chdir(tmp_path)
+    if case == "dcae":
+        argv = ["fit", "--config", DEMO_DCAE, "--model.init_args.net=DC-AE-T/f16c16",
+                f"--model.init_args.net_args={{pretrained: {tmp_path / 'no_dcae'}}}", "--data.init_args.image_size=32",
+                "--model.init_args.metrics_fid=random"]
+        expected = f"DC-AE model '{tmp_path / 'no_dcae'}' could not be loaded offline"
+    else:
+        argv = ["fit", "--config", DEMO_TCAE, *TINY, "--model.init_args.metrics_fid_weights=null",
+                "--model.init_args.loss.lpips_weight=1" if case == "vgg16" else "--model.init_args.metrics_fid=inception"]
+        expected = "LPIPS (its VGG16 trunk) needs the weight file" if case == "vgg16" else \
+            "FID with Inception (weights-inception-2015-12-05-6726825d.pth) needs the weight file"
+    line = _error_line(_fails(argv + ["--trainer.max_steps=1"], capsys, code=1))
+    assert line.startswith(f"tcae-ldm fit: error: {expected}") and str(tmp_path) in line
+    assert not (tmp_path / "runs" / "demo").exists() or not any((tmp_path / "runs" / "demo").rglob("*.ckpt"))
+
+
+def test_only_errors_raised_on_purpose_lose_their_traceback():
+    from tcae_ldm.cli import config_files
+    from tcae_ldm.models.zoo import autoencoder_family
+
+    with pytest.raises(KeyError) as deliberate:
+        autoencoder_family("nope")
+    assert project_error(deliberate.value) is deliberate.value
+    with pytest.raises(TypeError) as bug:
+        config_files(None)  # a bug inside the project: no `raise` statement raised it
+    assert project_error(bug.value) is None
+    wrapper = ValueError("Does not validate against any of the Union subtypes")
+    wrapper.__cause__ = deliberate.value
+    assert project_error(wrapper) is deliberate.value
+
+
+def test_condensing_keeps_messages_of_another_shape():
+    assert condense_parser_error("unrecognized arguments: --x") == "unrecognized arguments: --x"
+    assert condense_parser_error('Parser key "a":\n\n') == 'Parser key "a":\n\n'
+
+
+# ------------------------------------------------------------------------------------------------ linked values
+def test_the_image_size_is_linked_from_the_data(tmp_path, capsys):
+    args = ["--config", DEMO_TCAE, *[a for a in TINY if "net_args" not in a],
+            "--model.init_args.net_args={latent_size: 2}", "--trainer.logger=false", "--trainer.callbacks=[]"]
+    cli = lightning_main(args, run=False)
+    assert cli.model.net.image_size == 32 and cli.model.hparams.net_args["image_size"] == 32
+    with pytest.raises(SystemExit):
+        lightning_main(["--config", DEMO_TCAE, "--model.init_args.image_size=64", "--print_config"])
+    assert "model.init_args.image_size" in capsys.readouterr().err  # a linked value cannot be set by hand
+    line = _error_line(_fails(["fit", *args, "--model.init_args.net_args={image_size: 64, latent_size: 2}"], capsys))
+    assert "model.net_args.image_size=64 but the images are 32x32 (data.image_size)" in line
+
+
+def test_print_config_shows_no_placeholders_for_linked_values(capsys):
+    with pytest.raises(SystemExit):
+        lightning_main(["fit", "--config", os.path.join(REPO, "configs", "demo", "dit_on_tcae.yaml"), "--print_config"])
+    model = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert not {"latent_shape", "num_classes"} & set(model)
+
+
+# ------------------------------------------------------------------------------------------------ resume
+def test_ckpt_path_last_without_a_checkpoint_says_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", DEMO_TCAE, *TINY, "--model.init_args.max_steps=1", "--ckpt_path=last"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "--ckpt_path last" in ln or "no last checkpoint" in ln]
+    assert lines == [f"tcae-ldm fit: --ckpt_path last found no checkpoint (searched: "
+                     f"{os.path.join('runs', 'demo', 'tcae', 'checkpoints')}); training starts from step 0"]
+    main(["fit", "--config", DEMO_TCAE, *TINY, "--model.init_args.max_steps=2", "--ckpt_path=last"])
+    assert "found no checkpoint" not in capsys.readouterr().err  # the second run resumes
