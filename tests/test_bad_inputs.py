@@ -72,7 +72,7 @@ CASES = [
     Case("DiT on a cache whose metadata miscounts", dit(2, "--data.cache_dir={cache_miscount}"),
          "latent cache {cache_miscount}: metadata.json counts 17 latents, its shards hold 16"),
     Case("DiT on an unfinished cache", dit(2, "--data.cache_dir={cache_unfinished}"),
-         "latent cache {cache_unfinished} has shards but no metadata.json (an unfinished caching run)"),
+         "latent cache {cache_unfinished} has shards but no metadata.json (an unfinished caching run)", SystemExit),
     Case("DiT on a cache of another resolution", dit(2, "--data.expect_image_size=64"),
          "latent cache {cache} holds latents of 32x32 images, but this run expects 64x64"),
     Case("DiT on a cache of another autoencoder kind", dit(2, "--data.expect_autoencoder.kind=dcae"),

@@ -195,22 +195,25 @@ def test_net_args_of_the_other_family_are_refused_naming_them(capsys):
 
 @pytest.mark.parametrize("case", ["vgg16", "inception", "dcae"])
 def test_a_missing_weight_file_is_one_line_when_the_run_starts(tmp_path, capsys, monkeypatch, case):
-    """Raised by configure_model / setup, not by a constructor, so jsonargparse does not wrap it in its report of
-    every Union member; and nothing is trained first."""
+    """Raised before the first step (the preflight lists every missing file at once; configure_model / setup read
+    them), not by a constructor, so jsonargparse does not wrap it in its report of every Union member; and nothing
+    is trained first."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.chdir(tmp_path)
     if case == "dcae":
         argv = ["fit", "--config", DEMO_DCAE, "--model.init_args.net=DC-AE-T/f16c16",
                 f"--model.init_args.net_args={{pretrained: {tmp_path / 'no_dcae'}}}", "--data.init_args.image_size=32",
                 "--model.init_args.metrics_fid=random"]
-        expected = f"DC-AE model '{tmp_path / 'no_dcae'}' could not be loaded offline"
+        expected, named = "this run cannot start, 1 problem(s) found before the first step: (1) model.net_args.pretrained", \
+            str(tmp_path / "no_dcae")
     else:
         argv = ["fit", "--config", DEMO_TCAE, *TINY, "--model.init_args.metrics_fid_weights=null",
                 "--model.init_args.loss.lpips_weight=1" if case == "vgg16" else "--model.init_args.metrics_fid=inception"]
-        expected = "LPIPS (its VGG16 trunk) needs the weight file" if case == "vgg16" else \
-            "FID with Inception (weights-inception-2015-12-05-6726825d.pth) needs the weight file"
+        expected, named = ("LPIPS (its VGG16 trunk) needs the weight file", str(tmp_path)) if case == "vgg16" else \
+            ("this run cannot start, 1 problem(s) found before the first step: (1) the inception FID network",
+             "weights-inception-2015-12-05-6726825d.pth")
     line = _error_line(_fails(argv + ["--trainer.max_steps=1"], capsys, code=1))
-    assert line.startswith(f"tcae-ldm fit: error: {expected}") and str(tmp_path) in line
+    assert line.startswith(f"tcae-ldm fit: error: {expected}") and named in line, line
     assert not (tmp_path / "runs" / "demo").exists() or not any((tmp_path / "runs" / "demo").rglob("*.ckpt"))
 
 

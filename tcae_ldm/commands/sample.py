@@ -13,7 +13,6 @@ its 4 channels) and decoded by SD-VAE (stabilityai/sd-vae-ft-ema from the Huggin
 """
 from __future__ import annotations
 
-
 import torch
 
 from tcae_ldm.commands import CommandParser, fail

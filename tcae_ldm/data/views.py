@@ -42,28 +42,36 @@ from tcae_ldm.data.transforms import (
 
 @dataclass
 class MultiCropConfig:
-    """iBOT's multi-crop recipe; sizes must be multiples of the patch size that the encoder can compress.
+    """iBOT's multi-crop recipe (its DataAugmentationiBOT); sizes must be multiples of the patch size that the encoder
+    can compress. Every field is a config key under `data.views`.
 
     Args:
         global_size: side of the 2 global crops (paper scale: 224 of a 256 image).
-        local_size: side of the local crops.
+        local_size: side of the local crops (paper scale: 96).
         num_local: local crops per image (iBOT: 10 at ImageNet scale).
         global_scale: area fraction of the image a global crop covers.
         local_scale: area fraction of the image a local crop covers.
-        color_jitter: brightness / contrast / saturation strength on the SSL views, 0 = off.
+        color_jitter: ColorJitter strength x: brightness = contrast = x, saturation x / 2, hue 0.1; 0 = off.
+        jitter_p: probability that a view is colour-jittered (iBOT: 0.8).
+        grayscale_p: probability that a view is made grey (iBOT: 0.2).
+        blur_p: Gaussian-blur probability of the first global, second global and local views (iBOT: 1.0, 0.1, 0.5).
+        blur_radius: PIL GaussianBlur radius range (iBOT: 0.1 - 2.0).
+        solarize_p: solarization probability of the first global, second global and local views (iBOT: 0, 0.2, 0).
+        color_on_device: colour operations on the batch after its transfer to the device (exactly PIL's pixels),
+            not in the loader workers.
     """
-    global_size: int = 224                          # side of the 2 global crops (paper-scale: 224 of a 256 image)
-    local_size: int = 96                            # side of the local crops
-    num_local: int = 10                             # iBOT uses 10 local crops at ImageNet scale
-    global_scale: tuple[float, float] = (0.25, 1.0)  # area fraction of the image a global crop covers
-    local_scale: tuple[float, float] = (0.05, 0.25)  # ... and a local crop
-    color_jitter: float = 0.4                       # brightness = contrast = x, saturation x / 2, hue 0.1; 0 = off
-    jitter_p: float = 0.8                           # probability a view is colour-jittered (iBOT 0.8)
-    grayscale_p: float = 0.2                        # probability a view is made grey (iBOT 0.2)
-    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)      # Gaussian blur: first global, second global, locals
-    blur_radius: tuple[float, float] = (0.1, 2.0)            # PIL GaussianBlur radius range (iBOT 0.1 - 2.0)
-    solarize_p: tuple[float, float, float] = (0.0, 0.2, 0.0)  # solarization: first global, second global, locals
-    color_on_device: bool = True                    # colour ops on the batch after its transfer, not in the workers
+    global_size: int = 224
+    local_size: int = 96
+    num_local: int = 10
+    global_scale: tuple[float, float] = (0.25, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.25)
+    color_jitter: float = 0.4
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
+    blur_radius: tuple[float, float] = (0.1, 2.0)
+    solarize_p: tuple[float, float, float] = (0.0, 0.2, 0.0)
+    color_on_device: bool = True
 
 
 torch.serialization.add_safe_globals([MultiCropConfig])

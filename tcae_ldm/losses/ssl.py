@@ -34,36 +34,37 @@ class SSLConfig:
         hidden_dim: head MLP width (iBOT: 2048).
         bottleneck_dim: head bottleneck before the weight-normalised layer (iBOT: 256).
         head_layers: MLP layers of the head.
-        mask_ratio: mean fraction of patches masked in a masked global view.
+        mask_ratio: mean fraction of the heads' tokens masked in a masked global view.
         mask_ratio_var: the ratio is drawn uniformly in [ratio - var, ratio + var].
         mask_probability: fraction of global views that are masked at all.
         student_temp: student softmax temperature.
         teacher_temp: [CLS] teacher temperature after warm-up.
         teacher_patch_temp: patch teacher temperature after warm-up.
-        warmup_teacher_temp: both teacher temperatures start here.
-        teacher_temp_warmup_steps: steps until the teacher temperatures reach their final value.
-        momentum_base: teacher EMA momentum, cosine schedule to 1 over training.
+        warmup_teacher_temp: both teacher temperatures start here ...
+        teacher_temp_warmup_steps: ... and reach their final value after this many steps.
+        momentum_base: teacher EMA momentum, cosine schedule to 1 over training (iBOT: 0.996; 0.9995 at batch 256).
+        freeze_last_layer_steps: first steps without an update of the heads' prototypes (iBOT: one epoch).
         lambda_cls: weight of L_CLS.
         lambda_mim: weight of L_MIM.
     """
-    alpha: float = 1.0                  # total = alpha * L_rec + L_iBOT
-    heads_on: Literal["fine", "coarse"] = "coarse"  # tokens the heads read (see configs/tcae.yaml for why)
-    out_dim: int = 8192                 # [CLS] head output (prototypes)
-    patch_out_dim: int = 8192           # patch head output
-    shared_head: bool = True            # one head for [CLS] and patch tokens (iBOT's default)
-    hidden_dim: int = 2048              # head MLP width
-    bottleneck_dim: int = 256           # head bottleneck before the weight-normalised layer
+    alpha: float = 1.0
+    heads_on: Literal["fine", "coarse"] = "coarse"
+    out_dim: int = 8192
+    patch_out_dim: int = 8192
+    shared_head: bool = True
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
     head_layers: int = 3
-    mask_ratio: float = 0.3             # mean fraction of the heads' tokens masked in a masked global view
-    mask_ratio_var: float = 0.2         # ratio drawn uniformly in [ratio - var, ratio + var]
-    mask_probability: float = 0.5       # fraction of global views that are masked at all
+    mask_ratio: float = 0.3
+    mask_ratio_var: float = 0.2
+    mask_probability: float = 0.5
     student_temp: float = 0.1
-    teacher_temp: float = 0.07          # [CLS] teacher temperature after warm-up
-    teacher_patch_temp: float = 0.07    # patch teacher temperature after warm-up
-    warmup_teacher_temp: float = 0.04   # both teacher temperatures start here ...
-    teacher_temp_warmup_steps: int = 10000  # ... and reach their final value after this many steps
-    momentum_base: float = 0.996        # teacher EMA momentum, cosine to 1 (iBOT: 0.996; 0.9995 at batch 256)
-    freeze_last_layer_steps: int = 0    # first steps without update of the prototypes (iBOT: one epoch)
+    teacher_temp: float = 0.07
+    teacher_patch_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    teacher_temp_warmup_steps: int = 10000
+    momentum_base: float = 0.996
+    freeze_last_layer_steps: int = 0
     lambda_cls: float = 1.0
     lambda_mim: float = 1.0
 

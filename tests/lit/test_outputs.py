@@ -5,6 +5,7 @@ import os
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from PIL import Image
@@ -53,16 +54,20 @@ def test_a_grid_goes_to_every_logger(tmp_path):
     assert [e.step for e in events.Images("samples")] == [12]
 
 
-def test_gradient_norms_of_both_optimizers_are_logged_before_clipping(tmp_path):
+@pytest.mark.parametrize("grad_clip", [1e-6, None])
+def test_gradient_norms_of_every_group_are_logged_before_clipping(tmp_path, grad_clip):
+    """Encoder, decoder (generator's optimizer) and critic: logged whether or not they are clipped, and before
+    clipping (clipping to almost nothing leaves the logged norms far above it)."""
     torch.manual_seed(0)
-    module = tiny_module(max_steps=2, grad_clip=1e-6)  # clipping to almost nothing: the logged norms are pre-clip
+    module = tiny_module(max_steps=2, grad_clip=grad_clip)
     logger = CSVLogger(str(tmp_path), name="run", version="")
     tiny_trainer(str(tmp_path), logger=logger, log_every_n_steps=1).fit(module, tiny_data())
     with open(os.path.join(str(tmp_path), "run", "metrics.csv")) as f:
-        rows = [r for r in csv.DictReader(f) if r.get("train/grad_norm")]
+        rows = [r for r in csv.DictReader(f) if r.get("train/grad_norm/encoder")]
     assert len(rows) == 2
     for r in rows:
-        assert float(r["train/grad_norm"]) > 1e-3 and float(r["train/grad_norm_disc"]) > 1e-3
+        for group in ("encoder", "decoder", "critic"):
+            assert float(r[f"train/grad_norm/{group}"]) > 1e-3, group
 
 
 def test_grad_norm_is_what_clip_grad_norm_measures():
