@@ -10,7 +10,7 @@ import os
 
 from tcae_ldm.commands import CommandParser, fail
 from tcae_ldm.data.demo import DemoPhotosDataModule
-from tcae_ldm.lit.checkpoints import CheckpointError, load_autoencoder_module
+from tcae_ldm.lit.loading import CheckpointError, load_autoencoder_module
 from tcae_ldm.metrics.reconstruction import evaluate_against_bicubic
 
 

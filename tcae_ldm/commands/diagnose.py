@@ -13,7 +13,7 @@ import torch
 from tcae_ldm.commands import CommandParser, fail
 from tcae_ldm.data.demo import DemoPhotosDataModule
 from tcae_ldm.data.images import ImageFolderDataModule
-from tcae_ldm.lit.checkpoints import CheckpointError, load_autoencoder_module
+from tcae_ldm.lit.loading import CheckpointError, load_autoencoder_module
 from tcae_ldm.metrics.diagnostics import (
     TOKEN_STAGES,
     diagnose,

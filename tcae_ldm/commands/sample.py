@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> str | None:
         fail(PROG, "--autoencoder-kind and --autoencoder-path go together")
     import lightning as L  # heavy imports after --help and the argument checks
 
-    from tcae_ldm.lit.checkpoints import CheckpointError, load_diffusion_module
+    from tcae_ldm.lit.loading import CheckpointError, load_diffusion_module
     from tcae_ldm.lit.sampling import SampleDataModule, SampleWriter, sample_labels
 
     spec = ({"kind": args.autoencoder_kind, "path": args.autoencoder_path, "dtype": args.autoencoder_dtype}

@@ -14,7 +14,7 @@ from tcae_ldm.data.demo import DemoPhotosDataModule
 from tcae_ldm.data.transforms import to_uint8
 from tcae_ldm.diffusion import DDPM
 from tcae_ldm.lit.caching import cache_latents
-from tcae_ldm.lit.checkpoints import load_diffusion_module
+from tcae_ldm.lit.loading import load_diffusion_module
 from tests.latents.test_frozen import TINY_SDVAE
 from tests.models.test_dit import NUM_CLASSES, official_checkpoint
 from tests.tiny import REPO, callbacks_arg, tiny_tcae_checkpoint

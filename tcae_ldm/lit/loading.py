@@ -1,4 +1,5 @@
-"""What a checkpoint file given to a command holds, and one clear line when it is not what the command needs.
+"""Loading the modules that a command is given: what a checkpoint file holds, and one clear line when it is not
+what the command needs (damaged files are named by tcae_ldm.utils.checkpoints).
 
 Files are read with torch.load(weights_only=True): the project's config dataclasses are registered as safe where
 they are defined, and facebookresearch/DiT's train.py checkpoints carry an argparse.Namespace, allowed here.
@@ -13,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import zipfile
 
 import torch
 
 # importing the autoencoder module registers its config dataclasses as safe to unpickle
 from tcae_ldm.lit.autoencoder import AutoencoderModule
 from tcae_ldm.lit.diffusion import DiffusionModule
+from tcae_ldm.utils.checkpoints import checkpoint_damage
 
 ALLOWED_GLOBALS = [argparse.Namespace]  # facebookresearch/DiT train.py saves its args
 DIT_EXPECTED = ("a DiT checkpoint: a DiffusionModule's .ckpt (runs/.../dit_*/checkpoints/last.ckpt) or a "
@@ -30,7 +33,7 @@ class CheckpointError(ValueError):
     """A checkpoint file that is missing, unreadable or of another kind; the message is one line naming it."""
 
 
-def read_checkpoint(path: str, expected: str) -> dict:
+def read_expected_checkpoint(path: str, expected: str) -> dict:
     """The checkpoint's contents (tensors memory-mapped where possible), or CheckpointError saying what is wrong
     with the file and what `expected` it should have been."""
     if not os.path.exists(path):
@@ -39,6 +42,10 @@ def read_checkpoint(path: str, expected: str) -> dict:
         raise CheckpointError(f"{path} is a folder; expected {expected}")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path} is empty (0 bytes); expected {expected}")
+    if zipfile.is_zipfile(path):  # torch.save's archive: its CRCs catch a garbled file that torch.load would accept
+        damage = checkpoint_damage(path)
+        if damage:
+            raise CheckpointError(f"{path} cannot be read: {damage}; expected {expected}")
     try:
         unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception:  # noqa: BLE001  (whatever torch's readers raise, the file is not a complete torch.save)
@@ -81,7 +88,7 @@ def checkpoint_kind(ckpt: dict) -> tuple[str, str]:
 def load_diffusion_module(path: str, autoencoder: dict | None = None) -> DiffusionModule:
     """The DiffusionModule of a DiT checkpoint of this project or a facebookresearch/DiT one; autoencoder: the
     decoder of an official DiT (default: sd-vae-ft-ema)."""
-    ckpt = read_checkpoint(path, DIT_EXPECTED)
+    ckpt = read_expected_checkpoint(path, DIT_EXPECTED)
     kind, what = checkpoint_kind(ckpt)
     if kind == "official-dit":
         try:
@@ -96,7 +103,7 @@ def load_diffusion_module(path: str, autoencoder: dict | None = None) -> Diffusi
 
 def load_autoencoder_module(path: str, **overrides) -> AutoencoderModule:
     """The AutoencoderModule of an autoencoder checkpoint; overrides go to load_from_checkpoint (metrics_*...)."""
-    kind, what = checkpoint_kind(read_checkpoint(path, AUTOENCODER_EXPECTED))
+    kind, what = checkpoint_kind(read_expected_checkpoint(path, AUTOENCODER_EXPECTED))
     if kind != "autoencoder":
         raise CheckpointError(f"{path} is {what}; expected {AUTOENCODER_EXPECTED}")
     return AutoencoderModule.load_from_checkpoint(path, map_location="cpu", **overrides)
