@@ -103,7 +103,7 @@ def test_peak_table_by_device_name():
 
 def test_checkpointing_variant_and_mode_selection():
     net = cases.build_autoencoder("TC-AE-T/p4-c16:ckpt", 32, 16)
-    assert net.module.encoder.fine.grad_checkpointing and net.latent_shape == (16, 2, 2)
+    assert net.module.encoder.fine.gradient_checkpointing and net.latent_shape == (16, 2, 2)
     with pytest.raises(ValueError, match="unknown variant 'fast'"):
         cases.build_autoencoder("TC-AE-T/p4-c16:fast", 32, 16)
     with pytest.raises(ValueError, match="unknown variant 'vanilla'"):

@@ -72,11 +72,11 @@ def build_autoencoder(name: str, image_size: int, factor: int) -> Net:
         return Net(name, net.module, net.encode, net.decode, net.latent_shape, channels_last=True)
     if is_dcae(preset):
         m = create_dcae(preset)
-        return Net(name, m, m.encode, m.decode, m.latent_shape(image_size))
+        return Net(name, m, m.encoder, m.decoder, m.latent_shape(image_size))
     if image_size % factor:
         raise ValueError(f"image_size={image_size} is not divisible by the latent downsampling factor {factor}")
     net = create_tcae(preset, image_size=image_size, latent_size=image_size // factor, **TCAE_VARIANTS[variant])
-    return Net(name, net, net.encode, net.decode, net.latent_shape(image_size))
+    return Net(name, net, net.encoder, net.decoder, net.latent_shape(image_size))
 
 
 def compiled_twin(net: Net) -> Net:
