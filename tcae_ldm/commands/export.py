@@ -16,7 +16,6 @@ last value of every metric in the run's metrics.csv (beside checkpoints/, or --m
 from __future__ import annotations
 
 import csv
-import json
 import os
 import shutil
 import tempfile
@@ -230,7 +229,11 @@ def main(argv: list[str] | None = None) -> str:
     args = build_parser().parse_args(argv)
     if os.path.exists(args.out) and not (os.path.isdir(args.out) and (args.overwrite or not os.listdir(args.out))):
         fail(PROG, f"{args.out} already exists and is not empty: choose another --out or pass --overwrite")
-    from tcae_ldm.lit.checkpoints import CheckpointError, checkpoint_kind, read_checkpoint
+    from tcae_ldm.lit.checkpoints import (
+        CheckpointError,
+        checkpoint_kind,
+        read_checkpoint,
+    )
 
     try:
         ckpt, kind = None, "folder"

@@ -18,7 +18,7 @@ from typing import Literal, TypedDict
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from tcae_ldm.metrics.flops import count_gmacs
 from tcae_ldm.models.dcae import (

@@ -12,13 +12,13 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
-from timm.layers import Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
-from timm.layers.pos_embed_sincos import freq_bands, ndgrid
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput, EncoderOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.accelerate_utils import apply_forward_hook
+from einops import rearrange
+from timm.layers import Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.layers.pos_embed_sincos import freq_bands, ndgrid
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 
