@@ -116,7 +116,8 @@ def load_autoencoder_module(path: str, **overrides) -> AutoencoderModule:
 def export_diffusion_module(module: DiffusionModule, folder: str, extra: dict | None = None) -> dict:
     """Write what sampling needs into folder: model.safetensors (the EMA weights, DiT's own keys) and config.json
     (hyper-parameters, the latent statistics, the latent cache's metadata with its autoencoder); returns the config."""
-    hp = {k: v for k, v in module.hparams.items() if k not in ("compile", "ema_decay", "ema_warmup")}
+    runtime = ("compile", "compile_decoder", "ema_decay", "ema_warmup")  # training / machine choices, not the model's
+    hp = {k: v for k, v in module.hparams.items() if k not in runtime}
     config = {"_class_name": DIT_EXPORT_CLASS, "hyper_parameters": hp,
               "latents_mean": module.normalizer.mean.tolist(), "latents_std": module.normalizer.std.tolist(),
               "latent_cache": module.cache_info, **(extra or {})}

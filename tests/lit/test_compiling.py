@@ -78,3 +78,30 @@ def test_channels_last_trains_the_same_function(tmp_path):
     for k, v in results[0].items():
         torch.testing.assert_close(results[1][k], v, rtol=1e-3, atol=1e-4, msg=k)
 
+
+
+def test_inference_paths_compile_the_frozen_autoencoder(tmp_path, monkeypatch):
+    """The cache's encoder and the decoder of DiT samples compile by a config switch, with the same outputs; with
+    inductor (the default backend) the weights are frozen into the graphs."""
+    from tcae_ldm.latents.frozen import load_autoencoder
+    from tcae_ldm.lit.caching import LatentCacheModule
+    from tests.tiny import tiny_tcae_checkpoint
+
+    ckpt = tiny_tcae_checkpoint(tmp_path / "ae.ckpt")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    eager = load_autoencoder("tcae", ckpt)
+    cache = LatentCacheModule({"kind": "tcae", "path": ckpt}, compile=EAGER_BACKEND)
+    cache.configure_model()
+    assert _compiled(cache.autoencoder.model.encoder) and _compiled(cache.autoencoder.model.decoder)
+    assert torch.equal(cache.autoencoder.encode(x), eager.encode(x))
+    dit = DiffusionModule(dit="DiT-T/1", latent_shape=(16, 4, 4), num_classes=8, compile_decoder=EAGER_BACKEND)
+    dit.set_decoder({"kind": "tcae", "path": ckpt})
+    z = eager.encode(x)
+    assert _compiled(dit.autoencoder.model.decoder) and torch.equal(dit.autoencoder.decode(z), eager.decode(z))
+    assert not _compiled(load_autoencoder("tcae", ckpt).compile_(False).model.encoder)
+
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append(kw))
+    load_autoencoder("tcae", ckpt).compile_(True)
+    load_autoencoder("tcae", ckpt).compile_({"mode": "max-autotune"})
+    assert calls == [{"options": {"freezing": True}}] * 2 + [{"mode": "max-autotune"}] * 2

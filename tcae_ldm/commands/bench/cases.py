@@ -40,7 +40,8 @@ def dcae_factor(name: str) -> int:
 
 
 TCAE_VARIANTS = {"": {}, "vanilla": {"staged": False}, "ckpt": {"grad_checkpointing": True}}
-VARIANTS = (*TCAE_VARIANTS, "cl")  # 'cl': weights and inputs in channels-last memory format (any autoencoder)
+VARIANTS = (*TCAE_VARIANTS, "cl")
+INFERENCE_OPTIONS = {"freezing": True}  # inductor: weights of no-grad graphs as (prepacked) constants  # 'cl': weights and inputs in channels-last memory format (any autoencoder)
 
 
 @dataclass
@@ -90,7 +91,11 @@ def compiled_twin(net: Net) -> Net:
     # default of 8 would silently fall back to eager in a run with several TC-AEs and precisions.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     m = net.module
-    return Net(net.name, m, torch.compile(m.encoder), torch.compile(m.decoder), net.latent_shape)
+    # Inference graphs (no grad) are frozen, as an inference deployment compiles them: weights become constants,
+    # prepacked for the CPU's GEMM / convolution kernels. The timings do not depend on the weights' values, so
+    # training steps between the inference groups do not matter here.
+    return Net(net.name, m, torch.compile(m.encoder, options=INFERENCE_OPTIONS),
+               torch.compile(m.decoder, options=INFERENCE_OPTIONS), net.latent_shape, net.channels_last)
 
 
 def autoencoder_cost(name: str, image_size: int, factor: int) -> dict:
