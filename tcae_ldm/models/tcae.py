@@ -181,7 +181,9 @@ class ViTStage(nn.Module):
     def forward(self, x, prefix=None):
         """x: (B, H, W, D) grid; prefix: (B, P, D) tokens (e.g. [CLS]) that attend but have no position."""
         B, H, W, D = x.shape
-        x = rearrange(x, "b h w d -> b (h w) d") + self.pos(H, W, x.dtype, x.device)  # (B, HW, D)
+        # contiguous: a grid that arrives as a permuted view (timm's NHWC patch embedding of an NCHW convolution)
+        # would carry its D-major memory layout through every block, a copy in each LayerNorm
+        x = rearrange(x, "b h w d -> b (h w) d").contiguous() + self.pos(H, W, x.dtype, x.device)  # (B, HW, D)
         P = 0 if prefix is None else prefix.shape[1]
         if P:
             x = torch.cat([prefix, x], dim=1)  # (B, P + HW, D)
