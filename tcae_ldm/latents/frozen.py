@@ -126,6 +126,7 @@ class FrozenAutoencoder(nn.Module):
         self.model = model.eval().requires_grad_(False)
         self.name, self.path, self.config, self.dtype_name = name, path, config, dtype
         self._hashes: dict | None = None
+        self._freeze = False  # compiled by inductor: trace with frozen weights (compile_)
 
     def train(self, mode: bool = True):
         return super().train(False)  # frozen: Lightning's model.train() must not switch norms or dropout
@@ -138,13 +139,13 @@ class FrozenAutoencoder(nn.Module):
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, c, h, w) fp32."""
-        with self._autocast(x.device):
+        with self._autocast(x.device), self._graphs():
             return self._encode(x).float()
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(B, c, h, w) -> (B, 3, H, W), nominally in [-1, 1] (not clamped)."""
-        with self._autocast(z.device):
+        with self._autocast(z.device), self._graphs():
             return self._decode(z).float()
 
     def _encode(self, x):
@@ -172,11 +173,19 @@ class FrozenAutoencoder(nn.Module):
         if not spec:
             return self
         kwargs = dict(spec) if isinstance(spec, dict) else {}
-        if kwargs.get("backend", "inductor") == "inductor" and "mode" not in kwargs:  # torch.compile takes one of them
-            kwargs["options"] = {"freezing": True, **kwargs.get("options", {})}
         for module in (self.model.encoder, self.model.decoder):
             module.compile(**kwargs)
+        self._freeze = kwargs.get("backend", "inductor") == "inductor"
         return self
+
+    def _graphs(self):
+        # Inductor freezes only what dynamo traces while its global `freezing` flag is on (a per-compile option
+        # comes too late: the weights are already graph inputs), and tracing happens at the first call.
+        if not self._freeze:
+            return contextlib.nullcontext()
+        import torch._inductor.config
+
+        return torch._inductor.config.patch(freezing=True)
 
     def identity(self) -> dict:
         """What made a latent: kind, name, path, config (+ hash), hashes of all weights and of the encoder's.

@@ -252,3 +252,20 @@ def test_profile_ratio_spread_and_threads(tmp_path):
     assert profiling.category("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
     assert profiling.category("aten::addmm") == "matmul" and profiling.category("aten::add") == "elementwise"
     assert profiling.category("aten::native_layer_norm") == "normalisation"
+
+
+def test_the_gpu_check_script_parses_and_runs_every_step():
+    """scripts/gpu_check.sh is valid bash; its steps are the bench (with profiles), the joint step, both modules'
+    DDP training, the cache, sample, export and the compiled bench (its --tiny mode runs them all on a CPU)."""
+    import os
+    import subprocess
+
+    from tests.tiny import REPO
+
+    script = os.path.join(REPO, "scripts", "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
+    text = open(script).read()
+    for needle in ("bench \"${BENCH[@]}\" --profile", "--joint-step", "configs/demo/tcae.yaml", "cache_latents_tcae",
+                   "configs/demo/dit_on_tcae.yaml", "tcae sample", "tcae_ldm.cli export", "--compile", "--tiny",
+                   "color_on_device=true", "--trainer.precision=bf16-mixed"):
+        assert needle in text, needle

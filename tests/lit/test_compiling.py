@@ -100,8 +100,13 @@ def test_inference_paths_compile_the_frozen_autoencoder(tmp_path, monkeypatch):
     assert _compiled(dit.autoencoder.model.decoder) and torch.equal(dit.autoencoder.decode(z), eager.decode(z))
     assert not _compiled(load_autoencoder("tcae", ckpt).compile_(False).model.encoder)
 
-    calls = []
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append(kw))
-    load_autoencoder("tcae", ckpt).compile_(True)
-    load_autoencoder("tcae", ckpt).compile_({"mode": "max-autotune"})
-    assert calls == [{"options": {"freezing": True}}] * 2 + [{"mode": "max-autotune"}] * 2
+    # inductor (the default backend) traces with its freezing flag on: the weights become constants of the graph
+    import torch._inductor.config as inductor_config
+
+    flags = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: setattr(self, "forward", lambda t: (
+        flags.append(inductor_config.freezing), t)[1]))
+    ae = load_autoencoder("tcae", ckpt).compile_(True)
+    ae.encode(x)
+    ae.decode(z)
+    assert flags == [True, True] and not inductor_config.freezing  # only while the calls run

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._inductor import config as inductor_config
 
 from tcae_ldm.commands.bench.timing import time_passes
 from tcae_ldm.data.demo import DemoPhotosDataModule
@@ -40,8 +41,7 @@ def dcae_factor(name: str) -> int:
 
 
 TCAE_VARIANTS = {"": {}, "vanilla": {"staged": False}, "ckpt": {"grad_checkpointing": True}}
-VARIANTS = (*TCAE_VARIANTS, "cl")
-INFERENCE_OPTIONS = {"freezing": True}  # inductor: weights of no-grad graphs as (prepacked) constants  # 'cl': weights and inputs in channels-last memory format (any autoencoder)
+VARIANTS = (*TCAE_VARIANTS, "cl")  # 'cl': weights and inputs in channels-last memory format (any autoencoder)
 
 
 @dataclass
@@ -91,11 +91,20 @@ def compiled_twin(net: Net) -> Net:
     # default of 8 would silently fall back to eager in a run with several TC-AEs and precisions.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     m = net.module
-    # Inference graphs (no grad) are frozen, as an inference deployment compiles them: weights become constants,
-    # prepacked for the CPU's GEMM / convolution kernels. The timings do not depend on the weights' values, so
-    # training steps between the inference groups do not matter here.
-    return Net(net.name, m, torch.compile(m.encoder, options=INFERENCE_OPTIONS),
-               torch.compile(m.decoder, options=INFERENCE_OPTIONS), net.latent_shape, net.channels_last)
+    return Net(net.name, m, _frozen_when_no_grad(torch.compile(m.encoder)),
+               _frozen_when_no_grad(torch.compile(m.decoder)), net.latent_shape, net.channels_last)
+
+
+def _frozen_when_no_grad(fn: Callable) -> Callable:
+    """Inference calls (no grad) trace with frozen weights, as an inference deployment compiles: constants, prepacked
+    for the CPU's GEMM / convolution kernels (inductor freezes only what dynamo traces under its global flag). The
+    timings do not depend on the weights' values, so training steps between the inference groups do not matter."""
+    def call(x):
+        if torch.is_grad_enabled():
+            return fn(x)
+        with inductor_config.patch(freezing=True):
+            return fn(x)
+    return call
 
 
 def autoencoder_cost(name: str, image_size: int, factor: int) -> dict:

@@ -233,8 +233,12 @@ def bench_autoencoders(args, report: dict, factor: int) -> None:
         prec = args.precisions[0]
         for (variant, name), net in twins.items():
             log(f"profile: {variant} {name} encode + decode {prec}")
-            report["autoencoders"][name].setdefault("profile", {})[variant] = profiling.profile_autoencoder(
-                net, args.batch_size, args.image_size, dev, prec, args.profile_top)
+            try:
+                found = profiling.profile_autoencoder(net, args.batch_size, args.image_size, dev, prec,
+                                                      args.profile_top)
+            except Exception as e:  # a profiler that fails on this machine costs the profile, not the run
+                found = {"error": timing.describe_error(e)}
+            report["autoencoders"][name].setdefault("profile", {})[variant] = found
     del nets, opts, twins
     _free(dev)
 

@@ -57,8 +57,9 @@ def _autoencoders(report: dict) -> str:
     with_mfu = report["env"].get("peak_bf16_tflops") is not None
     rows = []
     for n, e in aes.items():
-        for prec, m in e.get("throughput", {}).items():
-            row = [n, prec, *(_speed(m.get(k, {})) for k in MODES), _speed(m.get(ROUNDTRIP, {}), spread=True),
+        for key, prec, m in [(k, p, m) for k in ("throughput", "compiled") for p, m in e.get(k, {}).items()]:
+            name = n if key == "throughput" else f"{n} (compiled)"  # compiled: x the compiled reference
+            row = [name, prec, *(_speed(m.get(k, {})) for k in MODES), _speed(m.get(ROUNDTRIP, {}), spread=True),
                    "/".join(_f(m.get(k, {}).get("peak_mem_mb"), ".0f") for k in MODES)]
             rows.append(row + (["/".join(_f(m.get(k, {}).get("mfu"), ".1%") for k in MODES)] if with_mfu else []))
     return render(f"Autoencoder throughput, images/s (x {report['reference']}, same run; median of {s['repeats']}, "
@@ -150,7 +151,8 @@ def _compiled(report: dict) -> str | None:
 
 def _profiles(report: dict) -> str | None:
     """`--profile`: each network's encode + decode time by op category, then its slowest ops."""
-    profiled = {(n, v): p for n, e in report["autoencoders"].items() for v, p in e.get("profile", {}).items()}
+    profiled = {(n, v): p for n, e in report["autoencoders"].items() for v, p in e.get("profile", {}).items()
+                if "error" not in p}
     if not profiled:
         return None
     names = [n if v == "eager" else f"{n} ({v})" for n, v in profiled]
@@ -173,7 +175,9 @@ def _errors(report: dict) -> list[str]:
     return [f"error: {n} {variant} {prec} {mode}: {r['error']}"
             for table in ("autoencoders", "dits") for n, e in report[table].items()
             for variant in ("throughput", "compiled") for prec, m in e.get(variant, {}).items()
-            for mode, r in m.items() if "error" in r]
+            for mode, r in m.items() if "error" in r] + \
+        [f"error: profile of {n} ({v}): {p['error']}" for n, e in report["autoencoders"].items()
+         for v, p in e.get("profile", {}).items() if "error" in p]
 
 
 def tables(report: dict) -> str:
