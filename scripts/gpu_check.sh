@@ -45,7 +45,7 @@ step() {
     RC[$name]=$rc
     log "$name: rc=$rc"
 }
-tcae() { "$PY" -m tcae_ldm.cli "$@"; }
+TCAE=("$PY" -m tcae_ldm.cli)  # timeout runs programs, not shell functions
 
 if [ "$TINY" = 1 ]; then
     ACCEL=(--trainer.accelerator=cpu --trainer.devices=2)  # DDP over 2 gloo processes
@@ -90,14 +90,14 @@ fi
 log "$(head -1 "$OUT/env.txt" 2>/dev/null || echo "tiny dry run on the CPU"); $NGPU GPU(s); budget ${BUDGET}s"
 
 # 1. paper-scale benchmark (the JPEG pipelines use this machine's cores) with per-op profiles
-step bench 170 bench.txt -- tcae bench "${BENCH[@]}" --profile --out "$OUT/bench.json"
+step bench 170 bench.txt -- "${TCAE[@]}" bench "${BENCH[@]}" --profile --out "$OUT/bench.json"
 # 2. the joint step, pass by pass
-step joint 70 joint.txt -- tcae bench "${JOINT[@]}" --out "$OUT/joint.json"
+step joint 70 joint.txt -- "${TCAE[@]}" bench "${JOINT[@]}" --out "$OUT/joint.json"
 
 # 3. bf16-mixed DDP training steps of the demo autoencoder on every visible GPU, colour ops on the device
 STRATEGY=()
 [ "$NGPU" -gt 1 ] || [ "$TINY" = 1 ] && STRATEGY=(--trainer.strategy=ddp_find_unused_parameters_true)  # mask token
-step fit 100 fit.txt -- tcae fit --config configs/demo/tcae.yaml "${ACCEL[@]}" --trainer.precision=bf16-mixed \
+step fit 100 fit.txt -- "${TCAE[@]}" fit --config configs/demo/tcae.yaml "${ACCEL[@]}" --trainer.precision=bf16-mixed \
     ${STRATEGY[@]+"${STRATEGY[@]}"} "${AE_TINY[@]}" --model.init_args.metrics_fid=null \
     --data.init_args.views.color_on_device=true --trainer.logger.init_args.save_dir="$OUT/fit" \
     --trainer.callbacks.init_args.dirpath="$OUT/fit/tcae/checkpoints"
@@ -106,7 +106,7 @@ AE_CKPT="$OUT/fit/tcae/checkpoints/last.ckpt"
 
 # 4. its latent cache (one device), then bf16-mixed DDP DiT training steps on every visible GPU
 if [ "${RC[fit]}" = 0 ]; then
-    step cache 60 cache.txt -- tcae predict --config configs/demo/cache_latents_tcae.yaml \
+    step cache 60 cache.txt -- "${TCAE[@]}" predict --config configs/demo/cache_latents_tcae.yaml \
         --trainer.accelerator="$([ "$TINY" = 1 ] && echo cpu || echo gpu)" --trainer.devices=1 \
         --trainer.default_root_dir="$OUT/cache" --model.init_args.autoencoder.path="$AE_CKPT" \
         ${CACHE_TINY[@]+"${CACHE_TINY[@]}"} --trainer.callbacks.init_args.output_dir="$OUT/latents"
@@ -117,7 +117,7 @@ DIT_CKPT="$OUT/fit/dit_tcae/checkpoints/last.ckpt"
 if [ "${RC[cache]}" = 0 ]; then
     DIT_STRATEGY=()
     [ "$NGPU" -gt 1 ] || [ "$TINY" = 1 ] && DIT_STRATEGY=(--trainer.strategy=ddp)  # every DiT parameter gets a gradient
-    step dit 100 dit.txt -- tcae fit --config configs/demo/dit_on_tcae.yaml "${ACCEL[@]}" \
+    step dit 100 dit.txt -- "${TCAE[@]}" fit --config configs/demo/dit_on_tcae.yaml "${ACCEL[@]}" \
         --trainer.precision=bf16-mixed ${DIT_STRATEGY[@]+"${DIT_STRATEGY[@]}"} "${DIT_TINY[@]}" \
         --data.init_args.cache_dir="$OUT/latents" --data.init_args.expect_autoencoder.path="$AE_CKPT" \
         --data.init_args.expect_autoencoder.name="$AE_NET" --data.init_args.expect_image_size="$SIZE" \
@@ -131,14 +131,15 @@ fi
 # 5. sampling on every visible device, and the exports of both runs
 if [ "${RC[dit]}" = 0 ]; then
     rm -rf "$OUT/export"
-    step sample 60 sample.txt -- tcae sample --ckpt "$DIT_CKPT" --out "$OUT/samples" "${SAMPLE[@]}"
-    step export 40 export.txt -- bash -c "$(printf '%q ' "$PY") -m tcae_ldm.cli export --ckpt '$AE_CKPT' --out '$OUT/export/tcae' --cache '$OUT/latents' && $(printf '%q ' "$PY") -m tcae_ldm.cli export --ckpt '$DIT_CKPT' --out '$OUT/export/dit'"
+    step sample 60 sample.txt -- "${TCAE[@]}" sample --ckpt "$DIT_CKPT" --out "$OUT/samples" "${SAMPLE[@]}"
+    step export 30 export.txt -- "${TCAE[@]}" export --ckpt "$AE_CKPT" --out "$OUT/export/tcae" --cache "$OUT/latents"
+    [ "${RC[export]}" = 0 ] && step export 30 export_dit.txt -- "${TCAE[@]}" export --ckpt "$DIT_CKPT" --out "$OUT/export/dit"
 else
     RC[sample]="skipped (no DiT)"; RC[export]="skipped (no DiT)"
 fi
 
 # 6. torch.compile speed-ups and the compiled ratio, with the time left
-step compile 600 bench_compile.txt -- tcae bench "${COMPILE[@]}" --out "$OUT/bench_compile.json"
+step compile 600 bench_compile.txt -- "${TCAE[@]}" bench "${COMPILE[@]}" --out "$OUT/bench_compile.json"
 
 # The figures, from the JSON reports
 "$PY" - "$OUT" > "$OUT/figures.txt" 2>&1 <<'PYEOF'
@@ -181,13 +182,16 @@ for name in ("bench.json", "bench_compile.json"):
         print(f"  JPEG: one worker {feed['worker_images_per_s']:.1f} img/s; {feed['workers_needed']:.1f} workers per GPU "
               f"needed, {feed['workers_for_margin']:.1f} for the margin; num_workers={feed['num_workers']}: "
               f"{feed['margin']:.2f}x -> {feed['verdict']}")
+    fmt = lambda v, spec=".1f": "-" if v is None else format(v, spec)  # noqa: E731
     for name_, e in (r.get("jpeg_pipelines") or {}).get("pipelines", {}).items():
-        print(f"  JPEG {name_}: reference {e['reference'].get('items_per_s')} img/s, fast {e['fast'].get('items_per_s')}"
-              f" img/s ({e.get('speedup')}x), device colour ops {e.get('device_ms_per_image')} ms/img")
+        print(f"  JPEG {name_} per worker: reference {fmt(e['reference'].get('items_per_s'))} img/s, fast "
+              f"{fmt(e['fast'].get('items_per_s'))} img/s ({fmt(e.get('speedup'), '.2f')}x), device colour ops "
+              f"{fmt(e.get('device_ms_per_image'), '.3f')} ms/img")
 j = load("joint.json")
 if j:
     for prec, t in j["joint_step"]["timing"].items():
-        print(f"joint step {prec}: joint / reconstruction-only time {t.get('ratio')}, GMACs "
+        ratio = f"{t['ratio']:.2f}x" if t.get("ratio") else "-"
+        print(f"joint step {prec}: joint / reconstruction-only time {ratio}, GMACs "
               f"{j['joint_step']['gmacs']['step']['ratio']:.2f}x")
 PYEOF
 cat "$OUT/figures.txt"

@@ -97,9 +97,11 @@ def _args_text(config: dict, keys) -> str:
 def _gmacs_on_meta(model: torch.nn.Module, image_size: int, latent_shape) -> tuple[float, float]:
     """(encode, decode) GMACs of one image, counted on a meta-device twin of the model (no compute)."""
     from tcae_ldm.metrics.flops import count_gmacs
+    from tcae_ldm.utils.kwargs import parameter_names
 
+    args = parameter_names(type(model))  # an AutoencoderDC's config also holds the latent statistics
     with torch.device("meta"):
-        twin = type(model)(**{k: v for k, v in model.config.items() if not k.startswith("_")})
+        twin = type(model)(**{k: v for k, v in model.config.items() if k in args})
     x = torch.empty(1, 3, image_size, image_size, device="meta")
     return count_gmacs(twin.encoder, x), count_gmacs(twin.decoder, torch.empty(1, *latent_shape, device="meta"))
 

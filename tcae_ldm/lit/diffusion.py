@@ -160,7 +160,13 @@ class DiffusionModule(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         clip = gradient_clip_val or self.hparams.grad_clip
-        if clip:
+        if not clip:
+            return
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            # No loss scaling (fp32, bf16-mixed): the gradients are the true ones, so clip them as Lightning's norm
+            # clipping does. Lightning's mixed-precision plugin refuses any fused optimizer, bf16 included.
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip)
+        else:
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
 
     def training_step(self, batch, batch_idx):

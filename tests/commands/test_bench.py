@@ -266,6 +266,6 @@ def test_the_gpu_check_script_parses_and_runs_every_step():
     assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
     text = open(script).read()
     for needle in ("bench \"${BENCH[@]}\" --profile", "--joint-step", "configs/demo/tcae.yaml", "cache_latents_tcae",
-                   "configs/demo/dit_on_tcae.yaml", "tcae sample", "tcae_ldm.cli export", "--compile", "--tiny",
+                   "configs/demo/dit_on_tcae.yaml", "\"${TCAE[@]}\" sample", "export --ckpt", "--compile", "--tiny",
                    "color_on_device=true", "--trainer.precision=bf16-mixed"):
         assert needle in text, needle

@@ -90,9 +90,15 @@ def test_cache_statistics_go_into_the_config_and_a_foreign_cache_is_refused(tmp_
 
 
 def test_dc_ae_export_is_an_autoencoder_dc_folder(tmp_path):
+    from tcae_ldm.data.demo import DemoPhotosDataModule
+    from tcae_ldm.lit.caching import cache_latents
+
     module = _ema_module(TINY_DCAE)
     ckpt = _run_checkpoint(tmp_path, module, step_count=3)
-    main(["export", "--ckpt", ckpt, "--out", str(tmp_path / "dc")])
+    cache = cache_latents({"kind": "dcae", "path": ckpt}, DemoPhotosDataModule(image_size=32, train_per_class=1,
+                                                                             val_per_class=1),
+                          str(tmp_path / "latents"), accelerator="cpu")
+    main(["export", "--ckpt", ckpt, "--out", str(tmp_path / "dc"), "--cache", cache])
     # requires_grad as the EMA copy's: CPU convolutions of weights that require grad take another kernel path
     ae = AutoencoderDC.from_pretrained(tmp_path / "dc").requires_grad_(False)
     assert all(torch.equal(v, module.ema.module.state_dict()[k]) for k, v in ae.state_dict().items())
@@ -102,6 +108,8 @@ def test_dc_ae_export_is_an_autoencoder_dc_folder(tmp_path):
     card = (tmp_path / "dc" / "README.md").read_text()
     assert f"# {TINY_DCAE} (AutoencoderDC)" in card and "from diffusers import AutoencoderDC" in card
     assert "| training steps | 3 |" in card and "encoder_block_out_channels=[8, 16, 32, 32, 64]" in card
+    assert ae.config.latents_mean == read_stats(cache)[0].tolist()  # kept in the config, beside diffusers' own keys
+    assert "(8 images and their flips)" in card
 
 
 def test_a_folder_of_the_earlier_layout_is_converted(tmp_path):

@@ -18,7 +18,6 @@ import gc
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -291,16 +290,6 @@ def add_roundtrip(report: dict) -> None:
                         modes[ROUNDTRIP]["times_s"] = [a + b for a, b in zip(e["times_s"], d["times_s"])]
 
 
-def round_ratios(r: dict, base: dict) -> dict:
-    """The ratio to the reference round by round (the two were timed next to each other in each round): its median
-    and range, the spread that the ratio of the medians hides."""
-    times, ref = r.get("times_s"), base.get("times_s")
-    if not times or not ref or len(times) != len(ref):
-        return {}
-    ratios = [b / a for a, b in zip(times, ref)]
-    return {"ratio_rounds": ratios, "ratio_rounds_median": statistics.median(ratios),
-            "ratio_rounds_min": min(ratios), "ratio_rounds_max": max(ratios)}
-
 
 def add_ratios(report: dict) -> None:
     """ratio_vs_reference: a figure / the reference's same figure (same precision, mode, eager/compiled);
@@ -314,7 +303,7 @@ def add_ratios(report: dict) -> None:
                         base = (ref or {}).get(key, {}).get(prec, {}).get(mode, {})
                         r["ratio_vs_reference"] = (r["items_per_s"] / base["items_per_s"]
                                                    if "items_per_s" in r and "items_per_s" in base else None)
-                        r.update(round_ratios(r, base))
+                        r.update(timing.round_ratios(r, base))
                         if key == "compiled":
                             eager = entry.get("throughput", {}).get(prec, {}).get(mode, {})
                             r["speedup"] = (r["items_per_s"] / eager["items_per_s"]
