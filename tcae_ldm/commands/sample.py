@@ -23,7 +23,8 @@ PRECISIONS = {"fp32": "32-true", "tf32": "32-true", "bf16": "bf16-mixed"}
 
 def build_parser() -> CommandParser:
     p = CommandParser(prog=PROG, description=__doc__)
-    p.add_argument("--ckpt", required=True, help="DiffusionModule checkpoint (.ckpt) or a facebookresearch/DiT .pt")
+    p.add_argument("--ckpt", required=True, help="DiffusionModule checkpoint (.ckpt), a folder of `tcae-ldm export`, "
+                                                 "or a facebookresearch/DiT .pt")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--num", type=int, default=64, help="number of samples")
     p.add_argument("--labels", default="balanced",

@@ -18,7 +18,7 @@ from typing import Literal, TypedDict
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from tcae_ldm.metrics.flops import count_gmacs
 from tcae_ldm.models.dcae import (
@@ -29,7 +29,7 @@ from tcae_ldm.models.dcae import (
     public_config,
 )
 from tcae_ldm.models.sdvae import load_pretrained_sdvae, sdvae_latent_shape
-from tcae_ldm.models.tcae import TCAE, TCAE_PRESETS
+from tcae_ldm.models.tcae import TCAE_PRESETS, AutoencoderTC
 from tcae_ldm.utils.checkpoints import read_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -38,7 +38,7 @@ MATCH_KEYS = ("kind", "name", "config_hash", "weights_hash", "encoder_hash", "pa
 
 class _AutoencoderSource(TypedDict):
     kind: Literal["tcae", "dcae", "sdvae"]
-    path: str  # an AutoencoderModule checkpoint file, or tcae: a save_pretrained folder / dcae, sdvae: a hub id or folder
+    path: str  # an AutoencoderModule checkpoint file, or a diffusers folder (tcae-ldm export) / dcae, sdvae: a hub id
 
 
 # The optional key sits in a total=False subclass rather than under typing.NotRequired: that needs Python 3.11, and
@@ -126,6 +126,7 @@ class FrozenAutoencoder(nn.Module):
         self.model = model.eval().requires_grad_(False)
         self.name, self.path, self.config, self.dtype_name = name, path, config, dtype
         self._hashes: dict | None = None
+        self._freeze = False  # compiled by inductor: trace with frozen weights (compile_)
 
     def train(self, mode: bool = True):
         return super().train(False)  # frozen: Lightning's model.train() must not switch norms or dropout
@@ -138,13 +139,13 @@ class FrozenAutoencoder(nn.Module):
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, c, h, w) fp32."""
-        with self._autocast(x.device):
+        with self._autocast(x.device), self._graphs():
             return self._encode(x).float()
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(B, c, h, w) -> (B, 3, H, W), nominally in [-1, 1] (not clamped)."""
-        with self._autocast(z.device):
+        with self._autocast(z.device), self._graphs():
             return self._decode(z).float()
 
     def _encode(self, x):
@@ -164,6 +165,28 @@ class FrozenAutoencoder(nn.Module):
         z = torch.zeros(1, *self.latent_shape(image_size), device=device)
         return count_gmacs(self.model.encoder, x) + count_gmacs(self.model.decoder, z)
 
+    def compile_(self, spec: bool | dict = True) -> "FrozenAutoencoder":
+        """torch.compile the encoder and decoder in place (spec: True, or torch.compile kwargs; False leaves them
+        eager). Inductor freezes the weights into its graphs (constants, prepacked for the CPU's GEMM and convolution
+        kernels), which is right here: a frozen autoencoder's weights never change. Outputs agree with eager within
+        float rounding (fused kernels reorder sums); identity and spec are unchanged."""
+        if not spec:
+            return self
+        kwargs = dict(spec) if isinstance(spec, dict) else {}
+        for module in (self.model.encoder, self.model.decoder):
+            module.compile(**kwargs)
+        self._freeze = kwargs.get("backend", "inductor") == "inductor"
+        return self
+
+    def _graphs(self):
+        # Inductor freezes only what dynamo traces while its global `freezing` flag is on (a per-compile option
+        # comes too late: the weights are already graph inputs), and tracing happens at the first call.
+        if not self._freeze:
+            return contextlib.nullcontext()
+        import torch._inductor.config
+
+        return torch._inductor.config.patch(freezing=True)
+
     def identity(self) -> dict:
         """What made a latent: kind, name, path, config (+ hash), hashes of all weights and of the encoder's.
 
@@ -182,37 +205,68 @@ class FrozenAutoencoder(nn.Module):
 #                                    TC-AE                                      #
 #################################################################################
 
+LATENT_STATS = ("latents_mean", "latents_std")  # config entries that describe latents without changing them
+OLD_TCAE_WEIGHTS = "model.safetensors"  # the folder layout before AutoencoderTC (config.json: _class_name TCAE)
+
+
 def tcae_config(net: str, net_args: dict | None = None) -> dict:
-    """Full TCAE constructor kwargs of a preset + overrides (what config.json stores)."""
+    """AutoencoderTC's architecture arguments of a preset + overrides: what identifies a TC-AE (its config_hash).
+
+    Gradient checkpointing changes memory and the latent statistics describe the latents; neither changes one."""
     if net not in TCAE_PRESETS:
         raise KeyError(f"unknown TC-AE preset {net!r}")
-    defaults = {k: p.default for k, p in inspect.signature(TCAE.__init__).parameters.items() if k != "self"}
-    # Gradient checkpointing changes memory, not the function: keep it out of the identity.
+    defaults = {k: p.default for k, p in inspect.signature(AutoencoderTC.__init__).parameters.items()
+                if k != "self" and k not in LATENT_STATS}
     return {**defaults, **TCAE_PRESETS[net], **(net_args or {}), "grad_checkpointing": False}
 
 
-class TCAEAutoencoder(FrozenAutoencoder):
-    """TC-AE from an AutoencoderModule checkpoint (EMA weights when present) or a save_pretrained folder."""
+def architecture(config: dict) -> dict:
+    """The architecture arguments of a TC-AE config (config.json or AutoencoderTC.config)."""
+    return {k: v for k, v in config.items() if not k.startswith("_") and k not in LATENT_STATS}
 
-    kind = "tcae"
+
+def latent_stats(model: nn.Module) -> dict:
+    """{latents_mean, latents_std} recorded in a diffusers model's config (None where not known yet)."""
+    config = getattr(model, "config", {})
+    return {k: config.get(k) for k in LATENT_STATS}
+
+
+class DiffusersAutoencoder(FrozenAutoencoder):
+    """An autoencoder with diffusers' interface (AutoencoderTC, AutoencoderDC): encode(x).latent, decode(z).sample,
+    save_pretrained."""
 
     def _encode(self, x):
-        return self.model.encode(x)
+        return self.model.encode(x).latent
 
     def _decode(self, z):
-        return self.model.decode(z)
+        return self.model.decode(z).sample
+
+    def save_pretrained(self, path: str) -> None:
+        """config.json + diffusion_pytorch_model.safetensors, which the class's from_pretrained reads back."""
+        self.model.save_pretrained(path)
+
+
+class TCAEAutoencoder(DiffusersAutoencoder):
+    """TC-AE (AutoencoderTC) from an AutoencoderModule checkpoint (EMA weights when present) or a diffusers folder."""
+
+    kind = "tcae"
 
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
         return self.model.latent_shape(image_size)
 
     @classmethod
+    def _wrap(cls, model: AutoencoderTC, name: str, path: str, dtype: str) -> "TCAEAutoencoder":
+        model.register_to_config(_preset=name)  # save_pretrained keeps the preset's name with the weights
+        return cls(model, name, path, {**architecture(model.config), "grad_checkpointing": False}, dtype)
+
+    @classmethod
     def _build(cls, config: dict, weights: dict, name: str, path: str, dtype: str) -> "TCAEAutoencoder":
-        net = TCAE(**config)
-        missing, unexpected = net.load_state_dict(weights, strict=False)
+        model = AutoencoderTC(**config)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
         if missing or unexpected:
             raise ValueError(f"TC-AE weights in {path} do not fit {name} {config}: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
-        return cls(net, name, path, config, dtype)
+        return cls._wrap(model, name, path, dtype)
 
     @classmethod
     def from_checkpoint(cls, path: str, dtype: str = "fp32") -> "TCAEAutoencoder":
@@ -223,37 +277,37 @@ class TCAEAutoencoder(FrozenAutoencoder):
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: str = "fp32") -> "TCAEAutoencoder":
-        """A folder written by save_pretrained: config.json (TCAE kwargs) + model.safetensors."""
-        with open(os.path.join(path, "config.json")) as f:
+        """A diffusers folder (AutoencoderTC.save_pretrained, `tcae-ldm export`), or one in the layout of earlier
+        versions (config.json with _class_name TCAE + model.safetensors)."""
+        config_file = os.path.join(path, "config.json")
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"{path} has no config.json: expected a TC-AE folder written by `tcae-ldm export` "
+                                    f"or AutoencoderTC.save_pretrained")
+        with open(config_file) as f:
             config = json.load(f)
+        found = config.get("_class_name")
+        if found not in ("AutoencoderTC", "TCAE"):
+            raise ValueError(f"{config_file} describes a {found}, not a TC-AE (AutoencoderTC): load it with the kind "
+                             f"of that autoencoder ('dcae' for AutoencoderDC, 'sdvae' for AutoencoderKL)")
         name = config.get("_preset") or os.path.basename(os.path.normpath(path))
-        config = {k: v for k, v in config.items() if not k.startswith("_")}
-        weights = load_file(os.path.join(path, "model.safetensors"))
-        return cls._build(config, weights, name, _normpath(path), dtype)
-
-    def save_pretrained(self, path: str) -> None:
-        """Write config.json + model.safetensors, loadable with tcae_ldm.models.tcae alone (diffusers' layout)."""
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump({"_class_name": "TCAE", "_preset": self.name, **self.config}, f, indent=2)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
-                  os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        if found == "TCAE" and os.path.isfile(os.path.join(path, OLD_TCAE_WEIGHTS)):
+            return cls._build(architecture(config), load_file(os.path.join(path, OLD_TCAE_WEIGHTS)), name,
+                              _normpath(path), dtype)
+        try:
+            model = AutoencoderTC.from_pretrained(path, low_cpu_mem_usage=False)
+        except OSError as e:  # diffusers names the weight file it looked for
+            raise FileNotFoundError(f"{path}: {str(e).splitlines()[0]}") from None
+        return cls._wrap(model, name, _normpath(path), dtype)
 
 
 #################################################################################
 #                                    DC-AE                                      #
 #################################################################################
 
-class DCAEAutoencoder(FrozenAutoencoder):
+class DCAEAutoencoder(DiffusersAutoencoder):
     """diffusers AutoencoderDC (e.g. mit-han-lab/dc-ae-f32c32-in-1.0-diffusers), raw latents."""
 
     kind = "dcae"
-
-    def _encode(self, x):
-        return self.model.encode(x).latent
-
-    def _decode(self, z):
-        return self.model.decode(z).sample
 
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
         return dcae_latent_shape(self.model.config.latent_channels, self.model.spatial_compression_ratio, image_size)
@@ -261,7 +315,7 @@ class DCAEAutoencoder(FrozenAutoencoder):
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: str = "fp32") -> "DCAEAutoencoder":
         model = load_pretrained_dcae(name_or_path)
-        return cls(model, name_or_path, _normpath(name_or_path), public_config(model), dtype)
+        return cls(model, name_or_path, _normpath(name_or_path), architecture(model.config), dtype)
 
     @classmethod
     def from_checkpoint(cls, path: str, dtype: str = "fp32") -> "DCAEAutoencoder":
@@ -276,11 +330,7 @@ class DCAEAutoencoder(FrozenAutoencoder):
         if missing or unexpected:
             raise ValueError(f"DC-AE weights in {path} do not fit {hp['net']}: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
-        return cls(model, hp["net"], _normpath(path), public_config(model), dtype)
-
-    def save_pretrained(self, path: str) -> None:
-        """A diffusers folder (config.json + diffusion_pytorch_model.safetensors) that from_pretrained reads."""
-        self.model.save_pretrained(path)
+        return cls(model, hp["net"], _normpath(path), architecture(model.config), dtype)
 
     @classmethod
     def from_config(cls, config: dict, dtype: str = "fp32", name: str = "AutoencoderDC(config)") -> "DCAEAutoencoder":
@@ -288,7 +338,7 @@ class DCAEAutoencoder(FrozenAutoencoder):
         from diffusers import AutoencoderDC
 
         model = AutoencoderDC(**config)
-        return cls(model, name, "", public_config(model), dtype)
+        return cls(model, name, "", architecture(model.config), dtype)
 
 
 class SDVAEAutoencoder(FrozenAutoencoder):
@@ -316,14 +366,14 @@ class SDVAEAutoencoder(FrozenAutoencoder):
 #################################################################################
 
 def load_autoencoder(kind: str, path: str, dtype: str = "fp32") -> FrozenAutoencoder:
-    """kind 'tcae': checkpoint file or save_pretrained folder; 'dcae': checkpoint file, hub id or local folder;
+    """kind 'tcae': checkpoint file or diffusers folder; 'dcae': checkpoint file, hub id or local folder;
     'sdvae': hub id or local folder."""
     if kind == "tcae":
         if os.path.isdir(path):
             return TCAEAutoencoder.from_pretrained(path, dtype)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"TC-AE checkpoint or folder {path!r} does not exist (train one with "
-                                    f"`tcae-ldm fit --config configs/tcae.yaml`, or export it with save_pretrained)")
+                                    f"`tcae-ldm fit --config configs/tcae.yaml`, or export one with `tcae-ldm export`)")
         return TCAEAutoencoder.from_checkpoint(path, dtype)
     if kind == "dcae":
         if os.path.isfile(path):

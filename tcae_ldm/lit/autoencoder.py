@@ -11,6 +11,7 @@ single backward gives each optimizer exactly its own gradients and DDP sees one 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Literal
 
@@ -50,7 +51,7 @@ class AutoencoderModule(L.LightningModule):
 
     Args:
         net: preset of tcae_ldm.models.zoo: 'TC-AE-B/p8-c128' (the paper's), 'DC-AE/f32c32' (its baseline), ...
-        net_args: overrides of the preset's constructor arguments (TCAE's, or AutoencoderDC's plus `pretrained`:
+        net_args: overrides of the preset's constructor arguments (AutoencoderTC's, or AutoencoderDC's plus `pretrained`:
             a diffusers folder or Hub id whose weights initialise a DC-AE when the run starts); a key that neither
             takes fails when the config is parsed.
         image_size: side of the training images, linked from data.image_size by the CLI; sets TC-AE's token grid
@@ -200,11 +201,10 @@ class AutoencoderModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def reconstruct(self, x):
-        if self.phase == "decoder_finetune":
-            with torch.no_grad():
-                z = self.net.encode(x)
-            return self.net.decode(z), z
-        return self.net(x)
+        """(x_rec, z) through the network's tensor modules (compiled in place when `compile` is on)."""
+        with torch.no_grad() if self.phase == "decoder_finetune" else contextlib.nullcontext():
+            z = self.net.encoder(x)
+        return self.net.decoder(z), z
 
     def training_losses(self, batch, step: int):
         """The forward half of a training step: (total loss for the one backward pass, logs, GAN active)."""
@@ -299,7 +299,7 @@ class AutoencoderModule(L.LightningModule):
         if batch is None:
             return  # every file of this batch was unusable (data.skip_corrupt): the datamodule skipped it
         x = batch["image"].contiguous(memory_format=self.memory_format)
-        x_rec = self.eval_net(x)[0]
+        x_rec = self.eval_net(x).sample
         self.val_metrics.update(x, x_rec)
         if batch_idx == 0 and self.trainer.is_global_zero and not self.trainer.fast_dev_run:
             self._save_grid(x[: self.val_grid_images], x_rec[: self.val_grid_images])

@@ -6,17 +6,20 @@ they are defined, and facebookresearch/DiT's train.py checkpoints carry an argpa
 Anything else pickled in the file is refused without being unpickled.
 
     kind            what it is                                       read by
-    "diffusion"     a DiffusionModule checkpoint (tcae-ldm fit on a DiT config)      sample
+    "diffusion"     a DiffusionModule checkpoint (tcae-ldm fit on a DiT config)      sample, export
+    (a folder)      a DiT written by `tcae-ldm export`: config.json + model.safetensors (EMA weights)   sample
     "official-dit"  a facebookresearch/DiT release (DiT-XL-2-256x256.pt) or train.py checkpoint   sample
-    "autoencoder"   an AutoencoderModule checkpoint (TC-AE or DC-AE)   ae-report, diagnose
+    "autoencoder"   an AutoencoderModule checkpoint (TC-AE or DC-AE)   ae-report, diagnose, export
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import zipfile
 
 import torch
+from safetensors.torch import load_file, save_file
 
 # importing the autoencoder module registers its config dataclasses as safe to unpickle
 from tcae_ldm.lit.autoencoder import AutoencoderModule
@@ -24,8 +27,10 @@ from tcae_ldm.lit.diffusion import DiffusionModule
 from tcae_ldm.utils.checkpoints import checkpoint_damage
 
 ALLOWED_GLOBALS = [argparse.Namespace]  # facebookresearch/DiT train.py saves its args
-DIT_EXPECTED = ("a DiT checkpoint: a DiffusionModule's .ckpt (runs/.../dit_*/checkpoints/last.ckpt) or a "
-                "facebookresearch/DiT release such as DiT-XL-2-256x256.pt")
+DIT_EXPECTED = ("a DiT checkpoint: a DiffusionModule's .ckpt (runs/.../dit_*/checkpoints/last.ckpt), a folder of "
+                "`tcae-ldm export` or a facebookresearch/DiT release such as DiT-XL-2-256x256.pt")
+DIT_EXPORT_CLASS = "DiffusionModule"  # _class_name in the config.json of an exported DiT
+DIT_EXPORT_WEIGHTS = "model.safetensors"
 AUTOENCODER_EXPECTED = "an autoencoder checkpoint: an AutoencoderModule's .ckpt (runs/.../tcae/checkpoints/last.ckpt)"
 
 
@@ -86,8 +91,10 @@ def checkpoint_kind(ckpt: dict) -> tuple[str, str]:
 
 
 def load_diffusion_module(path: str, autoencoder: dict | None = None) -> DiffusionModule:
-    """The DiffusionModule of a DiT checkpoint of this project or a facebookresearch/DiT one; autoencoder: the
-    decoder of an official DiT (default: sd-vae-ft-ema)."""
+    """The DiffusionModule of a DiT checkpoint of this project, of a folder it exported or of a facebookresearch/DiT
+    checkpoint; autoencoder: the decoder of an official DiT (default: sd-vae-ft-ema)."""
+    if os.path.isdir(path):
+        return load_diffusion_export(path)
     ckpt = read_expected_checkpoint(path, DIT_EXPECTED)
     kind, what = checkpoint_kind(ckpt)
     if kind == "official-dit":
@@ -107,3 +114,50 @@ def load_autoencoder_module(path: str, **overrides) -> AutoencoderModule:
     if kind != "autoencoder":
         raise CheckpointError(f"{path} is {what}; expected {AUTOENCODER_EXPECTED}")
     return AutoencoderModule.load_from_checkpoint(path, map_location="cpu", **overrides)
+
+
+#################################################################################
+#                           A DiT exported for sampling                         #
+#################################################################################
+
+def export_diffusion_module(module: DiffusionModule, folder: str, extra: dict | None = None) -> dict:
+    """Write what sampling needs into folder: model.safetensors (the EMA weights, DiT's own keys) and config.json
+    (hyper-parameters, the latent statistics, the latent cache's metadata with its autoencoder); returns the config."""
+    runtime = ("compile", "compile_decoder", "ema_decay", "ema_warmup")  # training / machine choices, not the model's
+    hp = {k: v for k, v in module.hparams.items() if k not in runtime}
+    config = {"_class_name": DIT_EXPORT_CLASS, "hyper_parameters": hp,
+              "latents_mean": module.normalizer.mean.tolist(), "latents_std": module.normalizer.std.tolist(),
+              "latent_cache": module.cache_info, **(extra or {})}
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in module.eval_net.state_dict().items()},
+              os.path.join(folder, DIT_EXPORT_WEIGHTS), metadata={"format": "pt"})
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return config
+
+
+def load_diffusion_export(folder: str) -> DiffusionModule:
+    """The DiffusionModule of a folder written by export_diffusion_module (no EMA: its weights are the EMA's)."""
+    config_file, weights = os.path.join(folder, "config.json"), os.path.join(folder, DIT_EXPORT_WEIGHTS)
+    if not os.path.isfile(config_file) or not os.path.isfile(weights):
+        raise CheckpointError(f"{folder} is a folder without config.json and {DIT_EXPORT_WEIGHTS}; expected "
+                              f"{DIT_EXPECTED}")
+    try:
+        with open(config_file) as f:
+            config = json.load(f)
+    except ValueError as e:
+        raise CheckpointError(f"{config_file} is not valid JSON ({e}); expected {DIT_EXPECTED}") from None
+    if not isinstance(config, dict) or config.get("_class_name") != DIT_EXPORT_CLASS:
+        found = config.get("_class_name") if isinstance(config, dict) else None
+        raise CheckpointError(f"{folder} holds a {found or 'model of another kind'}, not an exported DiT; expected "
+                              f"{DIT_EXPECTED}")
+    module = DiffusionModule(**config["hyper_parameters"], ema_decay=None)
+    try:
+        module.dit.load_state_dict(load_file(weights))
+    except (RuntimeError, OSError) as e:
+        raise CheckpointError(f"{weights} does not fit {config['hyper_parameters'].get('dit')} "
+                              f"({str(e).strip().splitlines()[0][:200]})") from None
+    module.normalizer.mean.copy_(torch.tensor(config["latents_mean"]))
+    module.normalizer.std.copy_(torch.tensor(config["latents_std"]))
+    module.cache_info = config.get("latent_cache") or {}
+    return module

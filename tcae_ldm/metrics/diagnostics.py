@@ -60,7 +60,7 @@ def extract_features(net, loader, max_images: int | None = None, tokens: str = "
                 toks.append(feats[tokens].float().mean(dim=(1, 2)).cpu())  # (B, H, W, D) -> (B, D)
                 z = feats["latent"]
             else:
-                z = net.encode(x)
+                z = net.encoder(x)
             lats.append(z.float().cpu())  # (B, c, h, w)
             labels.append(y.long().cpu())
             seen += len(y)

@@ -87,9 +87,9 @@ def load_pretrained_dcae(name_or_path: str):
 
 
 class DCAE(nn.Module):
-    """AutoencoderDC's encoder and decoder with TC-AE's interface: encode, decode, forward -> (x_rec, z),
-    latent_shape and last_layer (for the adaptive GAN weight). Latents are raw (scaling_factor is not applied:
-    the latent cache normalises every autoencoder's latents the same way)."""
+    """AutoencoderDC's encoder and decoder with AutoencoderDC's encode / decode / forward (without tiling or slicing),
+    plus what training needs: latent_shape and last_layer (for the adaptive GAN weight). Latents are raw
+    (scaling_factor is not applied: the latent cache normalises every autoencoder's latents the same way)."""
 
     def __init__(self, **config):
         super().__init__()
@@ -104,15 +104,20 @@ class DCAE(nn.Module):
         """(c, h, w) of the latent of a square image of this size."""
         return dcae_latent_shape(self.config["latent_channels"], self.spatial_compression_ratio, image_size)
 
-    def encode(self, x):  # (B, 3, H, W) -> (B, c, H/f, W/f); what AutoencoderDC.encode computes without tiling
-        return self.encoder(x)
+    def encode(self, x, return_dict: bool = True):  # (B, 3, H, W) -> EncoderOutput(latent=(B, c, H/f, W/f))
+        from diffusers.models.autoencoders.vae import EncoderOutput
 
-    def decode(self, z):  # (B, c, h, w) -> (B, 3, h*f, w*f)
-        return self.decoder(z)
+        z = self.encoder(x)
+        return EncoderOutput(latent=z) if return_dict else (z,)
 
-    def forward(self, x):
-        z = self.encode(x)
-        return self.decode(z), z
+    def decode(self, z, return_dict: bool = True):  # (B, c, h, w) -> DecoderOutput(sample=(B, 3, h*f, w*f))
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        x = self.decoder(z)
+        return DecoderOutput(sample=x) if return_dict else (x,)
+
+    def forward(self, sample, return_dict: bool = True):  # the reconstruction, as AutoencoderDC's forward
+        return self.decode(self.encoder(sample), return_dict=return_dict)
 
     @property
     def last_layer(self) -> nn.Parameter:

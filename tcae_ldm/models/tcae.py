@@ -7,9 +7,15 @@ goes straight to the latent grid (the paper's "vanilla ViT" baseline, same laten
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.vae import DecoderOutput, EncoderOutput
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils.accelerate_utils import apply_forward_hook
 from einops import rearrange
 from timm.layers import Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.layers.pos_embed_sincos import freq_bands, ndgrid
@@ -170,17 +176,19 @@ class ViTStage(nn.Module):
         self.pos = PosEmbed2d(dim, grid, pos_embed)
         self.blocks = nn.ModuleList(
             [Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, qk_norm=qk_norm) for _ in range(depth)])
-        self.grad_checkpointing = grad_checkpointing
+        self.gradient_checkpointing = grad_checkpointing  # diffusers' name: enable_gradient_checkpointing() sets it
 
     def forward(self, x, prefix=None):
         """x: (B, H, W, D) grid; prefix: (B, P, D) tokens (e.g. [CLS]) that attend but have no position."""
         B, H, W, D = x.shape
-        x = rearrange(x, "b h w d -> b (h w) d") + self.pos(H, W, x.dtype, x.device)  # (B, HW, D)
+        # contiguous: a grid that arrives as a permuted view (timm's NHWC patch embedding of an NCHW convolution)
+        # would carry its D-major memory layout through every block, a copy in each LayerNorm
+        x = rearrange(x, "b h w d -> b (h w) d").contiguous() + self.pos(H, W, x.dtype, x.device)  # (B, HW, D)
         P = 0 if prefix is None else prefix.shape[1]
         if P:
             x = torch.cat([prefix, x], dim=1)  # (B, P + HW, D)
         for blk in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(blk, x, use_reentrant=False)
             else:
                 x = blk(x)
@@ -301,16 +309,32 @@ class TCAEDecoder(nn.Module):
 #                                 The autoencoder                               #
 #################################################################################
 
-class TCAE(nn.Module):
-    """TC-AE: staged-token-compression ViT autoencoder, x in [-1, 1] <-> z of shape (c, h, w)."""
+class AutoencoderTC(ModelMixin, ConfigMixin):
+    """TC-AE as a diffusers model: x in [-1, 1] (B, 3, H, W) <-> z of shape (B, c, h, w).
 
+    `encode(x).latent` and `decode(z).sample` (tuples with return_dict=False), `save_pretrained` /
+    `from_pretrained` (config.json + diffusion_pytorch_model.safetensors), as diffusers' AutoencoderDC. Latents are
+    raw; `latents_mean` / `latents_std` (per channel, set once a latent cache has measured them) normalise them for
+    a diffusion model: (z - mean) / std. Training code calls the tensor modules `encoder` and `decoder` (what
+    torch.compile, the FLOP counter and iBOT's `encoder.forward_features` see).
+    """
+
+    # grad_checkpointing recomputes the fine (high-token) stages in backward; diffusers'
+    # enable_gradient_checkpointing() recomputes every ViT stage
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
     def __init__(self, image_size: int = 256, patch_size: int = 8, latent_size: int = 8,
                  latent_channels: int = 128, width: int = 768, num_heads: int = 12, depth_fine: int = 6,
                  depth_coarse: int = 6, mlp_ratio: float = 4.0, qk_norm: bool = True, pos_embed: str = "sincos",
-                 staged: bool = True, cls_token: bool = False, grad_checkpointing: bool = False):
+                 staged: bool = True, cls_token: bool = False, grad_checkpointing: bool = False,
+                 latents_mean: list[float] | None = None, latents_std: list[float] | None = None):
         super().__init__()
         if width % num_heads:
             raise ValueError(f"width={width} is not divisible by num_heads={num_heads}")
+        for key, stats in (("latents_mean", latents_mean), ("latents_std", latents_std)):
+            if stats is not None and len(stats) != latent_channels:
+                raise ValueError(f"{key} has {len(stats)} values for {latent_channels} latent channels")
         grid, inter, final = compression_plan(image_size, patch_size, latent_size, staged)
         self.image_size, self.patch_size, self.latent_size = image_size, patch_size, latent_size
         self.latent_channels, self.staged, self.grid, self.width = latent_channels, staged, grid, width
@@ -342,20 +366,41 @@ class TCAE(nn.Module):
         size = image_size or self.image_size
         return self.latent_channels, size * self.latent_size // self.image_size, size * self.latent_size // self.image_size
 
-    def encode(self, x):  # (B, 3, H, W) -> (B, c, h, w)
-        return self.encoder(x)
+    @apply_forward_hook
+    def encode(self, x: torch.Tensor, return_dict: bool = True) -> EncoderOutput | tuple[torch.Tensor]:
+        """(B, 3, H, W) -> EncoderOutput(latent=(B, c, h, w)), or (latent,) with return_dict=False."""
+        z = self.encoder(x)
+        return EncoderOutput(latent=z) if return_dict else (z,)
 
-    def decode(self, z):  # (B, c, h, w) -> (B, 3, H, W)
-        return self.decoder(z)
+    @apply_forward_hook
+    def decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple[torch.Tensor]:
+        """(B, c, h, w) -> DecoderOutput(sample=(B, 3, H, W)), or (sample,) with return_dict=False."""
+        x = self.decoder(z)
+        return DecoderOutput(sample=x) if return_dict else (x,)
 
-    def forward(self, x):
-        z = self.encode(x)
-        return self.decode(z), z
+    def forward(self, sample: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple[torch.Tensor]:
+        """The reconstruction of sample (B, 3, H, W), as AutoencoderDC's forward."""
+        x = self.decoder(self.encoder(sample))
+        return DecoderOutput(sample=x) if return_dict else (x,)
 
     @property
     def last_layer(self) -> nn.Parameter:
         """Weight whose gradient norms set the adaptive GAN weight."""
         return self.decoder.last_layer
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' from_pretrained; a folder in the layout of earlier versions gets the command that converts it."""
+        folder = os.fspath(pretrained_model_name_or_path)
+        if os.path.isfile(os.path.join(folder, "model.safetensors")) and not os.path.isfile(
+                os.path.join(folder, "diffusion_pytorch_model.safetensors")):
+            raise OSError(f"{folder} holds a TC-AE in the layout of earlier versions (model.safetensors): convert it "
+                          f"with `tcae-ldm export --ckpt {folder} --out NEW_FOLDER` (load_autoencoder('tcae', ...) "
+                          f"also reads it as it is)")
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+
+TCAE = AutoencoderTC  # the name of earlier versions (checkpoints and configs record presets, not this name)
 
 
 #################################################################################
@@ -376,9 +421,9 @@ TCAE_PRESETS = {
 }
 
 
-def create_tcae(name: str, **overrides) -> TCAE:
-    """Build a TC-AE preset by name; keyword arguments override any TCAE argument."""
+def create_tcae(name: str, **overrides) -> AutoencoderTC:
+    """Build a TC-AE preset by name; keyword arguments override any AutoencoderTC argument."""
     if name not in TCAE_PRESETS:
         raise KeyError(f"unknown TC-AE preset {name!r}; known sizes {sorted(TCAE_SIZES)}, "
                        f"patch sizes 4/8/16/32, channels 16/32/64/128/256, e.g. 'TC-AE-B/p8-c128'")
-    return TCAE(**{**TCAE_PRESETS[name], **overrides})
+    return AutoencoderTC(**{**TCAE_PRESETS[name], **overrides})

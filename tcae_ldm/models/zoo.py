@@ -1,14 +1,15 @@
 """Every trainable autoencoder by preset name: TC-AE presets ('TC-AE-B/p8-c128') and DC-AE presets ('DC-AE/f32c32').
 
-Both families share one interface (encode, decode, forward -> (x_rec, z), latent_shape, last_layer), which is all
-AutoencoderModule and the frozen-autoencoder loaders rely on.
+Both families share one interface, which is all AutoencoderModule and the frozen-autoencoder loaders rely on: the
+tensor modules `encoder(x) -> z` and `decoder(z) -> x` (what training, torch.compile and the FLOP counter call),
+diffusers' `encode(x).latent`, `decode(z).sample` and `forward(x).sample`, `latent_shape` and `last_layer`.
 """
 from __future__ import annotations
 
 import torch.nn as nn
 
 from tcae_ldm.models.dcae import DCAE_PRESETS, create_dcae
-from tcae_ldm.models.tcae import TCAE, TCAE_PRESETS, create_tcae
+from tcae_ldm.models.tcae import TCAE_PRESETS, AutoencoderTC, create_tcae
 from tcae_ldm.utils.kwargs import parameter_names
 
 
@@ -25,14 +26,14 @@ def autoencoder_family(name: str) -> str:
 def constructor_args(family: str) -> set[str]:
     """The keyword arguments a family's presets take as overrides."""
     if family == "tcae":
-        return parameter_names(TCAE)
+        return parameter_names(AutoencoderTC)
     from diffusers import AutoencoderDC
 
     return parameter_names(AutoencoderDC) | {"pretrained"}
 
 
 def create_autoencoder(name: str, **args) -> nn.Module:
-    """Build a preset; args override its constructor arguments (TCAE kwargs, or AutoencoderDC kwargs plus
+    """Build a preset; args override its constructor arguments (AutoencoderTC kwargs, or AutoencoderDC kwargs plus
     `pretrained` for DC-AE)."""
     family = autoencoder_family(name)
     unknown = sorted(set(args) - constructor_args(family))

@@ -103,7 +103,7 @@ def test_peak_table_by_device_name():
 
 def test_checkpointing_variant_and_mode_selection():
     net = cases.build_autoencoder("TC-AE-T/p4-c16:ckpt", 32, 16)
-    assert net.module.encoder.fine.grad_checkpointing and net.latent_shape == (16, 2, 2)
+    assert net.module.encoder.fine.gradient_checkpointing and net.latent_shape == (16, 2, 2)
     with pytest.raises(ValueError, match="unknown variant 'fast'"):
         cases.build_autoencoder("TC-AE-T/p4-c16:fast", 32, 16)
     with pytest.raises(ValueError, match="unknown variant 'vanilla'"):
@@ -219,3 +219,53 @@ def test_timing_reports_progress_after_the_warm_up_and_each_round():
     timing.time_interleaved(cases, repeats=3, device=torch.device("cpu"), progress=lines.append)
     assert lines[0].startswith("warmed up 2 of 2 cases in 0:0")
     assert [ln.split(" |")[0] for ln in lines[1:]] == ["timed 1/3 rounds (33%)", "timed 2/3 rounds (67%)"]
+
+
+def test_profile_ratio_spread_and_threads(tmp_path):
+    """--profile: each network's encode + decode by op category and its slowest ops; the enc+dec ratio also round by
+    round (median and range); --threads sets torch's intra-op pool for the run."""
+    from tcae_ldm.commands.bench import profiling
+
+    threads = torch.get_num_threads()
+    try:
+        report = bench.main(["--tiny", "--repeats", "3", "--device", "cpu", "--modes", "encode,decode",
+                             "--dits", "DiT-T/1", "--skip-jpeg", "--profile", "--profile-top", "4", "--threads", "1",
+                             "--out", str(tmp_path / "b.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert report["env"]["torch_threads"] == 1
+    for name, e in report["autoencoders"].items():
+        p = e["profile"]["eager"]
+        assert len(p["top"]) == 4 and p["top"][0]["self_ms"] >= p["top"][-1]["self_ms"] > 0
+        assert sum(p["categories"].values()) == pytest.approx(p["total_ms"])
+        assert ("matmul" if name.startswith("TC-AE") else "convolution") in p["categories"]
+        rt = e["throughput"]["fp32"]["encode+decode"]
+        ref = report["autoencoders"]["DC-AE-T/f16c16"]["throughput"]["fp32"]["encode+decode"]["times_s"]
+        assert rt["ratio_rounds"] == pytest.approx([b / a for a, b in zip(rt["times_s"], ref)])
+        assert rt["ratio_rounds_min"] <= rt["ratio_rounds_median"] <= rt["ratio_rounds_max"]
+    assert "attention" in report["autoencoders"]["TC-AE-T/p4-c16"]["profile"]["eager"]["categories"]
+    text = bench.tables(report)
+    assert "Profile of one encode + decode, ms of self time by op category" in text
+    assert "TC-AE-T/p4-c16: slowest ops" in text and "DC-AE-T/f16c16: slowest ops" in text
+    row = next(line for line in text.splitlines() if line.startswith("DC-AE-T/f16c16") and "fp32" in line)
+    assert "(1.00x, 1.00-1.00)" in row  # the reference against itself, every round
+    assert profiling.category("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert profiling.category("aten::addmm") == "matmul" and profiling.category("aten::add") == "elementwise"
+    assert profiling.category("aten::native_layer_norm") == "normalisation"
+
+
+def test_the_gpu_check_script_parses_and_runs_every_step():
+    """scripts/gpu_check.sh is valid bash; its steps are the bench (with profiles), the joint step, both modules'
+    DDP training, the cache, sample, export and the compiled bench (its --tiny mode runs them all on a CPU)."""
+    import os
+    import subprocess
+
+    from tests.tiny import REPO
+
+    script = os.path.join(REPO, "scripts", "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
+    text = open(script).read()
+    for needle in ("bench \"${BENCH[@]}\" --profile", "--joint-step", "configs/demo/tcae.yaml", "cache_latents_tcae",
+                   "configs/demo/dit_on_tcae.yaml", "\"${TCAE[@]}\" sample", "export --ckpt", "--compile", "--tiny",
+                   "color_on_device=true", "--trainer.precision=bf16-mixed"):
+        assert needle in text, needle

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import save_file
 
 from tcae_ldm.latents.frozen import (
     DCAEAutoencoder,
@@ -14,7 +14,7 @@ from tcae_ldm.latents.frozen import (
     load_autoencoder,
     tcae_config,
 )
-from tcae_ldm.models.tcae import TCAE
+from tcae_ldm.models.tcae import AutoencoderTC
 
 NET, NET_ARGS = "TC-AE-T/p4-c16", {"image_size": 32, "latent_size": 4}
 
@@ -54,8 +54,8 @@ def test_checkpoint_loads_ema_weights_frozen(module_checkpoint):
     ae = load_autoencoder("tcae", path)
     assert isinstance(ae, TCAEAutoencoder) and ae.name == NET
     x = images()
-    torch.testing.assert_close(ae.encode(x), module.ema.module.encode(x))
-    assert not torch.allclose(ae.encode(x), module.net.encode(x))
+    torch.testing.assert_close(ae.encode(x), module.ema.module.encode(x).latent)
+    assert not torch.allclose(ae.encode(x), module.net.encode(x).latent)
     assert ae.latent_shape(32) == (16, 4, 4) == tuple(ae.encode(x).shape[1:])
     ae.train()
     assert not ae.training and not ae.model.training  # Lightning's .train() does not unfreeze it
@@ -65,26 +65,62 @@ def test_checkpoint_loads_ema_weights_frozen(module_checkpoint):
     state = torch.load(path, weights_only=False)  # without EMA the online weights are used
     state["state_dict"] = {k: v for k, v in state["state_dict"].items() if not k.startswith("ema.")}
     torch.save(state, path)
-    torch.testing.assert_close(load_autoencoder("tcae", path).encode(x), module.net.encode(x))
+    torch.testing.assert_close(load_autoencoder("tcae", path).encode(x), module.net.encode(x).latent)
 
 
 def test_save_pretrained_round_trip(module_checkpoint, tmp_path):
     ae = load_autoencoder("tcae", module_checkpoint[0])
     ae.save_pretrained(tmp_path / "export")
-    assert sorted(os.listdir(tmp_path / "export")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "export")) == ["config.json", "diffusion_pytorch_model.safetensors"]
     back = load_autoencoder("tcae", str(tmp_path / "export"))
     x = images()
     assert torch.equal(back.encode(x), ae.encode(x)) and torch.equal(back.decode(ae.encode(x)), ae.decode(ae.encode(x)))
     same = {k: v for k, v in ae.identity().items() if k != "path"}
     assert {k: v for k, v in back.identity().items() if k != "path"} == same and back.name == NET
 
-    # The folder needs only the network definition: TCAE(**config) + the safetensors weights.
+    # The folder is a plain diffusers model: AutoencoderTC.from_pretrained alone reads it.
     with open(tmp_path / "export" / "config.json") as f:
-        config = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
-    assert config == tcae_config(NET, NET_ARGS)
-    net = TCAE(**config)
-    net.load_state_dict(load_file(tmp_path / "export" / "model.safetensors"))
-    assert torch.equal(net.eval().encode(x), ae.encode(x))
+        config = json.load(f)
+    assert config["_class_name"] == "AutoencoderTC" and config["_preset"] == NET
+    assert {k: v for k, v in config.items() if not k.startswith("_") and not k.startswith("latents_")} == \
+        tcae_config(NET, NET_ARGS)
+    net = AutoencoderTC.from_pretrained(tmp_path / "export")
+    with torch.no_grad():
+        assert torch.equal(net.encode(x).latent, ae.encode(x))
+
+
+def _old_layout_folder(ae, path):
+    """A folder as save_pretrained wrote it before AutoencoderTC: config.json (_class_name TCAE) + model.safetensors."""
+    os.makedirs(path)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"_class_name": "TCAE", "_preset": ae.name, **ae.config}, f, indent=2)
+    save_file({k: v.contiguous() for k, v in ae.model.state_dict().items()}, os.path.join(path, "model.safetensors"),
+              metadata={"format": "pt"})
+    return str(path)
+
+
+def test_folders_of_the_earlier_layout_still_load(module_checkpoint, tmp_path):
+    ae = load_autoencoder("tcae", module_checkpoint[0])
+    old = _old_layout_folder(ae, tmp_path / "old")
+    back = load_autoencoder("tcae", old)
+    x = images()
+    assert torch.equal(back.encode(x), ae.encode(x)) and back.name == NET
+    assert back.identity()["config_hash"] == ae.identity()["config_hash"]
+    with pytest.raises(OSError, match=f"convert it with `tcae-ldm export --ckpt {old} --out NEW_FOLDER`"):
+        AutoencoderTC.from_pretrained(old)
+
+
+def test_folders_that_are_not_a_tc_ae_are_one_line(tmp_path):
+    DCAEAutoencoder.from_config(TINY_DCAE).save_pretrained(tmp_path / "dcae")
+    with pytest.raises(ValueError, match="describes a AutoencoderDC, not a TC-AE .*'dcae' for AutoencoderDC"):
+        load_autoencoder("tcae", str(tmp_path / "dcae"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no config.json: expected a TC-AE folder written by `tcae-ldm export`"):
+        load_autoencoder("tcae", str(tmp_path / "empty"))
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderTC"}))
+    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model"):
+        load_autoencoder("tcae", str(tmp_path / "noweights"))
 
 
 def test_bf16_autocast_returns_fp32(module_checkpoint):

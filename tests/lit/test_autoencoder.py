@@ -158,11 +158,11 @@ def test_decoder_finetune_freezes_the_encoder_and_its_latents(tmp_path):
     enc = {k: v.clone() for k, v in start.encoder.state_dict().items()}
     dec = {k: v.clone() for k, v in start.decoder.state_dict().items()}
     with torch.no_grad():
-        z0 = start.encode(x)
+        z0 = start.encode(x).latent
     tiny_trainer(str(tmp_path / "ft")).fit(ft, tiny_data())
     assert all(torch.equal(v, ft.net.encoder.state_dict()[k]) for k, v in enc.items())
     with torch.no_grad():
-        assert torch.equal(z0, ft.net.encode(x))
+        assert torch.equal(z0, ft.net.encode(x).latent)
     assert any(not torch.equal(v, ft.net.decoder.state_dict()[k]) for k, v in dec.items())
 
 
@@ -292,14 +292,14 @@ def test_joint_checkpoint_rebuilds_its_encoder_with_the_cls_token(tmp_path):
     frozen = TCAEAutoencoder.from_checkpoint(ckpt)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
-        assert torch.equal(frozen.encode(x), joint.eval_net.encode(x))
+        assert torch.equal(frozen.encode(x), joint.eval_net.encode(x).latent)
     with pytest.raises(ValueError, match="cls_token: true"):
         tiny_module(phase="decoder_finetune", init_from=ckpt, ema_decay=None).setup("fit")
     ft = tiny_module(phase="decoder_finetune", init_from=ckpt, ema_decay=None,
                  net_args={"image_size": 32, "latent_size": 2, "cls_token": True})
     ft.setup("fit")
     with torch.no_grad():
-        assert torch.equal(ft.net.encode(x), joint.eval_net.encode(x))
+        assert torch.equal(ft.net.encode(x).latent, joint.eval_net.encode(x).latent)
 
 
 def _read_metrics(path):
@@ -331,7 +331,7 @@ def test_module_trains_a_dcae_whose_checkpoint_loads_frozen(tmp_path):
     assert frozen.latent_shape(32) == (16, 2, 2)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(frozen.encode(x), module.eval_net.eval().encode(x))  # the EMA weights, as validation
+        assert torch.equal(frozen.encode(x), module.eval_net.eval().encode(x).latent)  # the EMA weights, as validation
     assert frozen.gmacs(32) > 0
     with pytest.raises(ValueError, match="holds a DC-AE-T/f16c16 autoencoder, not a tcae one: load it with kind 'dcae'"):
         load_autoencoder("tcae", ckpt)

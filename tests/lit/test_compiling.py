@@ -19,12 +19,13 @@ def test_compile_in_place_keeps_state_dict_keys_and_outputs():
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     keys = list(net.state_dict())
     with torch.no_grad():
-        ref_rec, ref_z = net(x)
+        ref_rec, ref_z = net(x).sample, net.encode(x).latent
     assert all(k.startswith("_orig_mod.") for k in torch.compile(net).state_dict())  # why a wrapper is avoided
-    net.compile()  # nn.Module.compile: in place, forward compiled on first call
+    net.encoder.compile()  # nn.Module.compile: in place, forward compiled on first call
+    net.decoder.compile()
     assert list(net.state_dict()) == keys
     with torch.no_grad():
-        rec, z = net(x)
+        rec, z = net(x).sample, net.encode(x).latent
     torch.testing.assert_close(z, ref_z, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(rec, ref_rec, rtol=1e-4, atol=1e-5)
 
@@ -77,3 +78,35 @@ def test_channels_last_trains_the_same_function(tmp_path):
     for k, v in results[0].items():
         torch.testing.assert_close(results[1][k], v, rtol=1e-3, atol=1e-4, msg=k)
 
+
+
+def test_inference_paths_compile_the_frozen_autoencoder(tmp_path, monkeypatch):
+    """The cache's encoder and the decoder of DiT samples compile by a config switch, with the same outputs; with
+    inductor (the default backend) the weights are frozen into the graphs."""
+    from tcae_ldm.latents.frozen import load_autoencoder
+    from tcae_ldm.lit.caching import LatentCacheModule
+    from tests.tiny import tiny_tcae_checkpoint
+
+    ckpt = tiny_tcae_checkpoint(tmp_path / "ae.ckpt")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    eager = load_autoencoder("tcae", ckpt)
+    cache = LatentCacheModule({"kind": "tcae", "path": ckpt}, compile=EAGER_BACKEND)
+    cache.configure_model()
+    assert _compiled(cache.autoencoder.model.encoder) and _compiled(cache.autoencoder.model.decoder)
+    assert torch.equal(cache.autoencoder.encode(x), eager.encode(x))
+    dit = DiffusionModule(dit="DiT-T/1", latent_shape=(16, 4, 4), num_classes=8, compile_decoder=EAGER_BACKEND)
+    dit.set_decoder({"kind": "tcae", "path": ckpt})
+    z = eager.encode(x)
+    assert _compiled(dit.autoencoder.model.decoder) and torch.equal(dit.autoencoder.decode(z), eager.decode(z))
+    assert not _compiled(load_autoencoder("tcae", ckpt).compile_(False).model.encoder)
+
+    # inductor (the default backend) traces with its freezing flag on: the weights become constants of the graph
+    import torch._inductor.config as inductor_config
+
+    flags = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: setattr(self, "forward", lambda t: (
+        flags.append(inductor_config.freezing), t)[1]))
+    ae = load_autoencoder("tcae", ckpt).compile_(True)
+    ae.encode(x)
+    ae.decode(z)
+    assert flags == [True, True] and not inductor_config.freezing  # only while the calls run

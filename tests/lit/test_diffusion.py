@@ -106,3 +106,24 @@ def test_ddpm_objective_with_learned_sigma_trains_and_samples(runs, tmp_path, mo
     assert torch.equal(module.sample(torch.tensor([0, 5]), seed=1, decode=False, cfg_scale=2.0), z)  # seeded
     with pytest.raises(ValueError, match="sampler 'euler' does not fit the ddpm objective"):
         module.sample(torch.tensor([0]), sampler="euler")
+
+
+def test_bf16_mixed_clips_gradients_with_a_fused_optimizer(runs, tmp_path, monkeypatch):
+    """Lightning's mixed-precision plugin refuses gradient clipping for any fused optimizer, bf16 included (where no
+    loss scaling happens); the module then clips the true gradients itself, as Lightning's norm clipping does."""
+    from types import SimpleNamespace
+
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", DEMO, f"--data.cache_dir={runs['cache']}", "--data.expect_image_size=32",  # fused, clip 1
+          "--data.expect_autoencoder.name=TC-AE-T/p4-c16", f"--data.expect_autoencoder.path={runs['ae']}",
+          "--data.global_batch_size=8", "--model.dit=DiT-T/1", "--model.sample_every_n_steps=0", callbacks_arg(),
+          "--trainer.precision=bf16-mixed", "--trainer.max_steps=2"])
+    assert (tmp_path / "runs" / "demo" / "dit_tcae" / "checkpoints" / "last.ckpt").is_file()
+
+    module = DiffusionModule(dit="DiT-T/1", latent_shape=(16, 4, 4), num_classes=8, grad_clip=0.5)
+    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=None))
+    params = list(module.dit.parameters())
+    for p in params:
+        p.grad = torch.ones_like(p)
+    module.configure_gradient_clipping(torch.optim.AdamW(params, fused=True))
+    assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item() == pytest.approx(0.5, rel=1e-5)

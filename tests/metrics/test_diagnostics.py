@@ -89,7 +89,7 @@ def test_extract_features_shapes_and_mode():
     assert torch.equal(f["labels"], torch.arange(8).repeat_interleave(2))
     assert net.training  # restored
     with torch.no_grad():
-        z = net.eval().encode(next(iter(loader))["image"])
+        z = net.eval().encode(next(iter(loader))["image"]).latent
     assert torch.allclose(f["latent_grid"][:5], z, atol=1e-6)
     coarse = extract_features(net, loader, max_images=7, tokens="coarse")
     assert coarse["tokens"].shape == (7, 32) and len(coarse["labels"]) == 7

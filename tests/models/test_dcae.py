@@ -13,7 +13,7 @@ from tests.tiny import TINY_DCAE
 def test_presets_give_the_papers_latent_shapes():
     net = create_autoencoder("DC-AE-S/f16c32")
     x = torch.randn(2, 3, 64, 64)
-    x_rec, z = net(x)
+    x_rec, z = net(x).sample, net.encode(x).latent
     assert z.shape == (2, 32, 4, 4) and x_rec.shape == x.shape
     assert net.latent_shape(64) == (32, 4, 4)
     with torch.device("meta"):
@@ -33,9 +33,10 @@ def test_state_dict_and_maths_are_autoencoder_dc():
     net.eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        z = net.encode(x)
-        assert torch.equal(z, ref.encode(x).latent)
-        assert torch.equal(net.decode(z), ref.decode(z).sample)
+        z = net.encode(x).latent
+        assert torch.equal(z, ref.encode(x).latent) and torch.equal(net.encoder(x), z)
+        assert torch.equal(net.decode(z).sample, ref.decode(z).sample)
+        assert torch.equal(net(x).sample, ref(x).sample) and net.encode(x, return_dict=False)[0].shape == z.shape
         assert torch.equal(net.to_diffusers().eval().encode(x).latent, z)
     assert net.last_layer is net.decoder.conv_out.conv.weight       # pixel-shuffle output block at f16
 

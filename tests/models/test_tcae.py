@@ -23,7 +23,7 @@ def test_every_patch_size_gives_the_same_8x8_latent(p, staged):
     assert feats["fine"].shape == (2, fine, fine, 768)
     assert feats["coarse"].shape == (2, coarse, coarse, 768)
     assert feats["latent"].shape == (2, 128, 8, 8)
-    assert net.decode(feats["latent"]).shape == (2, 3, 256, 256)
+    assert net.decode(feats["latent"]).sample.shape == (2, 3, 256, 256)
     assert net.latent_shape(256) == (128, 8, 8)
 
 
@@ -69,7 +69,7 @@ def test_round_trip_shapes_and_gradients(tiny_net_args):
     torch.manual_seed(0)
     net = create_tcae("TC-AE-T/p4-c16", **tiny_net_args)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    x_rec, z = net(x)
+    x_rec, z = net(x).sample, net.encode(x).latent
     assert z.shape == (2, 16, 2, 2) and x_rec.shape == x.shape
     x_rec.square().mean().backward()
     assert all(p.grad is not None for n, p in net.named_parameters() if "mask_token" not in n)
@@ -99,7 +99,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_net_args):
     b.load_state_dict(a.state_dict())
     x = torch.randn(2, 3, 32, 32)
     for m in (a, b):
-        m(x)[0].square().mean().backward()
+        m(x).sample.square().mean().backward()
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         if pa.grad is not None:
             assert torch.allclose(pa.grad, pb.grad, atol=1e-6), n
@@ -171,3 +171,43 @@ def test_masks_on_the_coarse_grid_cover_whole_coarse_tokens(tiny_net_args):
     assert net.encoder.stage_norm("coarse") is net.encoder.to_latent.norm
     with pytest.raises(ValueError, match="a 3x3 mask does not tile the 8x8 patch grid"):
         net.encoder.forward_features(x, mask=torch.zeros(2, 3, 3, dtype=torch.bool))
+
+
+def test_a_diffusers_model_round_trip(tmp_path, tiny_net_args):
+    """AutoencoderTC is a diffusers ModelMixin: encode(x).latent, decode(z).sample (tuples with return_dict=False),
+    its constructor arguments in config.json, and from_pretrained gives back bitwise-equal outputs."""
+    from diffusers import ModelMixin
+
+    from tcae_ldm import AutoencoderTC
+
+    torch.manual_seed(0)
+    net = create_tcae("TC-AE-T/p4-c16", cls_token=True, latents_mean=[0.5] * 16, latents_std=[2.0] * 16,
+                      **tiny_net_args).eval()
+    assert isinstance(net, AutoencoderTC) and isinstance(net, ModelMixin)
+    assert net.config.width == 32 and net.config.latent_channels == 16 and net.config.latents_std == [2.0] * 16
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        z = net.encode(x).latent
+        assert torch.equal(net.encode(x, return_dict=False)[0], z) and torch.equal(net.encoder(x), z)
+        rec = net.decode(z).sample
+        assert torch.equal(net.decode(z, return_dict=False)[0], rec) and torch.equal(net(x).sample, rec)
+    net.save_pretrained(tmp_path / "tc")
+    assert sorted(p.name for p in (tmp_path / "tc").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    back = AutoencoderTC.from_pretrained(tmp_path / "tc")
+    public = lambda m: {k: v for k, v in m.config.items() if not k.startswith("_")}  # noqa: E731
+    assert not back.training and public(back) == public(net)
+    with torch.no_grad():
+        assert torch.equal(back.encode(x).latent, z) and torch.equal(back.decode(z).sample, rec)
+
+
+def test_latent_statistics_must_match_the_channels(tiny_net_args):
+    with pytest.raises(ValueError, match="latents_mean has 3 values for 16 latent channels"):
+        create_tcae("TC-AE-T/p4-c16", latents_mean=[0.0] * 3, **tiny_net_args)
+
+
+def test_diffusers_gradient_checkpointing_switch(tiny_net_args):
+    net = create_tcae("TC-AE-T/p4-c16", **tiny_net_args)
+    net.enable_gradient_checkpointing()
+    assert net.encoder.fine.gradient_checkpointing and net.decoder.coarse.gradient_checkpointing
+    net.disable_gradient_checkpointing()
+    assert not net.encoder.fine.gradient_checkpointing

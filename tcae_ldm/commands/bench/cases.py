@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._inductor import config as inductor_config
 
 from tcae_ldm.commands.bench.timing import time_passes
 from tcae_ldm.data.demo import DemoPhotosDataModule
@@ -72,11 +73,11 @@ def build_autoencoder(name: str, image_size: int, factor: int) -> Net:
         return Net(name, net.module, net.encode, net.decode, net.latent_shape, channels_last=True)
     if is_dcae(preset):
         m = create_dcae(preset)
-        return Net(name, m, m.encode, m.decode, m.latent_shape(image_size))
+        return Net(name, m, m.encoder, m.decoder, m.latent_shape(image_size))
     if image_size % factor:
         raise ValueError(f"image_size={image_size} is not divisible by the latent downsampling factor {factor}")
     net = create_tcae(preset, image_size=image_size, latent_size=image_size // factor, **TCAE_VARIANTS[variant])
-    return Net(name, net, net.encode, net.decode, net.latent_shape(image_size))
+    return Net(name, net, net.encoder, net.decoder, net.latent_shape(image_size))
 
 
 def compiled_twin(net: Net) -> Net:
@@ -90,7 +91,20 @@ def compiled_twin(net: Net) -> Net:
     # default of 8 would silently fall back to eager in a run with several TC-AEs and precisions.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     m = net.module
-    return Net(net.name, m, torch.compile(m.encoder), torch.compile(m.decoder), net.latent_shape)
+    return Net(net.name, m, _frozen_when_no_grad(torch.compile(m.encoder)),
+               _frozen_when_no_grad(torch.compile(m.decoder)), net.latent_shape, net.channels_last)
+
+
+def _frozen_when_no_grad(fn: Callable) -> Callable:
+    """Inference calls (no grad) trace with frozen weights, as an inference deployment compiles: constants, prepacked
+    for the CPU's GEMM / convolution kernels (inductor freezes only what dynamo traces under its global flag). The
+    timings do not depend on the weights' values, so training steps between the inference groups do not matter."""
+    def call(x):
+        if torch.is_grad_enabled():
+            return fn(x)
+        with inductor_config.patch(freezing=True):
+            return fn(x)
+    return call
 
 
 def autoencoder_cost(name: str, image_size: int, factor: int) -> dict:

@@ -5,6 +5,8 @@ that feed them; prints tables and writes one JSON file.
     tcae-ldm bench --precisions bf16 --repeats 5 --out runs/bench.json
     tcae-ldm bench --tiny --repeats 2                 # tiny presets (tests, smoke runs)
     tcae-ldm bench --joint-step                       # one joint TC-AE + iBOT training step, pass by pass
+    tcae-ldm bench --autoencoders TC-AE-B/p8-c128,DC-AE/f32c32 --image-size 256 --modes encode,decode \
+        --precisions fp32 --repeats 5 --threads 1 --profile   # the paper's pair, with per-op profiles
 
 Every speed is also given as a ratio to DC-AE's figure measured in the same run (same precision, same
 batch, rounds interleaved, medians), because absolute numbers on a shared machine mean little.
@@ -23,7 +25,7 @@ import time
 import torch
 
 from tcae_ldm.commands import CommandParser
-from tcae_ldm.commands.bench import cases, joint, timing
+from tcae_ldm.commands.bench import cases, joint, profiling, timing
 from tcae_ldm.commands.bench.pipelines import bench_jpeg_pipelines
 from tcae_ldm.commands.bench.tables import joint_tables, tables
 from tcae_ldm.models.dit import DIT_PRESETS
@@ -74,7 +76,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jpeg-config", default="configs/tcae.yaml", help="training config whose transforms are timed")
     p.add_argument("--jpeg-cache-config", default="configs/cache_latents_tcae.yaml", help="latent-cache config")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed MFU of the GPU step the JPEG workers feed")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile'd networks (speed-up column)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile'd networks (speed-up column; inference graphs frozen: weights as "
+                        "constants, prepacked for the CPU's GEMM and convolution kernels)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timing, profile one encode + decode of every autoencoder (torch.profiler): time "
+                        "per op category (matmul, attention, convolution, normalisation, activation, copies, ...) "
+                        "and the slowest ops")
+    p.add_argument("--profile-top", type=int, default=12, help="ops listed per network by --profile")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op CPU threads (torch.set_num_threads; default: torch's, one per core). On a CPU shared "
+                        "with other jobs, 1 avoids OpenMP threads spinning at every op's barrier while another "
+                        "process holds a core")
     p.add_argument("--tiny", action="store_true", help="tiny presets at 32x32 (tests, smoke runs)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--joint-step", action="store_true",
@@ -89,6 +102,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     machine = "cuda" if args.device.type == "cuda" else "cpu"
     defaults = {**PROFILES[machine], **(PROFILES["tiny"] if args.tiny else {})}
+    if machine == "cpu" and not args.tiny and cpu_has_native_bf16():
+        defaults["precisions"] = ["fp32", "bf16"]  # AMX / AVX512-BF16: bf16 autocast runs on real kernels
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -209,6 +228,16 @@ def bench_autoencoders(args, report: dict, factor: int) -> None:
                 c.result["mfu"] = _mfu(3 * g["total"] if mode == "train" else g[mode], c.result, peak)
                 key = "throughput" if variant == "eager" else "compiled"
                 entry.setdefault(key, {}).setdefault(prec, {})[mode] = c.result
+    if args.profile:
+        prec = args.precisions[0]
+        for (variant, name), net in twins.items():
+            log(f"profile: {variant} {name} encode + decode {prec}")
+            try:
+                found = profiling.profile_autoencoder(net, args.batch_size, args.image_size, dev, prec,
+                                                      args.profile_top)
+            except Exception as e:  # a profiler that fails on this machine costs the profile, not the run
+                found = {"error": timing.describe_error(e)}
+            report["autoencoders"][name].setdefault("profile", {})[variant] = found
     del nets, opts, twins
     _free(dev)
 
@@ -249,13 +278,17 @@ def bench_dits(args, report: dict) -> None:
 
 
 def add_roundtrip(report: dict) -> None:
-    """encode+decode images/s = 1 / (1/encode + 1/decode), from the two timed modes (the paper's cost unit)."""
+    """encode+decode images/s = 1 / (1/encode + 1/decode), from the two timed modes (the paper's cost unit); its
+    per-round times are round r's encode + decode."""
     for entry in report["autoencoders"].values():
         for key in ("throughput", "compiled"):
             for modes in entry.get(key, {}).values():
-                e, d = (modes.get(m, {}).get("items_per_s") for m in ("encode", "decode"))
-                if e and d:
-                    modes[ROUNDTRIP] = {"items_per_s": 1.0 / (1.0 / e + 1.0 / d)}
+                e, d = (modes.get(m, {}) for m in ("encode", "decode"))
+                if e.get("items_per_s") and d.get("items_per_s"):
+                    modes[ROUNDTRIP] = {"items_per_s": 1.0 / (1.0 / e["items_per_s"] + 1.0 / d["items_per_s"])}
+                    if len(e["times_s"]) == len(d["times_s"]):
+                        modes[ROUNDTRIP]["times_s"] = [a + b for a, b in zip(e["times_s"], d["times_s"])]
+
 
 
 def add_ratios(report: dict) -> None:
@@ -270,6 +303,7 @@ def add_ratios(report: dict) -> None:
                         base = (ref or {}).get(key, {}).get(prec, {}).get(mode, {})
                         r["ratio_vs_reference"] = (r["items_per_s"] / base["items_per_s"]
                                                    if "items_per_s" in r and "items_per_s" in base else None)
+                        r.update(timing.round_ratios(r, base))
                         if key == "compiled":
                             eager = entry.get("throughput", {}).get(prec, {}).get(mode, {})
                             r["speedup"] = (r["items_per_s"] / eager["items_per_s"]

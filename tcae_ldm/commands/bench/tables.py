@@ -20,12 +20,16 @@ def _shape(shape) -> str:
     return "x".join(map(str, shape))
 
 
-def _speed(r: dict) -> str:
-    """items/s and, in brackets, the ratio to the reference measured in the same run."""
+def _speed(r: dict, spread: bool = False) -> str:
+    """items/s and, in brackets, the ratio to the reference measured in the same run (with spread: the median and
+    range of the round-by-round ratios)."""
     if not r:
         return "-"
     if "error" in r:
         return "error"
+    if spread and "ratio_rounds_median" in r:
+        return (f"{r['items_per_s']:.3g} ({r['ratio_rounds_median']:.2f}x, {r['ratio_rounds_min']:.2f}-"
+                f"{r['ratio_rounds_max']:.2f})")
     return f"{r['items_per_s']:.3g} ({_f(r.get('ratio_vs_reference'), '.2f')}x)"
 
 
@@ -53,12 +57,13 @@ def _autoencoders(report: dict) -> str:
     with_mfu = report["env"].get("peak_bf16_tflops") is not None
     rows = []
     for n, e in aes.items():
-        for prec, m in e.get("throughput", {}).items():
-            row = [n, prec, *(_speed(m.get(k, {})) for k in (*MODES, ROUNDTRIP)),
+        for key, prec, m in [(k, p, m) for k in ("throughput", "compiled") for p, m in e.get(k, {}).items()]:
+            name = n if key == "throughput" else f"{n} (compiled)"  # compiled: x the compiled reference
+            row = [name, prec, *(_speed(m.get(k, {})) for k in MODES), _speed(m.get(ROUNDTRIP, {}), spread=True),
                    "/".join(_f(m.get(k, {}).get("peak_mem_mb"), ".0f") for k in MODES)]
             rows.append(row + (["/".join(_f(m.get(k, {}).get("mfu"), ".1%") for k in MODES)] if with_mfu else []))
     return render(f"Autoencoder throughput, images/s (x {report['reference']}, same run; median of {s['repeats']}, "
-                  f"batch {s['batch_size']})",
+                  f"batch {s['batch_size']}; enc+dec: median and range of the ratios of the interleaved rounds)",
                   ["autoencoder", "prec", "encode", "decode", "train step", "enc+dec", "peak MB e/d/t"]
                   + (["MFU e/d/t"] if with_mfu else []), rows)
 
@@ -144,11 +149,35 @@ def _compiled(report: dict) -> str | None:
                   ["network", "prec", "encode", "decode", "train step", "enc+dec"], rows)
 
 
+def _profiles(report: dict) -> str | None:
+    """`--profile`: each network's encode + decode time by op category, then its slowest ops."""
+    profiled = {(n, v): p for n, e in report["autoencoders"].items() for v, p in e.get("profile", {}).items()
+                if "error" not in p}
+    if not profiled:
+        return None
+    names = [n if v == "eager" else f"{n} ({v})" for n, v in profiled]
+    cats = list(dict.fromkeys(c for p in profiled.values() for c in p["categories"]))
+    rows = [[c, *(f"{p['categories'].get(c, 0.0):.4g} ({p['categories'].get(c, 0.0) / p['total_ms']:.0%})"
+                  for p in profiled.values())] for c in cats]
+    rows.append(["total", *(f"{p['total_ms']:.4g}" for p in profiled.values())])
+    prec = report["settings"]["precisions"][0]
+    parts = [render(f"Profile of one encode + decode, ms of self time by op category ({prec}, batch "
+                    f"{report['settings']['batch_size']}, {report['settings']['image_size']}px; torch.profiler)",
+                    ["category", *names], rows)]
+    for name, p in zip(names, profiled.values()):
+        parts.append(render(f"{name}: slowest ops", ["op", "category", "calls", "self ms", "share"],
+                            [[r["op"][:60], r["category"], str(r["calls"]), f"{r['self_ms']:.4g}",
+                              f"{r['self_ms'] / p['total_ms']:.1%}"] for r in p["top"]]))
+    return "\n\n".join(parts)
+
+
 def _errors(report: dict) -> list[str]:
     return [f"error: {n} {variant} {prec} {mode}: {r['error']}"
             for table in ("autoencoders", "dits") for n, e in report[table].items()
             for variant in ("throughput", "compiled") for prec, m in e.get(variant, {}).items()
-            for mode, r in m.items() if "error" in r]
+            for mode, r in m.items() if "error" in r] + \
+        [f"error: profile of {n} ({v}): {p['error']}" for n, e in report["autoencoders"].items()
+         for v, p in e.get("profile", {}).items() if "error" in p]
 
 
 def tables(report: dict) -> str:
@@ -164,6 +193,7 @@ def tables(report: dict) -> str:
         parts.append(_data(report))
     parts.append(_jpeg_pipelines(report))
     parts.append(_compiled(report))
+    parts.append(_profiles(report))
     footer = [f"max RSS {env['max_rss_mb']:.0f} MB", *_errors(report), *(f"note: {t}" for t in report["notes"])]
     if env["device"] == "cpu" and "bf16" in s["precisions"] and env.get("cpu_native_bf16") is False:
         footer.append(f"WARNING: this CPU ({env.get('cpu_capability')}) has no bf16 instructions (AVX512-BF16 / AMX): "

@@ -148,6 +148,17 @@ def time_interleaved(cases: list[Case], repeats: int, device: torch.device, min_
         c.result["items_per_s"] = c.items / c.result["median_s"]
 
 
+def round_ratios(r: dict, base: dict) -> dict:
+    """A case's ratio to a base case round by round (the two ran next to each other in each round): its median and
+    range, the spread that the ratio of the medians hides."""
+    times, ref = r.get("times_s"), base.get("times_s")
+    if not times or not ref or len(times) != len(ref):
+        return {}
+    ratios = [b / a for a, b in zip(times, ref)]
+    return {"ratio_rounds": ratios, "ratio_rounds_median": statistics.median(ratios),
+            "ratio_rounds_min": min(ratios), "ratio_rounds_max": max(ratios)}
+
+
 def state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
     """Bytes of the parameters and of whatever optimizer state exists yet (AdamW creates it on its first
     step, inside the probed call); gradients are freed between steps, so a step's peak counts them."""

@@ -1,0 +1,271 @@
+"""`tcae-ldm export`: a trained model as a folder that loads without the training code, with a model card.
+
+    tcae-ldm export --ckpt runs/imagenet/tcae/checkpoints/last.ckpt --out tcae-b --cache runs/imagenet/latents_tcae
+    tcae-ldm export --ckpt runs/imagenet/dcae/checkpoints/last.ckpt --out dcae-f32c32     # an AutoencoderDC folder
+    tcae-ldm export --ckpt runs/imagenet/dit_tcae/checkpoints/last.ckpt --out dit-xl-1    # `tcae-ldm sample --ckpt dit-xl-1`
+
+An autoencoder checkpoint (its EMA weights when it has them) becomes a diffusers folder, config.json +
+diffusion_pytorch_model.safetensors, that `AutoencoderTC.from_pretrained` (TC-AE) or diffusers'
+`AutoencoderDC.from_pretrained` (DC-AE) reads and that `autoencoder: {kind, path}` accepts; with --cache, the
+cache's per-channel mean / std go into its config as latents_mean / latents_std (normalised latents are
+(z - mean) / std). A TC-AE folder of the earlier layout (model.safetensors) is converted the same way. A DiT
+checkpoint becomes config.json (hyper-parameters, latent statistics, the cache's autoencoder) + model.safetensors
+(the EMA weights). Each folder gets a README.md model card: architecture, parameters, GMACs, training steps and the
+last value of every metric in the run's metrics.csv (beside checkpoints/, or --metrics).
+"""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import tempfile
+
+import torch
+
+from tcae_ldm.commands import CommandParser, fail
+
+PROG = "tcae-ldm export"
+# The constructor arguments a card shows for each kind of autoencoder (config.json holds them all).
+CARD_KEYS = {
+    "AutoencoderTC": ("image_size", "patch_size", "latent_size", "latent_channels", "width", "num_heads",
+                      "depth_fine", "depth_coarse", "mlp_ratio", "qk_norm", "pos_embed", "staged", "cls_token"),
+    "AutoencoderDC": ("latent_channels", "encoder_block_types", "encoder_block_out_channels",
+                      "encoder_layers_per_block", "decoder_block_out_channels", "decoder_layers_per_block"),
+}
+
+
+def build_parser() -> CommandParser:
+    p = CommandParser(prog=PROG, description=__doc__)
+    p.add_argument("--ckpt", required=True,
+                   help="AutoencoderModule or DiffusionModule checkpoint (.ckpt), or a TC-AE folder to convert")
+    p.add_argument("--out", required=True, help="output folder (must not exist, or be empty, unless --overwrite)")
+    p.add_argument("--cache", default=None,
+                   help="latent cache of this autoencoder whose per-channel mean / std become latents_mean / "
+                        "latents_std (autoencoders only; a DiT carries its training cache's)")
+    p.add_argument("--metrics", default=None,
+                   help="the run's metrics.csv for the model card (default: beside the checkpoints/ folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out folder")
+    return p
+
+
+#################################################################################
+#                                The model card                                 #
+#################################################################################
+
+def read_metrics(path: str) -> dict[str, dict]:
+    """metric -> {last, step, logged}: the last value logged of every column of a Lightning metrics.csv."""
+    out: dict[str, dict] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            step = row.get("step")
+            for key, value in row.items():
+                if key in ("step", "epoch") or value in ("", None):
+                    continue
+                try:
+                    value = float(value)
+                except ValueError:
+                    continue
+                entry = out.setdefault(key, {"logged": 0})
+                entry.update(last=value, step=int(float(step)) if step not in ("", None) else None)
+                entry["logged"] += 1
+    return dict(sorted(out.items()))
+
+
+def metrics_section(path: str | None) -> str:
+    if path is None or not os.path.isfile(path):
+        return "## Metrics\n\nNo metrics.csv was found for this run" + (f" ({path})" if path else "") + ".\n"
+    rows = read_metrics(path)
+    lines = [f"## Metrics logged\n\nThe last value of every metric in `{os.path.abspath(path)}`.\n",
+             "| metric | last value | at step | times logged |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v['last']:.6g} | {v['step']} | {v['logged']} |" for k, v in rows.items()]
+    return "\n".join(lines) + "\n"
+
+
+def model_card(title: str, usage: str, facts: dict, metrics_file: str | None) -> str:
+    table = "\n".join(f"| {k} | {v} |" for k, v in facts.items())
+    return f"# {title}\n\n```python\n{usage}\n```\n\n| | |\n|---|---|\n{table}\n\n{metrics_section(metrics_file)}"
+
+
+def _args_text(config: dict, keys) -> str:
+    return ", ".join(f"{k}={config[k]}" for k in keys if k in config)
+
+
+#################################################################################
+#                                  Autoencoders                                 #
+#################################################################################
+
+def _gmacs_on_meta(model: torch.nn.Module, image_size: int, latent_shape) -> tuple[float, float]:
+    """(encode, decode) GMACs of one image, counted on a meta-device twin of the model (no compute)."""
+    from tcae_ldm.metrics.flops import count_gmacs
+    from tcae_ldm.utils.kwargs import parameter_names
+
+    args = parameter_names(type(model))  # an AutoencoderDC's config also holds the latent statistics
+    with torch.device("meta"):
+        twin = type(model)(**{k: v for k, v in model.config.items() if k in args})
+    x = torch.empty(1, 3, image_size, image_size, device="meta")
+    return count_gmacs(twin.encoder, x), count_gmacs(twin.decoder, torch.empty(1, *latent_shape, device="meta"))
+
+
+def _cache_stats(ae, cache: str) -> tuple[list[float], list[float], int]:
+    """The cache's per-channel mean / std and its latent count; refused when another encoder made the cache."""
+    from tcae_ldm.latents.cache import read_metadata, read_stats
+    from tcae_ldm.latents.frozen import describe_identity
+
+    meta = read_metadata(cache)
+    made_by = meta.get("autoencoder") or {}
+    if made_by.get("encoder_hash") != ae.identity()["encoder_hash"]:
+        raise ValueError(f"latent cache {cache} was made by {describe_identity(made_by)}, not by the encoder of "
+                         f"{describe_identity(ae.identity())}: its statistics describe other latents")
+    mean, std = read_stats(cache)
+    return mean.tolist(), std.tolist(), int(meta.get("count", 0))
+
+
+def export_autoencoder(source: str, ckpt: dict | None, out: str, cache: str | None, name: str) -> dict:
+    """Write the autoencoder of `source` (a checkpoint whose contents are `ckpt`, or a TC-AE folder) into `out`;
+    returns its model card (title, usage with the folder called `name`, facts)."""
+    from tcae_ldm.latents.frozen import load_autoencoder
+    from tcae_ldm.models.zoo import autoencoder_family
+
+    hp = (ckpt or {}).get("hyper_parameters") or {}
+    kind = autoencoder_family(hp["net"]) if ckpt is not None else "tcae"
+    ae = load_autoencoder(kind, source)
+    model = ae.model
+    stats = _cache_stats(ae, cache) if cache else None
+    if stats:
+        model.register_to_config(latents_mean=stats[0], latents_std=stats[1])
+    ae.save_pretrained(out)
+
+    cls = type(model).__name__
+    image_size = getattr(model, "image_size", None) or hp.get("image_size") or 256
+    c, h, w = ae.latent_shape(image_size)
+    enc, dec = _gmacs_on_meta(model, image_size, (c, h, w))
+    if ckpt is None:
+        source_text, steps = f"the folder `{source}`", "not recorded in a folder"
+    else:
+        weights = "EMA" if any(k.startswith("ema.module.") for k in ckpt["state_dict"]) else "online"
+        source_text, steps = f"`{os.path.abspath(source)}` ({weights} weights)", ckpt.get("step_count", "?")
+    facts = {
+        "exported from": source_text,
+        "architecture": f"{ae.name}: {cls}({_args_text(model.config, CARD_KEYS.get(cls, ()))})",
+        "parameters": f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M",
+        f"GMACs, one {image_size}x{image_size} image": f"encode {enc:.4g}, decode {dec:.4g}, total {enc + dec:.4g}",
+        "latent": f"{c} x {h} x {w} ({3 * image_size * image_size / (c * h * w):.0f}x fewer floats than the image)",
+        "training steps": steps,
+        "latents_mean / latents_std": (f"from the latent cache `{os.path.abspath(cache)}` ({stats[2]} images and "
+                                       f"their flips)" if stats else "not set (export with --cache CACHE_DIR)"),
+    }
+    import_line = ("from tcae_ldm import AutoencoderTC" if cls == "AutoencoderTC" else f"from diffusers import {cls}")
+    usage = (f"{import_line}\n\nae = {cls}.from_pretrained(\"{name}\")\n"
+             f"z = ae.encode(x).latent      # x: (B, 3, {image_size}, {image_size}) in [-1, 1] -> (B, {c}, {h}, {w})\n"
+             f"x_rec = ae.decode(z).sample")
+    if stats:
+        usage += ("\nmean = torch.tensor(ae.config.latents_mean).view(1, -1, 1, 1)\n"
+                  "std = torch.tensor(ae.config.latents_std).view(1, -1, 1, 1)\n"
+                  "z_normalised = (z - mean) / std  # what a latent diffusion model trains on")
+    return {"title": f"{ae.name} ({cls})", "usage": usage, "facts": facts}
+
+
+#################################################################################
+#                                      DiTs                                     #
+#################################################################################
+
+def export_dit(source: str, ckpt: dict, out: str, name: str) -> dict:
+    """Write the DiT of a DiffusionModule checkpoint (EMA weights) into `out`, loadable by `tcae-ldm sample`;
+    returns its model card (title, usage with the folder called `name`, facts)."""
+    from tcae_ldm.latents.frozen import describe_identity
+    from tcae_ldm.lit.loading import export_diffusion_module, load_diffusion_module
+    from tcae_ldm.metrics.flops import count_gmacs
+    from tcae_ldm.models.dit import create_dit
+
+    module = load_diffusion_module(source)
+    steps, seen = ckpt.get("global_step", "?"), ckpt.get("images_seen", "?")
+    export_diffusion_module(module, out, extra={"step": steps, "images_seen": seen})
+    hp = module.hparams
+    c, h, w = hp.latent_shape
+    with torch.device("meta"):
+        twin = create_dit(hp.dit, **{**(hp.dit_args or {}), "input_size": h, "in_channels": c,
+                                     "num_classes": hp.num_classes}).eval()
+    gmacs = count_gmacs(twin, torch.empty(1, c, h, w, device="meta"), torch.rand(1, device="meta"),
+                        torch.zeros(1, dtype=torch.long, device="meta"))
+    made_by = (module.cache_info.get("metadata") or {}).get("autoencoder")
+    weights = "EMA" if module.ema is not None else "online"
+    facts = {
+        "exported from": f"`{os.path.abspath(source)}` ({weights} weights)",
+        "architecture": f"{hp.dit} ({_args_text(dict(hp.dit_args or {}), sorted(hp.dit_args or {})) or 'preset'}), "
+                        f"on {c} x {h} x {w} latents, {hp.num_classes} classes",
+        "parameters": f"{sum(p.numel() for p in module.eval_net.parameters()) / 1e6:.2f} M",
+        "GMACs, one forward": f"{gmacs:.4g}",
+        "objective / sampler": f"{hp.objective} / {module.sampler}, {hp.sample_steps} steps, cfg_scale {hp.cfg_scale}",
+        "training steps": f"{steps} ({seen} images seen)",
+        "latents of": describe_identity(made_by) if made_by else "not recorded (give the decoder to sample)",
+    }
+    usage = (f"# tcae-ldm sample --ckpt {name} --out samples --num 50000\n"
+             f"import torch\nfrom tcae_ldm.lit.loading import load_diffusion_module\n\n"
+             f"module = load_diffusion_module(\"{name}\")\n"
+             f"images = module.sample(torch.arange(8), seed=0)  # (8, 3, H, W) in [-1, 1], decoded")
+    return {"title": f"{hp.dit} on {c}x{h}x{w} latents", "usage": usage, "facts": facts}
+
+
+#################################################################################
+#                                    Command                                    #
+#################################################################################
+
+def _publish(out: str, overwrite: bool, write) -> None:
+    """Run write(folder) in a temporary folder beside `out`, then move it to `out`: an interrupted export leaves no
+    half-written folder, and an existing export is replaced only with --overwrite, once the new one is complete."""
+    parent = os.path.dirname(os.path.abspath(out)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.normpath(out))}.", suffix=".partial", dir=parent)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o755)
+        if os.path.isdir(out):
+            shutil.rmtree(out) if overwrite else os.rmdir(out)  # rmdir: only an empty folder goes without --overwrite
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = build_parser().parse_args(argv)
+    if os.path.exists(args.out) and not (os.path.isdir(args.out) and (args.overwrite or not os.listdir(args.out))):
+        fail(PROG, f"{args.out} already exists and is not empty: choose another --out or pass --overwrite")
+    from tcae_ldm.lit.loading import (
+        CheckpointError,
+        checkpoint_kind,
+        read_expected_checkpoint,
+    )
+
+    try:
+        ckpt, kind = None, "folder"
+        if not os.path.isdir(args.ckpt):
+            ckpt = read_expected_checkpoint(args.ckpt, "an AutoencoderModule or DiffusionModule checkpoint (.ckpt)")
+            kind, what = checkpoint_kind(ckpt)
+            if kind not in ("autoencoder", "diffusion"):
+                raise CheckpointError(f"{args.ckpt} is {what}; export takes an AutoencoderModule or DiffusionModule "
+                                      f"checkpoint, or a TC-AE folder")
+        if kind == "diffusion" and args.cache:
+            raise ValueError("--cache is for autoencoders: a DiT export carries the statistics of its training cache")
+        metrics = args.metrics or (os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.ckpt))),
+                                                "metrics.csv") if ckpt is not None else None)
+        if args.metrics and not os.path.isfile(args.metrics):
+            raise FileNotFoundError(f"--metrics {args.metrics} does not exist")
+
+        def write(folder: str) -> None:
+            name = os.path.basename(os.path.normpath(args.out))
+            card = (export_dit(args.ckpt, ckpt, folder, name) if kind == "diffusion"
+                    else export_autoencoder(args.ckpt, ckpt, folder, args.cache, name))
+            with open(os.path.join(folder, "README.md"), "w") as f:
+                f.write(model_card(card["title"], card["usage"], card["facts"], metrics))
+
+        _publish(args.out, args.overwrite, write)
+    except (CheckpointError, FileNotFoundError, ValueError, KeyError, OSError) as e:
+        fail(PROG, str(e.args[0]) if isinstance(e, KeyError) else str(e))
+    files = sorted(os.listdir(args.out))
+    print(f"wrote {args.out}: {', '.join(files)}", flush=True)
+    return args.out
+
+
+if __name__ == "__main__":
+    main()
