@@ -55,7 +55,11 @@ def test_the_demo_says_which_extra_it_needs(monkeypatch):
 
 
 def test_make_clean_removes_only_what_the_demo_wrote():
-    run = subprocess.run(["make", "-n", "clean"], cwd=REPO, capture_output=True, text=True, check=True)
+    # Under `make test` this runs inside make: a sub-make would announce its directory, so it is told not to.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    run = subprocess.run(["make", "--no-print-directory", "-n", "clean"], cwd=REPO, env=env,
+                         capture_output=True, text=True, check=True)
     assert run.stdout.split() == ["rm", "-rf", "runs/demo"]  # not runs/, where paper-scale checkpoints live
-    run = subprocess.run(["make", "-n", "distclean"], cwd=REPO, capture_output=True, text=True, check=True)
+    run = subprocess.run(["make", "--no-print-directory", "-n", "distclean"], cwd=REPO, env=env,
+                         capture_output=True, text=True, check=True)
     assert run.stdout.split() == ["rm", "-rf", "runs/demo", "rm", "-rf", ".venv", ".pytest_cache"]
