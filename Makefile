@@ -38,6 +38,11 @@ FID_REF  := $(FID)/demo_train_demo-classifier.npz
 TCAE_AE  := $(RUNS)/tcae/.done
 DCAE_AE  := $(RUNS)/dcae/.done
 
+# With a CUDA device each step adds its overlay from configs/demo/gpu/ (bf16, larger models, more data, same
+# minutes); DEMO_DEVICE=cpu keeps the CPU demo on a GPU machine. Decided when the step runs, once the venv exists.
+DEMO_DEVICE ?= auto
+gpu_overlay = $$(test "$(DEMO_DEVICE)" != cpu && $(BIN)/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null && echo "--config configs/demo/gpu/$(1).yaml")
+
 # The offline FID proxy: a small classifier of the 8 photos (rfid_/gfid_demo-classifier) and the train crops' stats.
 $(FEATURES): | $(DEMO_STAMP)
 	$(OFFLINE) $(BIN)/tcae-ldm train-demo-classifier --out $@
@@ -46,13 +51,13 @@ $(FID_REF): $(FEATURES)
 
 # Autoencoders: train, then compare with the bicubic baseline at the same float budget.
 $(RUNS)/%/.done: configs/demo/%.yaml $(FEATURES) | $(DEMO_STAMP)
-	$(OFFLINE) $(BIN)/tcae-ldm fit --config configs/demo/$*.yaml
+	$(OFFLINE) $(BIN)/tcae-ldm fit --config configs/demo/$*.yaml $(call gpu_overlay,$*)
 	$(OFFLINE) $(BIN)/tcae-ldm ae-report --ckpt $(RUNS)/$*/checkpoints/last.ckpt --out $(RUNS)/$* --image-size 64
 	touch $@
 
 # Latent caches of the training crops and their flips.
 $(RUNS)/latents_%/metadata.json: configs/demo/cache_latents_%.yaml $(RUNS)/%/.done
-	$(OFFLINE) $(BIN)/tcae-ldm predict --config configs/demo/cache_latents_$*.yaml
+	$(OFFLINE) $(BIN)/tcae-ldm predict --config configs/demo/cache_latents_$*.yaml $(call gpu_overlay,cache_latents_$*)
 
 # The same DiT on each cache, logging gen/gfid_demo-classifier every 100 steps; then a final sample grid.
 # The DC-AE run is an overlay of the TC-AE one that changes only the cache and the run's name.
@@ -60,7 +65,7 @@ DIT_CONFIGS_tcae := configs/demo/dit_on_tcae.yaml
 DIT_CONFIGS_dcae := configs/demo/dit_on_tcae.yaml configs/demo/dit_on_dcae.yaml
 .SECONDEXPANSION:
 $(RUNS)/dit_%/.done: $$(DIT_CONFIGS_$$*) $(RUNS)/latents_%/metadata.json $(FID_REF)
-	$(OFFLINE) $(BIN)/tcae-ldm fit $(foreach c,$(DIT_CONFIGS_$*),--config $(c))
+	$(OFFLINE) $(BIN)/tcae-ldm fit $(foreach c,$(DIT_CONFIGS_$*),--config $(c)) $(call gpu_overlay,dit_on_tcae)
 	$(OFFLINE) $(BIN)/tcae-ldm sample --ckpt $(RUNS)/dit_$*/checkpoints/last.ckpt --out $(RUNS)/dit_$*/samples_final --num 64
 	touch $@
 

@@ -2,6 +2,7 @@
 import glob
 import os
 import re
+import subprocess
 
 import pytest
 import torch
@@ -22,9 +23,11 @@ DIT_OVERLAY_KEYS = {"configs/demo/dit_on_tcae.yaml": CACHE_KEYS | {"trainer.logg
 
 
 def _stack(path):
-    """Overlays (configs/ablations/...) are used on top of their base config."""
+    """Overlays (configs/ablations/..., configs/demo/gpu/...) are used on top of their base config."""
     rel = os.path.relpath(path, REPO)
     base = BASES.get(rel) or BASES.get(os.path.dirname(rel))
+    if os.path.dirname(rel) == "configs/demo/gpu":  # each GPU overlay scales up the CPU demo step of its name
+        base = os.path.join("configs", "demo", os.path.basename(rel))
     return (["--config", os.path.join(REPO, base)] if base else []) + ["--config", path]
 
 
@@ -63,6 +66,31 @@ def test_dit_on_dcae_is_the_same_run_on_another_cache(base, capsys):
     differ = {k for k in tcae.keys() | dcae.keys() if tcae.get(k) != dcae.get(k)}
     assert differ == DIT_OVERLAY_KEYS[base], differ
     assert dcae["data.init_args.expect_autoencoder.kind"] == "dcae" and "latents_dcae" in dcae["data.init_args.cache_dir"]
+
+
+GPU_OVERLAYS = [p for p in CONFIGS if os.path.dirname(p).endswith(os.path.join("demo", "gpu"))]
+
+
+@pytest.mark.parametrize("path", GPU_OVERLAYS, ids=os.path.basename)
+def test_gpu_overlays_scale_up_the_cpu_demo_in_place(path, capsys, tmp_path):
+    """On a CUDA machine `make demo` stacks configs/demo/gpu/<step>.yaml on configs/demo/<step>.yaml: the step
+    moves to the GPU (bf16 where it trains) and keeps its outputs where the next step and make's markers look."""
+    resolved = []
+    for stack in (_stack(path)[:2], _stack(path)):
+        with pytest.raises(SystemExit):
+            lightning_main([_subcommand(path), *stack, "--print_config"])
+        resolved.append(_flatten(yaml.safe_load(capsys.readouterr().out)))
+    cpu, gpu = resolved
+    assert cpu["trainer.accelerator"] == "cpu" and gpu["trainer.accelerator"] == "gpu"
+    assert gpu["trainer.precision"] == ("32-true" if _subcommand(path) == "predict" else "bf16-mixed")
+    kept = [k for k in cpu if k.endswith(("logger.init_args.save_dir", "logger.init_args.name", "output_dir",
+                                          "default_root_dir", "cache_dir", "autoencoder.path"))]
+    assert kept and all(gpu[k] == cpu[k] for k in kept)
+    # ... and make's dry run of the whole comparison names it (in the shell test it runs when the step starts).
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    dry = subprocess.run(["make", "--no-print-directory", "-n", "compare-demo", f"RUNS={tmp_path}"], cwd=REPO, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert f"--config configs/demo/gpu/{os.path.basename(path)}" in dry
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if "/ablations/" in p or p.endswith(("configs/tcae.yaml",
