@@ -6,12 +6,13 @@ named feature network and logs, at Lightning's `step`:
 
     gen/gfid_<network>   gen/images_seen   gen/wall_time_s   gen/num_samples
 
-which is the format `tcae-ldm compare` reads (tcae_ldm.metrics.convergence). Wall time counts training only: evaluation time is excluded,
-so runs with different evaluation settings stay comparable. Under DDP each rank samples its share and the
-feature statistics are all-reduced.
+which is the format `tcae-ldm compare` reads (tcae_ldm.metrics.convergence). Wall time counts training
+only: evaluation time is excluded, so runs with different evaluation settings stay comparable. Under DDP
+each rank samples its share and the feature statistics are all-reduced.
 """
 from __future__ import annotations
 
+import sys
 import time
 
 import lightning as L
@@ -90,7 +91,9 @@ class GenerationEvalCallback(L.Callback):
         chunks = list(torch.split(torch.arange(self.num_samples), self.batch_size))
         # Chunk i is drawn with seed (seed + i) on whichever rank owns it: samples do not depend on world size.
         mine = range(trainer.global_rank, len(chunks), trainer.world_size)
-        quiet = not trainer.is_global_zero or trainer.progress_bar_callback is None  # as the trainer's own bars
+        # As the trainer's own bars; and no carriage-return bar in a log file (the progress line reports the result).
+        quiet = (not trainer.is_global_zero or trainer.progress_bar_callback is None
+                 or not getattr(sys.stderr, "isatty", lambda: False)())
         for i in tqdm(mine, desc=f"gFID-{self.num_samples} samples (rank 0's chunks)", leave=False, disable=quiet):
             images = pl_module.sample(labels[chunks[i]], seed=self.seed + i, steps=self.sample_steps,
                                       sampler=self.sampler, cfg_scale=self.cfg_scale)
