@@ -52,7 +52,8 @@ $(FID_REF): $(FEATURES)
 # Autoencoders: train, then compare with the bicubic baseline at the same float budget.
 $(RUNS)/%/.done: configs/demo/%.yaml $(FEATURES) | $(DEMO_STAMP)
 	$(OFFLINE) $(BIN)/tcae-ldm fit --config configs/demo/$*.yaml $(call gpu_overlay,$*)
-	$(OFFLINE) $(BIN)/tcae-ldm ae-report --ckpt $(RUNS)/$*/checkpoints/last.ckpt --out $(RUNS)/$* --image-size 64
+	$(OFFLINE) $(BIN)/tcae-ldm ae-report --ckpt $(RUNS)/$*/checkpoints/last.ckpt --out $(RUNS)/$* --image-size 64 \
+		--features demo-classifier --weights $(FEATURES)
 	touch $@
 
 # Latent caches of the training crops and their flips.

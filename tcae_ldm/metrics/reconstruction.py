@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.image import StructuralSimilarityIndexMeasure
 
+from tcae_ldm.metrics.fid import ReconstructionFID
+
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of (B, 3, H, W) images in [0, 1]."""
@@ -69,18 +71,27 @@ def bicubic_roundtrip(x: torch.Tensor, side: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_against_bicubic(net, loader, image_size: int) -> dict:
+@torch.no_grad()
+def evaluate_against_bicubic(net, loader, image_size: int, extractor=None) -> dict:
     """PSNR / SSIM of an autoencoder (forward(x).sample: its reconstruction) and of the bicubic baseline with the same float
-    budget, on every batch of `loader`."""
+    budget, on every batch of `loader`; with a feature `extractor`, also the rFID of each under that network, so that
+    both rows of the report are measured on the same images by the same instrument."""
     net = net.eval()
     c, h, w = net.latent_shape(image_size)
     side = bicubic_side(c * h * w)
     ae, bic = ReconstructionMetrics(), ReconstructionMetrics()
+    fids = (ReconstructionFID(extractor), ReconstructionFID(extractor)) if extractor is not None else None
     for batch in loader:
         x = batch["image"]
-        ae.update(x, net(x).sample)
-        bic.update(x, bicubic_roundtrip(x, side))
+        rows = ((ae, net(x).sample), (bic, bicubic_roundtrip(x, side)))
+        for i, (metrics, x_rec) in enumerate(rows):
+            metrics.update(x, x_rec)
+            if fids is not None:
+                fids[i].update(x, x_rec)
+    results = [{k: round(float(v), 4) for k, v in m.compute().items()} for m in (ae, bic)]
+    if fids is not None:
+        for result, fid in zip(results, fids):
+            result[fid.name] = round(fid.compute(), 4)
     return {"latent_shape": [c, h, w], "latent_floats": c * h * w, "bicubic_side": side,
             "bicubic_floats": 3 * side * side, "images": int(ae.psnr_mean.weight.item()),
-            "autoencoder": {k: round(float(v), 4) for k, v in ae.compute().items()},
-            "bicubic": {k: round(float(v), 4) for k, v in bic.compute().items()}}
+            "autoencoder": results[0], "bicubic": results[1]}

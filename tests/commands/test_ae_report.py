@@ -16,6 +16,22 @@ def test_report_on_a_trained_checkpoint(tmp_path):
     assert on_disk["images"] == 16 and on_disk["step"] == 1
     assert on_disk["latent_floats"] == 16 * 2 * 2 and on_disk["bicubic_floats"] <= 64
     assert report["bicubic"]["psnr"] > 10 and "| bicubic" in (tmp_path / "report" / "ae_report.md").read_text()
+    assert not any(k.startswith("rfid_") for k in report["autoencoder"])  # no FID network, no rFID column
+
+
+def test_rfid_of_both_rows_under_one_network(tmp_path):
+    """With --features, the autoencoder and the bicubic baseline get an rFID on the same images by the same network;
+    the column names the network and the image count."""
+    module = tiny_module(max_steps=1)
+    tiny_trainer(str(tmp_path)).fit(module, tiny_data())
+    ckpt = str(tmp_path / "ckpt" / "last.ckpt")
+    report = main(["--ckpt", ckpt, "--out", str(tmp_path / "report"), "--val-per-class", "2", "--features", "random"])
+    ae, bic = report["autoencoder"]["rfid_random"], report["bicubic"]["rfid_random"]
+    assert ae > 0 and bic > 0 and ae != bic  # two reconstructions, two distances
+    assert "| rfid_random (16 images) |" in (tmp_path / "report" / "ae_report.md").read_text()
+    with pytest.raises(SystemExit) as err:
+        main(["--ckpt", ckpt, "--out", str(tmp_path / "report"), "--features", "inceptoin"])
+    assert "unknown FID feature network 'inceptoin'" in str(err.value)
 
 
 
