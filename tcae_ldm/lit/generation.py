@@ -12,13 +12,13 @@ each rank samples its share and the feature statistics are all-reduced.
 """
 from __future__ import annotations
 
-import sys
 import time
 
 import lightning as L
 import torch
 from tqdm.auto import tqdm
 
+from tcae_ldm.lit.progress import ProgressLine
 from tcae_ldm.lit.sampling import balanced_labels
 from tcae_ldm.metrics.convergence import (
     GEN_PREFIX,
@@ -91,9 +91,9 @@ class GenerationEvalCallback(L.Callback):
         chunks = list(torch.split(torch.arange(self.num_samples), self.batch_size))
         # Chunk i is drawn with seed (seed + i) on whichever rank owns it: samples do not depend on world size.
         mine = range(trainer.global_rank, len(chunks), trainer.world_size)
-        # As the trainer's own bars; and no carriage-return bar in a log file (the progress line reports the result).
+        # As the trainer's own bars: none without one, and none beside a ProgressLine, which writes log-file lines.
         quiet = (not trainer.is_global_zero or trainer.progress_bar_callback is None
-                 or not getattr(sys.stderr, "isatty", lambda: False)())
+                 or isinstance(trainer.progress_bar_callback, ProgressLine))
         for i in tqdm(mine, desc=f"gFID-{self.num_samples} samples (rank 0's chunks)", leave=False, disable=quiet):
             images = pl_module.sample(labels[chunks[i]], seed=self.seed + i, steps=self.sample_steps,
                                       sampler=self.sampler, cfg_scale=self.cfg_scale)

@@ -7,6 +7,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from tcae_ldm.lit.generation import GenerationEvalCallback
+from tcae_ldm.lit.progress import ProgressLine
 from tcae_ldm.metrics.features import RandomFeatures
 from tcae_ldm.metrics.fid import FrechetStats, save_stats
 
@@ -78,9 +79,10 @@ def test_sampling_shows_a_progress_bar_when_the_trainer_does(tmp_path, capsys):
     stats = FrechetStats(extractor.dim)
     stats.update(extractor(torch.rand(16, 3, 16, 16) * 2 - 1))
     save_stats(str(tmp_path / "ref.npz"), *stats.mean_cov(), features="random", count=16)
-    for bar in (False, True):
+    for bar, line in ((False, False), (True, False), (True, True)):  # a ProgressLine (log-file lines): no tqdm bar
         cb = GenerationEvalCallback(str(tmp_path / "ref.npz"), every_n_steps=2, num_samples=8, features="random",
                                     batch_size=4, eval_at_end=False)
-        L.Trainer(max_steps=2, logger=False, callbacks=[cb], enable_checkpointing=False, enable_progress_bar=bar,
+        L.Trainer(max_steps=2, logger=False, callbacks=[cb, *([ProgressLine()] if line else [])],
+                  enable_checkpointing=False, enable_progress_bar=bar,
                   enable_model_summary=False).fit(TinyGenerator())
-        assert ("gFID-8 samples" in capsys.readouterr().err) == bar
+        assert ("gFID-8 samples" in capsys.readouterr().err) == (bar and not line)
