@@ -60,7 +60,7 @@ $(RUNS)/%/.done: configs/demo/%.yaml $(FEATURES) | $(DEMO_STAMP)
 $(RUNS)/latents_%/metadata.json: configs/demo/cache_latents_%.yaml $(RUNS)/%/.done
 	$(OFFLINE) $(BIN)/tcae-ldm predict --config configs/demo/cache_latents_$*.yaml $(call gpu_overlay,cache_latents_$*)
 
-# The same DiT on each cache, logging gen/gfid_demo-classifier every 100 steps; then a final sample grid.
+# The same DiT on each cache, logging gen/gfid_demo-classifier every 200 steps; then a final sample grid.
 # The DC-AE run is an overlay of the TC-AE one that changes only the cache and the run's name.
 DIT_CONFIGS_tcae := configs/demo/dit_on_tcae.yaml
 DIT_CONFIGS_dcae := configs/demo/dit_on_tcae.yaml configs/demo/dit_on_dcae.yaml
