@@ -5,6 +5,8 @@ import dataclasses
 import importlib
 import io
 import os
+import subprocess
+import sys
 import typing
 
 import pytest
@@ -267,3 +269,14 @@ def test_ckpt_path_last_without_a_checkpoint_says_so(tmp_path, capsys, monkeypat
                      f"{os.path.join('runs', 'demo', 'tcae', 'checkpoints')}); training starts from step 0"]
     main(["fit", "--config", DEMO_TCAE, *TINY, "--model.init_args.max_steps=2", "--ckpt_path=last"])
     assert "found no checkpoint" not in capsys.readouterr().err  # the second run resumes
+
+
+def test_the_executable_flushes_cpu_denormals():
+    """Denormals slow CPU training several-fold; `tcae-ldm <command>` flushes them (in its own process)."""
+    code = ("import torch\nfrom tcae_ldm import cli\n"
+            "tiny = torch.tensor([1e-39])\nbefore = (tiny * 1.0).item()\n"
+            "try:\n    cli.run(['fid', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(before, (tiny * 1.0).item())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    before, after = map(float, out.split()[-2:])
+    assert before > 0 and after == 0.0
