@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.image import StructuralSimilarityIndexMeasure
 
-from tcae_ldm.metrics.fid import ReconstructionFID
+from tcae_ldm.metrics.fid import FrechetStats, frechet_distance, metric_name
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -71,7 +71,6 @@ def bicubic_roundtrip(x: torch.Tensor, side: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def evaluate_against_bicubic(net, loader, image_size: int, extractor=None) -> dict:
     """PSNR / SSIM of an autoencoder (forward(x).sample: its reconstruction) and of the bicubic baseline with the same float
     budget, on every batch of `loader`; with a feature `extractor`, also the rFID of each under that network, so that
@@ -79,19 +78,21 @@ def evaluate_against_bicubic(net, loader, image_size: int, extractor=None) -> di
     net = net.eval()
     c, h, w = net.latent_shape(image_size)
     side = bicubic_side(c * h * w)
-    ae, bic = ReconstructionMetrics(), ReconstructionMetrics()
-    fids = (ReconstructionFID(extractor), ReconstructionFID(extractor)) if extractor is not None else None
+    metrics = (ReconstructionMetrics(), ReconstructionMetrics())  # autoencoder, bicubic
+    # rFID as ReconstructionFID computes it, with the originals' features extracted once for both rows
+    real, fakes = (FrechetStats(extractor.dim), (FrechetStats(extractor.dim), FrechetStats(extractor.dim))) \
+        if extractor is not None else (None, ())
     for batch in loader:
         x = batch["image"]
-        rows = ((ae, net(x).sample), (bic, bicubic_roundtrip(x, side)))
-        for i, (metrics, x_rec) in enumerate(rows):
-            metrics.update(x, x_rec)
-            if fids is not None:
-                fids[i].update(x, x_rec)
-    results = [{k: round(float(v), 4) for k, v in m.compute().items()} for m in (ae, bic)]
-    if fids is not None:
-        for result, fid in zip(results, fids):
-            result[fid.name] = round(fid.compute(), 4)
+        if real is not None:
+            real.update(extractor(x))
+        for i, x_rec in enumerate((net(x).sample, bicubic_roundtrip(x, side))):
+            metrics[i].update(x, x_rec)
+            if real is not None:
+                fakes[i].update(extractor(x_rec.clamp(-1, 1)))
+    results = [{k: round(float(v), 4) for k, v in m.compute().items()} for m in metrics]
+    for result, fake in zip(results, fakes):
+        result[metric_name("rfid", extractor.name)] = round(frechet_distance(*fake.mean_cov(), *real.mean_cov()), 4)
     return {"latent_shape": [c, h, w], "latent_floats": c * h * w, "bicubic_side": side,
-            "bicubic_floats": 3 * side * side, "images": int(ae.psnr_mean.weight.item()),
+            "bicubic_floats": 3 * side * side, "images": int(metrics[0].psnr_mean.weight.item()),
             "autoencoder": results[0], "bicubic": results[1]}
