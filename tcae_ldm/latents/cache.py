@@ -32,6 +32,7 @@ from tcae_ldm.data.images import ImageDataModule, collate_skipping
 from tcae_ldm.latents.frozen import describe_identity
 from tcae_ldm.latents.shards import CACHE_DTYPES, ShardError, load_shard, write_shard
 from tcae_ldm.utils.atomic import write_bytes_atomic
+from tcae_ldm.utils.checkpoints import UntrustedFileError, load_torch_file
 
 SHARD_GLOB = "shard-r*-*.safetensors"
 CACHE_FORMAT = 2
@@ -114,7 +115,9 @@ def read_stats(cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
     path = os.path.join(cache_dir, STATS_FILE)
     if os.path.isfile(path):
         try:
-            stats = torch.load(path, map_location="cpu", weights_only=True)
+            stats = load_torch_file(path, what="latent statistics")
+        except (UntrustedFileError, FileNotFoundError):
+            raise
         except Exception as e:
             raise ShardError(f"latent statistics {path} cannot be read ({e}); re-cache") from None
     elif os.path.isfile(os.path.join(cache_dir, OLD_STATS_FILE)):
