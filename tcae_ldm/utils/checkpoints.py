@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
-import importlib
 import os
 import pickle
 import re
@@ -76,8 +75,12 @@ def refusal_message(path: str, what: str, refused: list[str] | str) -> str:
 
 
 def _refused_global(error: Exception) -> str | None:
-    found = re.search(r"GLOBAL ([\w.]+)", str(error))
-    return found.group(1) if found else None
+    """The global or call that torch's weights_only unpickler refused, from its message (None: another error)."""
+    for pattern in (r"GLOBAL ([\w.]+)", r"unrecognized function <function ([\w.]+)", r"call reduce for ([^\n]+)"):
+        found = re.search(pattern, str(error))
+        if found:
+            return found.group(1).strip()
+    return None
 
 
 def _first_reason(error: Exception) -> str:
@@ -86,20 +89,6 @@ def _first_reason(error: Exception) -> str:
     told = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Please file", "Check the doc"))
             and not ln.endswith(":")]
     return (told or lines or [type(error).__name__])[0][:160]
-
-
-@contextlib.contextmanager
-def _allowing(names: list[str]):
-    """Allow the named globals for weights_only loads (the user trusts the file): importing them is the trust."""
-    objects = []
-    for name in names:
-        module, _, attr = name.rpartition(".")
-        obj = importlib.import_module(module)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-        objects.append(obj)
-    with torch.serialization.safe_globals(objects):
-        yield
 
 
 def check_file(path: str, what: str = "checkpoint", archive: bool = False) -> list[str]:
@@ -119,10 +108,21 @@ def check_file(path: str, what: str = "checkpoint", archive: bool = False) -> li
 @contextlib.contextmanager
 def checked(path: str, what: str = "checkpoint"):
     """Around a load that Lightning does with weights_only=True (load_from_checkpoint, the hyper-parameters of
-    --ckpt_path): the checkpoint is checked first, and what the user trusts is allowed in it."""
-    foreign = check_file(path, what, archive=True)
-    with _allowing(foreign) if foreign else contextlib.nullcontext():
+    --ckpt_path): the checkpoint is checked first; a file the user trusts is unpickled in full."""
+    check_file(path, what, archive=True)
+    if not trust_pickles():
         yield
+        return
+    load = torch.load  # Lightning passes weights_only=True itself: the user's opt-in overrides it for this load
+
+    def trusting_load(f, *args, **kwargs):
+        return load(f, *args, **{**kwargs, "weights_only": False})
+
+    torch.load = trusting_load
+    try:
+        yield
+    finally:
+        torch.load = load
 
 
 def load_torch_file(path: str, what: str = "checkpoint", map_location="cpu", mmap: bool = False, archive: bool = False):
