@@ -2,6 +2,7 @@
 through every entry point that loads a file; the sentinel never appears and each refusal is one line naming the
 file. Only utils/checkpoints.py calls torch.load, so a new entry point cannot forget."""
 import ast
+import hashlib
 import json
 import os
 import pathlib
@@ -13,7 +14,14 @@ import pytest
 import torch
 
 from tcae_ldm.cli import main, run
-from tcae_ldm.utils.checkpoints import TRUST_ENV, CorruptCheckpointError, UntrustedFileError, checked, read_checkpoint
+from tcae_ldm.utils.checkpoints import (
+    TRUST_ENV,
+    CorruptCheckpointError,
+    UntrustedFileError,
+    checked,
+    load_torch_file,
+    read_checkpoint,
+)
 from tests.tiny import REPO, TINY, tiny_data, tiny_dit_checkpoint, tiny_latent_cache, tiny_module, tiny_trainer
 
 PACKAGE = os.path.join(REPO, "tcae_ldm")
@@ -169,9 +177,10 @@ def _entry_points():
 
 
 def _record_stats_checksum(cache):
-    from tcae_ldm.latents.cache import record_stats_checksum
-
-    record_stats_checksum(cache)
+    meta = json.loads(open(os.path.join(cache, "metadata.json")).read())
+    meta["stats_sha256"] = hashlib.sha256(open(os.path.join(cache, "latents_stats.pt"), "rb").read()).hexdigest()
+    with open(os.path.join(cache, "metadata.json"), "w") as f:
+        json.dump(meta, f)
 
 
 ENTRY_POINTS = _entry_points()
@@ -191,7 +200,8 @@ def test_no_entry_point_executes_a_pickle(name, made, tmp_path, capsys, monkeypa
     if name == "damaged-checkpoint probe":  # the foreign file is not offered as the one to resume from
         assert "no intact checkpoint is left beside it" in message and "step7" not in message
         return
-    assert REFUSED in message and "pathlib.Path" in message and evil in message, message
+    named = str(tmp_path / "cache" / "latents_stats.pt") if name == "latents_stats.pt" else evil  # a copy there
+    assert REFUSED in message and "pathlib.Path" in message and named in message, message
     assert f"{TRUST_ENV}=1" in message
     assert "\n" not in message and "Traceback" not in message
     assert not (tmp_path / "out").exists()  # refused before anything is written
@@ -200,8 +210,8 @@ def test_no_entry_point_executes_a_pickle(name, made, tmp_path, capsys, monkeypa
 def test_legacy_format_is_refused_by_the_load_itself(tmp_path):
     """torch's pre-zip format cannot be scanned statically: the weights_only load refuses it, named."""
     evil = evil_checkpoint(tmp_path / "old.pt", tmp_path / "SENTINEL", legacy=True)
-    with pytest.raises(UntrustedFileError, match=r"checkpoint .*old\.pt holds pickled objects that loading would have to run code to build \(getattr\)"):
-        from tcae_ldm.utils.checkpoints import load_torch_file
+    refused = r"checkpoint .*old\.pt holds pickled objects that loading would have to run code to build \(getattr\)"
+    with pytest.raises(UntrustedFileError, match=refused):
         load_torch_file(evil)
     assert not (tmp_path / "SENTINEL").exists()
 
