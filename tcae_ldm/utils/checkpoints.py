@@ -91,10 +91,9 @@ def _first_reason(error: Exception) -> str:
     return (told or lines or [type(error).__name__])[0][:160]
 
 
-def check_file(path: str, what: str = "checkpoint", archive: bool = False) -> list[str]:
+def check_file(path: str, what: str = "checkpoint", archive: bool = False) -> None:
     """The checks before any load: the file exists, is intact (CRCs; archive: it must be a torch.save archive, as
-    every checkpoint of Lightning is) and holds no foreign pickled objects (UntrustedFileError unless trusted).
-    Returns the foreign globals that trust allows ([] otherwise)."""
+    every checkpoint of Lightning is) and holds no foreign pickled objects (UntrustedFileError unless trusted)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path} does not exist")
     if archive or zipfile.is_zipfile(path) or os.path.getsize(path) == 0:
@@ -102,7 +101,6 @@ def check_file(path: str, what: str = "checkpoint", archive: bool = False) -> li
     foreign = foreign_globals(path)
     if foreign and not trust_pickles():
         raise UntrustedFileError(refusal_message(path, what, foreign))
-    return foreign
 
 
 @contextlib.contextmanager
