@@ -33,7 +33,8 @@ class LatentDataset(Dataset):
 
     def __init__(self, cache_dir: str, shards: list[str], in_memory: bool = True, with_flip: bool = True,
                  infos: dict | None = None, num_classes: int | None = None):
-        self.paths = [os.path.join(cache_dir, plain_name(s, f"{cache_dir}/metadata.json")) for s in shards]
+        where = f"latent cache metadata {os.path.join(cache_dir, 'metadata.json')}"
+        self.paths = [os.path.join(cache_dir, plain_name(s, where)) for s in shards]
         self.keys = {"latent": "latents", "latent_flip": "latents_flip"} if with_flip else {"latent": "latents"}
         self.infos, self.num_classes = [(infos or {}).get(s) for s in shards], num_classes
         loaded = [load_shard(p, i, num_classes) for p, i in zip(self.paths, self.infos)] if in_memory else None
