@@ -186,13 +186,14 @@ def cli_class():
 
         def _parse_ckpt_path(self) -> None:
             # `--ckpt_path FILE` is checked before Lightning reads its hyper-parameters with a bare torch.load,
-            # whose error on a truncated file names neither the file nor what to resume from
-            from tcae_ldm.utils.checkpoints import check_checkpoint_file
+            # whose error on a truncated or foreign file names neither the file nor what to do
+            import contextlib
+
+            from tcae_ldm.utils.checkpoints import checked
 
             path = self.config.get(self.config.get("subcommand") or "", {}).get("ckpt_path")
-            if path and os.path.isfile(path):
-                check_checkpoint_file(path)
-            super()._parse_ckpt_path()
+            with checked(path, "--ckpt_path") if path and os.path.isfile(path) else contextlib.nullcontext():
+                super()._parse_ckpt_path()
 
         def before_fit(self):
             if self.config_init[self.subcommand].get("ckpt_path") == "last":

@@ -11,16 +11,23 @@ training sampler hands the dataset (epoch, index) keys, so a worker, a rank or a
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Callable, Literal
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from tcae_ldm.data.folders import (
+    find_images,  # noqa: F401  (the commands import it from here)
+    has_transparency,
+    read_class_list,
+    scan_image_folder,
+    transparent_images,
+)
 from tcae_ldm.data.sampling import (
     EpochSampler,
     ResumableImageLoader,
@@ -29,6 +36,11 @@ from tcae_ldm.data.sampling import (
 )
 from tcae_ldm.data.transforms import ImageTransform, center_crop_arr
 from tcae_ldm.data.views import MultiCropConfig, train_transform, views_to_unit
+
+
+ORIENTATION_TAG = 0x0112  # EXIF Orientation
+TRANSPARENT_BACKGROUND = (255, 255, 255)  # white, what browsers, torchvision-style RGB converts and most pipelines
+                                          # show behind a transparent image
 
 
 class UnusableImageError(RuntimeError):
@@ -47,9 +59,26 @@ class ImageTooSmallError(UnusableImageError):
 #                                 Decoding files                                 #
 #################################################################################
 
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag of an opened image (1: upright, 2-8: mirrored and/or rotated; 1 when absent)."""
+    if img.format not in ("JPEG", "MPO", "TIFF", "WEBP"):  # PIL would decode a PNG whole to look for EXIF
+        return 1
+    value = img.getexif().get(ORIENTATION_TAG, 1)
+    return value if value in range(1, 9) else 1
+
+
+def upright(img: Image.Image, orientation: int) -> Image.Image:
+    """The image as a viewer shows it: its EXIF orientation applied (a portrait photo stays portrait)."""
+    return ImageOps.exif_transpose(img) if orientation > 1 else img
+
+
 def _to_rgb8(img: Image.Image, path: str) -> Image.Image:
-    """An 8-bit RGB image. 16-bit and 32-bit integer images are scaled (65535 -> 255), float images in [0, 1]
-    likewise; PIL's own convert() clips them instead, which turns a mid-grey 16-bit PNG almost white."""
+    """An 8-bit RGB image. Transparency is composited onto white (TRANSPARENT_BACKGROUND). 16-bit and 32-bit
+    integer images are scaled (65535 -> 255), float images in [0, 1] likewise; PIL's own convert() clips them
+    instead, which turns a mid-grey 16-bit PNG almost white."""
+    if has_transparency(img):
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, TRANSPARENT_BACKGROUND + (255,)), rgba).convert("RGB")
     if img.mode == "RGB":
         img.load()
         return img
@@ -69,15 +98,16 @@ def load_item(path: str, transform, rng: torch.Generator | None, min_side: int =
     and transformed. Unusable files raise an UnusableImageError that names them."""
     try:
         with Image.open(path) as f:
-            size = f.size
+            orientation = exif_orientation(f)
+            size = f.size[::-1] if orientation >= 5 else f.size  # 5-8 turn the image a quarter: as displayed
             if min(size) < min_side:
                 raise ImageTooSmallError(f"image {path} is {size[0]}x{size[1]}, below data.min_image_side="
                                          f"{min_side} (lower it, or set data.skip_corrupt: true to skip such files)")
             params = transform.draw(size, rng)
             reduction = transform.decode_reduction(size, params)
-            if reduction > 1 and f.format == "JPEG":
-                f.draft(f.mode, (size[0] // reduction, size[1] // reduction))
-            img = _to_rgb8(f, path)
+            if reduction > 1 and f.format == "JPEG":  # the draft is of the stored (not yet turned) image
+                f.draft(f.mode, (f.size[0] // reduction, f.size[1] // reduction))
+            img = _to_rgb8(upright(f, orientation), path)
     except UnusableImageError:
         raise
     except Exception as e:  # PIL raises several types for truncated or non-image files
@@ -89,7 +119,7 @@ def read_image(path: str) -> Image.Image:
     """The 8-bit RGB image in a file (at full size), or an UnusableImageError naming the file."""
     try:
         with Image.open(path) as f:
-            return _to_rgb8(f, path)
+            return _to_rgb8(upright(f, exif_orientation(f)), path)
     except UnusableImageError:
         raise
     except Exception as e:
@@ -100,73 +130,14 @@ def read_image(path: str) -> Image.Image:
 #                                  Folders                                       #
 #################################################################################
 
-def find_images(root: str) -> list[str]:
-    """Every image file under root, recursively, in a stable order."""
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder {root!r} does not exist")
-    paths = [os.path.join(d, f) for d, _, files in os.walk(root, followlinks=True) for f in files
-             if f.lower().endswith(IMG_EXTENSIONS)]
-    if not paths:
-        raise FileNotFoundError(f"no image files ({', '.join(IMG_EXTENSIONS)}) under {root!r}")
-    return sorted(paths)
-
-
-def _class_files(folder: str) -> list[str]:
-    return [os.path.join(d, f) for d, _, files in sorted(os.walk(folder, followlinks=True)) for f in sorted(files)
-            if f.lower().endswith(IMG_EXTENSIONS)]
-
-
-def scan_image_folder(root: str, classes: list[str] | None = None
-                      ) -> tuple[list[tuple[str, int]], list[str], list[str]]:
-    """(path, class index) for every image under root/<class>/..., the class names, and the class folders that
-    hold no image.
-
-    Without `classes`, the index is the sorted class folders that hold images (an empty folder is not a class).
-    With `classes` (the training split's, or a class-list file), every folder must be one of them, and labels
-    are positions in that list; a split may lack some of the classes.
-    """
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder {root!r} does not exist")
-    folders = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    if not folders:
-        raise FileNotFoundError(f"image folder {root!r} has no class sub-folders (expected {root}/<class>/<image>)")
-    files = {name: _class_files(os.path.join(root, name)) for name in folders}
-    empty = [name for name in folders if not files[name]]
-    if classes is None:
-        classes = [name for name in folders if files[name]]
-    else:
-        unknown = [name for name in folders if name not in classes and files[name]]
-        if unknown:
-            raise ValueError(f"image folder {root!r} has classes that training does not know: {unknown[:10]}"
-                             f"{' ...' if len(unknown) > 10 else ''} (the class index has {len(classes)} classes)")
-    index = {name: i for i, name in enumerate(classes)}
-    samples = [(path, index[name]) for name in folders if files[name] for path in files[name]]
-    if not samples:
-        raise FileNotFoundError(f"image folder {root!r} has class folders {folders[:5]} but no image files "
-                                f"({', '.join(IMG_EXTENSIONS)})")
-    return samples, list(classes), empty
-
-
-def read_class_list(path: str) -> list[str]:
-    """Class names, one per line (blank lines and #-comments ignored): the class index, in order."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"class list {path!r} does not exist")
-    with open(path) as f:
-        names = [line.split("#", 1)[0].strip() for line in f]
-    names = [n for n in names if n]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if not names or dupes:
-        raise ValueError(f"class list {path} " + (f"repeats {dupes[:5]}" if dupes else "has no class names"))
-    return names
-
-
 class ImageFolderDataset(Dataset):
     """ImageNet-style tree root/<class>/<image>; an unusable file raises naming it, or yields None if skipped."""
 
     def __init__(self, root: str, transform: Callable, skip_corrupt: bool = False, classes: list[str] | None = None,
                  min_side: int = 0, seed: int = 0):
         self.root = root
-        self.samples, self.classes, self.empty_classes = scan_image_folder(root, classes)
+        self.samples, self.classes, self.empty_classes, self.ignored = scan_image_folder(root, classes)
+        self.transparent = transparent_images([p for p, _ in self.samples])  # composited onto white when decoded
         self.transform, self.skip_corrupt, self.min_side, self.seed = transform, skip_corrupt, min_side, seed
 
     def __len__(self):
@@ -351,11 +322,20 @@ class ImageFolderDataModule(ImageDataModule):
             folders that hold images, sorted).
         min_image_side: images whose short side is smaller are unusable (an error, or skipped with
             skip_corrupt); null = half the image size, so the centre crop upsamples by at most 2x.
+        transparency: images with an alpha channel or a transparent colour: 'white' composites them onto white
+            (with a warning that counts them), 'refuse' stops setup naming them.
+
+    Names starting with a dot are ignored, symlinked folders are followed once, a symlink loop is refused
+    (tcae_ldm.data.folders); EXIF orientation is applied. The log's summary line says what was left out.
     """
 
     def __init__(self, root: str, train_dir: str = "train", val_dir: str = "val", skip_corrupt: bool = False,
-                 class_list: str | None = None, min_image_side: int | None = None, **kwargs):
+                 class_list: str | None = None, min_image_side: int | None = None,
+                 transparency: Literal["white", "refuse"] = "white", **kwargs):
         super().__init__(**kwargs)
+        if transparency not in ("white", "refuse"):
+            raise ValueError(f"data.transparency must be 'white' or 'refuse', got {transparency!r}")
+        self.transparency = transparency
         self.root, self.train_dir, self.val_dir, self.skip_corrupt = root, train_dir, val_dir, skip_corrupt
         self.class_list = class_list
         self.min_image_side = (self.image_size + 1) // 2 if min_image_side is None else min_image_side
@@ -381,5 +361,15 @@ class ImageFolderDataModule(ImageDataModule):
         if missing:
             rank_zero_warn(f"{len(missing)} classes of {self.class_list} have no training image: {missing[:10]}")
         for name, ds in (("train", self.train_set), ("val", self.val_set)):
+            self._check_transparency(ds)
             rank_zero_info(f"{name}: {len({y for _, y in ds.samples})} of {self.num_classes} classes, "
-                           f"{len(ds)} images ({ds.root})")
+                           f"{len(ds)} images ({ds.root}){ds.ignored.summary()}")
+
+    def _check_transparency(self, ds: ImageFolderDataset) -> None:
+        if not ds.transparent:
+            return
+        what = f"{len(ds.transparent)} images under {ds.root} have transparency (e.g. {ds.transparent[0]})"
+        if self.transparency == "refuse":
+            raise ValueError(f"{what}; data.transparency: refuse stops here (convert them to RGB, or set "
+                             f"data.transparency: white to composite them onto white)")
+        rank_zero_warn(f"{what}: they are composited onto white (data.transparency: white; 'refuse' stops instead)")

@@ -15,8 +15,10 @@ stats.safetensors for a shard). The checks that refuse a damaged or foreign cach
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
+import logging
 import os
 from typing import Literal
 
@@ -30,14 +32,19 @@ from torch.utils.data import DataLoader, Dataset
 
 from tcae_ldm.data.images import ImageDataModule, collate_skipping
 from tcae_ldm.latents.frozen import describe_identity
-from tcae_ldm.latents.shards import CACHE_DTYPES, ShardError, load_shard, write_shard
+from tcae_ldm.latents.layouts import foreign_layout
+from tcae_ldm.latents.shards import CACHE_DTYPES, ShardError, load_shard, plain_name, write_shard
 from tcae_ldm.utils.atomic import write_bytes_atomic
+from tcae_ldm.utils.checkpoints import UntrustedFileError, load_torch_file
 
 SHARD_GLOB = "shard-r*-*.safetensors"
 CACHE_FORMAT = 2
 STATS_FILE = "latents_stats.pt"         # LightningDiT's name and layout: {"mean", "std"} of shape (1, c, 1, 1)
 OLD_STATS_FILE = "stats.safetensors"    # format 1
 METADATA_FILE = "metadata.json"
+_UNCHECKED_STATS: set[str] = set()  # statistics files already warned about in this process
+
+log = logging.getLogger(__name__)
 
 
 #################################################################################
@@ -113,8 +120,11 @@ def read_stats(cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (mean, std), each (c,), of a cache (latents_stats.pt, or a format-1 stats.safetensors)."""
     path = os.path.join(cache_dir, STATS_FILE)
     if os.path.isfile(path):
+        check_stats_checksum(cache_dir, path)
         try:
-            stats = torch.load(path, map_location="cpu", weights_only=True)
+            stats = load_torch_file(path, what="latent statistics")
+        except (UntrustedFileError, FileNotFoundError):
+            raise
         except Exception as e:
             raise ShardError(f"latent statistics {path} cannot be read ({e}); re-cache") from None
     elif os.path.isfile(os.path.join(cache_dir, OLD_STATS_FILE)):
@@ -122,6 +132,28 @@ def read_stats(cache_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         raise FileNotFoundError(f"latent cache {cache_dir} has no {STATS_FILE}; re-cache")
     return stats["mean"].float().flatten(), stats["std"].float().flatten()
+
+
+def check_stats_checksum(cache_dir: str, path: str) -> None:
+    """latents_stats.pt against the sha256 metadata.json recorded when the cache was written (ShardError when it
+    differs); a cache written before checksums were recorded is read with a one-line warning, once per process."""
+    try:
+        with open(os.path.join(cache_dir, METADATA_FILE)) as f:
+            recorded = json.load(f).get("stats_sha256")
+    except (OSError, ValueError, AttributeError):
+        recorded = None  # no readable metadata: the reader of the metadata names that problem
+    if recorded is None:
+        if path not in _UNCHECKED_STATS:
+            _UNCHECKED_STATS.add(path)
+            log.warning("latent statistics %s are read unchecked: metadata.json records no checksum of them "
+                        "(a cache written before checksums were recorded; re-cache to have them checked)", path)
+        return
+    with open(path, "rb") as f:
+        actual = hashlib.sha256(f.read()).hexdigest()
+    if actual != recorded:
+        raise ShardError(f"latent statistics {path} differ from the checksum metadata.json recorded when the cache "
+                         f"was written (sha256 {actual[:12]}, recorded {recorded[:12]}): they were rewritten or "
+                         f"damaged; re-cache")
 
 
 class LatentNormalizer(nn.Module):
@@ -179,10 +211,12 @@ def write_json(path: str, obj: dict) -> None:
     write_bytes_atomic(path, json.dumps(obj, indent=2).encode(), group_readable=True)
 
 
-def write_stats(output_dir: str, mean: torch.Tensor, std: torch.Tensor) -> None:
+def write_stats(output_dir: str, mean: torch.Tensor, std: torch.Tensor) -> str:
+    """Write latents_stats.pt; returns its sha256, which metadata.json records."""
     buf = io.BytesIO()
     torch.save({"mean": mean.float().view(1, -1, 1, 1), "std": std.float().view(1, -1, 1, 1)}, buf)
     write_bytes_atomic(os.path.join(output_dir, STATS_FILE), buf.getvalue(), group_readable=True)
+    return hashlib.sha256(buf.getvalue()).hexdigest()
 
 
 def finish_cache(output_dir: str, sums: torch.Tensor, count: int, shards: dict[str, dict], meta: dict,
@@ -191,9 +225,9 @@ def finish_cache(output_dir: str, sums: torch.Tensor, count: int, shards: dict[s
     crc32}), the mark of a complete cache."""
     mean = sums[0] / sums[2]
     std = (sums[1] / sums[2] - mean * mean).clamp_min(1e-12).sqrt()
-    write_stats(output_dir, mean, std)
+    digest = write_stats(output_dir, mean, std)
     meta = {"format": CACHE_FORMAT, **meta, "count": int(count), "dtype": dtype, "shards": sorted(shards),
-            "shard_info": {k: shards[k] for k in sorted(shards)}, "stats_file": STATS_FILE,
+            "shard_info": {k: shards[k] for k in sorted(shards)}, "stats_file": STATS_FILE, "stats_sha256": digest,
             "stats": "per-channel mean/std over latents and latents_flip"}
     write_json(os.path.join(output_dir, METADATA_FILE), meta)
 
@@ -326,6 +360,9 @@ class LatentCacheWriter(BasePredictionWriter):
 def read_metadata(cache_dir: str) -> dict:
     path = os.path.join(cache_dir, METADATA_FILE)
     if not os.path.isfile(path):
+        foreign = foreign_layout(cache_dir)
+        if foreign:
+            raise FileNotFoundError(foreign)
         state = "has shards but no metadata.json (an unfinished caching run)" if glob.glob(
             os.path.join(cache_dir, SHARD_GLOB)) else "does not exist or is empty"
         raise FileNotFoundError(f"latent cache {cache_dir} {state}; write it with "
@@ -338,4 +375,6 @@ def read_metadata(cache_dir: str) -> dict:
     if meta.get("format", 1) > CACHE_FORMAT:
         raise ValueError(f"latent cache {cache_dir} has format {meta['format']}; this code reads up to "
                          f"{CACHE_FORMAT}: update tcae-ldm")
+    for name in [*meta.get("shards", []), *(meta.get("shard_info") or {})]:
+        plain_name(name, f"latent cache metadata {path}")
     return meta

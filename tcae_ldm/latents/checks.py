@@ -25,7 +25,7 @@ from tcae_ldm.latents.frozen import (
     identity_mismatch,
     load_autoencoder,
 )
-from tcae_ldm.latents.shards import ShardError, shard_problems, shard_rows
+from tcae_ldm.latents.shards import ShardError, plain_name, shard_problems, shard_rows
 
 
 def cache_problems(cache_dir: str, metadata: dict) -> list[str]:
@@ -34,7 +34,7 @@ def cache_problems(cache_dir: str, metadata: dict) -> list[str]:
     problems = []
     rows = 0
     for name in metadata.get("shards", []):
-        path = os.path.join(cache_dir, name)
+        path = os.path.join(cache_dir, plain_name(name, f"latent cache metadata {cache_dir}/{METADATA_FILE}"))
         found = shard_problems(path, infos.get(name), metadata.get("latent_shape"), metadata.get("dtype"))
         problems += found
         if not found:
@@ -71,9 +71,9 @@ def upgrade_cache(cache_dir: str) -> None:
     for name in meta["shards"]:
         blob = open(os.path.join(cache_dir, name), "rb").read()
         infos[name] = {"rows": shard_rows(os.path.join(cache_dir, name)), "bytes": len(blob), "crc32": zlib.crc32(blob)}
-    write_stats(cache_dir, *read_stats(cache_dir))
+    digest = write_stats(cache_dir, *read_stats(cache_dir))
     write_json(os.path.join(cache_dir, METADATA_FILE), {**meta, "format": CACHE_FORMAT, "shard_info": infos,
-                                                         "stats_file": STATS_FILE})
+                                                         "stats_file": STATS_FILE, "stats_sha256": digest})
     os.remove(os.path.join(cache_dir, OLD_STATS_FILE))
 
 

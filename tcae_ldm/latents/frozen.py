@@ -92,7 +92,6 @@ def describe_identity(identity: dict) -> str:
 
 def read_module_checkpoint(path: str, family: str) -> tuple[dict, dict]:
     """(hyper_parameters, autoencoder weights) of an AutoencoderModule checkpoint; the EMA weights when present."""
-    # Our own training checkpoints (trusted): their hyper-parameters may hold config dataclasses.
     ckpt = read_checkpoint(path, what="autoencoder checkpoint")
     hp = ckpt.get("hyper_parameters") or {}
     if "net" not in hp or "state_dict" not in ckpt:

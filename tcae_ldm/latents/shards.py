@@ -12,6 +12,7 @@ import struct
 import zlib
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
@@ -97,25 +98,80 @@ def shard_rows(path: str) -> int:
     return tensors["labels"]["shape"][0]
 
 
-def load_shard(path: str, info: dict | None = None) -> dict[str, torch.Tensor]:
+def load_shard(path: str, info: dict | None = None, num_classes: int | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of a shard, read whole; its size and CRC-32 checked against `info` when the metadata has them,
-    else its latents checked to be finite. ShardError naming the file otherwise."""
+    its latents checked to be finite and its labels to lie in [0, num_classes). ShardError naming the file."""
     with open(path, "rb") as f:
         blob = f.read()
-    if info and "crc32" in info:
-        if len(blob) != info["bytes"] or zlib.crc32(blob) != info["crc32"]:
-            raise ShardError(f"cache shard {path} is garbled: its size or CRC-32 differs from what metadata.json "
-                             f"recorded when it was written ({len(blob)} vs {info['bytes']} bytes); re-cache it")
+    if info and "crc32" in info and (len(blob) != info["bytes"] or zlib.crc32(blob) != info["crc32"]):
+        raise ShardError(_crc_message(path, len(blob), info))
     try:
         data = load_bytes(blob)
     except Exception as e:  # safetensors' own error does not name the file
         raise ShardError(f"cache shard {path} cannot be read ({e})") from None
-    if not info or "crc32" not in info:  # a cache written before CRCs were recorded: at least no NaN / inf
-        check_finite(data, path)
+    check_values(data, path, num_classes)
     return data
 
 
-def check_finite(data: dict, path: str) -> None:
+def _crc_message(path: str, size: int, info: dict) -> str:
+    return (f"cache shard {path} is garbled: its size or CRC-32 differs from what metadata.json recorded when it "
+            f"was written ({size} vs {info['bytes']} bytes); re-cache it")
+
+
+def verify_shard(path: str, info: dict | None, num_classes: int | None = None) -> None:
+    """load_shard's checks on a shard that is served memory-mapped: the file is streamed for its CRC-32 and its
+    tensors are mapped for the value checks, so that no shard is held in memory twice."""
+    if info and "crc32" in info:
+        crc, size = 0, 0
+        with open(path, "rb") as f:
+            while chunk := f.read(16 << 20):
+                crc, size = zlib.crc32(chunk, crc), size + len(chunk)
+        if size != info["bytes"] or crc != info["crc32"]:
+            raise ShardError(_crc_message(path, size, info))
+    try:
+        with safe_open(path, "pt") as f:
+            data = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors' own error does not name the file
+        raise ShardError(f"cache shard {path} cannot be read ({e})") from None
+    check_values(data, path, num_classes)
+
+
+def _row_name(data: dict, r: int) -> str:
+    index = f" (image index {int(data['indices'][r])})" if "indices" in data and len(data["indices"]) > r else ""
+    return f"row {r}{index}"
+
+
+def check_values(data: dict, path: str, num_classes: int | None = None) -> None:
+    """ShardError naming the shard and the first row whose latent is not finite or whose label is not a class:
+    either would surface later as a NaN loss or an IndexError deep inside the DiT."""
     for key in ("latents", "latents_flip"):
-        if key in data and not torch.isfinite(data[key]).all():
-            raise ShardError(f"cache shard {path} holds non-finite values in {key} (a garbled file); re-cache it")
+        if key in data:
+            finite = torch.isfinite(data[key]).flatten(1).all(1)
+            if not finite.all():
+                r = int((~finite).nonzero()[0])
+                raise ShardError(f"cache shard {path} holds a non-finite latent in {key} at {_row_name(data, r)} "
+                                 f"(a garbled file); re-cache it")
+    check_labels(data, path, num_classes)
+
+
+def check_labels(data: dict, path: str, num_classes: int | None) -> None:
+    if num_classes is None or "labels" not in data:
+        return
+    labels = data["labels"]
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        r = int(bad.nonzero()[0])
+        raise ShardError(f"cache shard {path} has label {int(labels[r])} at {_row_name(data, r)}, outside the "
+                         f"{num_classes} classes metadata.json records (num_classes); re-cache it")
+
+
+def plain_name(name, where: str) -> str:
+    """`name` when it is a plain file name inside the cache folder; ShardError naming the entry otherwise (a name
+    from metadata.json must not reach files outside the folder)."""
+    separators = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    if (not isinstance(name, str) or name in ("", ".", "..") or os.path.isabs(name) or "\x00" in name
+            or any(sep in name for sep in separators)):
+        raise ShardError(f"{where} names {name!r}, which is not a plain file name inside the cache folder (no folders, "
+                         f"'..' or absolute paths are allowed); re-cache, or restore the metadata.json it was written "
+                         f"with")
+    return name

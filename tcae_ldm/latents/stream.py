@@ -17,7 +17,7 @@ from tcae_ldm.latents.checks import (
     check_expected_keys,
     verify_cache,
 )
-from tcae_ldm.latents.shards import ShardError, check_finite, load_shard
+from tcae_ldm.latents.shards import ShardError, check_labels, load_shard, plain_name, verify_shard
 from tcae_ldm.utils.seeding import default_seed, seed_of
 
 
@@ -26,15 +26,18 @@ class LatentDataset(Dataset):
 
     in_memory loads every shard, checking its size and CRC-32 against `infos` (metadata.json's shard_info) as it
     is opened; otherwise items are read from the memory-mapped shards, which the page cache shares between the
-    ranks of a machine, and each item read is checked to be finite. A damaged shard is a ShardError naming it.
+    ranks of a machine, and each shard gets the same checks before its first item is served, once per process
+    (lazily: start-up reads only the labels). Latents must be finite and labels in [0, num_classes). A damaged
+    shard is a ShardError naming it (and the row).
     """
 
     def __init__(self, cache_dir: str, shards: list[str], in_memory: bool = True, with_flip: bool = True,
-                 infos: dict | None = None):
-        self.paths = [os.path.join(cache_dir, s) for s in shards]
+                 infos: dict | None = None, num_classes: int | None = None):
+        where = f"latent cache metadata {os.path.join(cache_dir, 'metadata.json')}"
+        self.paths = [os.path.join(cache_dir, plain_name(s, where)) for s in shards]
         self.keys = {"latent": "latents", "latent_flip": "latents_flip"} if with_flip else {"latent": "latents"}
-        infos = infos or {}
-        loaded = [load_shard(p, infos.get(s)) for s, p in zip(shards, self.paths)] if in_memory else None
+        self.infos, self.num_classes = [(infos or {}).get(s) for s in shards], num_classes
+        loaded = [load_shard(p, i, num_classes) for p, i in zip(self.paths, self.infos)] if in_memory else None
         rows, labels = {}, {}
         for s, path in enumerate(self.paths):
             if loaded is not None:
@@ -42,6 +45,7 @@ class LatentDataset(Dataset):
             else:
                 with self._open(path) as f:
                     indices, ys = f.get_tensor("indices"), f.get_tensor("labels")
+                check_labels({"labels": ys, "indices": indices}, path, num_classes)
             for r, (i, y) in enumerate(zip(indices.tolist(), ys.tolist())):
                 if i not in rows:
                     rows[i], labels[i] = (s, r), y
@@ -67,10 +71,10 @@ class LatentDataset(Dataset):
 
     def _row(self, key: str, s: int, r: int) -> torch.Tensor:
         if s not in self._handles:  # opened lazily, so that each DataLoader worker has its own mmap
+            # checked whole before its first item: a garbled shard is named here, not blamed on the loss later
+            verify_shard(self.paths[s], self.infos[s], self.num_classes)
             self._handles[s] = self._open(self.paths[s])
-        z = self._handles[s].get_slice(key)[r: r + 1]
-        check_finite({key: z}, self.paths[s])  # a garbled shard is named here, not blamed on the loss later
-        return z[0]
+        return self._handles[s].get_slice(key)[r: r + 1][0]
 
     def __getitem__(self, n):
         s, r = self.rows[n]
@@ -197,7 +201,7 @@ class LatentDataModule(L.LightningDataModule):
         shards = self.metadata["shards"]  # reads and checks metadata.json first
         self.normalizer = LatentNormalizer.from_cache(self.cache_dir)
         self.train_set = LatentDataset(self.cache_dir, shards, self.in_memory, self.random_flip,
-                                       self.metadata.get("shard_info"))
+                                       self.metadata.get("shard_info"), self.num_classes)
 
     def train_dataloader(self) -> ResumableLoader:
         trainer = self.trainer

@@ -3,7 +3,8 @@
 Lightning's TorchCheckpointIO serialises into memory and moves a temporary from $TMPDIR over the target: on
 another filesystem that move is a copy, so a full disk leaves a partial file under the final name and the
 temporary behind. AtomicCheckpointIO writes straight into a temporary beside the target, fsyncs and renames it
-(tcae_ldm.utils.atomic), and reads with a CRC check and one clear error (tcae_ldm.utils.checkpoints).
+(tcae_ldm.utils.atomic), and reads through the project's one loader: CRC-checked, never executing code, with
+one clear error (tcae_ldm.utils.checkpoints).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
 from tcae_ldm.utils.atomic import atomic_write, remove_stale_temporaries
-from tcae_ldm.utils.checkpoints import read_checkpoint
+from tcae_ldm.utils.checkpoints import read_checkpoint, trust_pickles
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, f)
 
     def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None) -> dict[str, Any]:
+        # whatever Lightning asks for, nothing is unpickled unless the user trusts it (utils.checkpoints)
         if not _is_local(path):
-            return super().load_checkpoint(path, map_location, weights_only)
-        return read_checkpoint(str(path), map_location=map_location, weights_only=weights_only)
+            return super().load_checkpoint(path, map_location, weights_only=not trust_pickles())
+        return read_checkpoint(str(path), map_location=map_location)
 
 
 def install_atomic_checkpoints(trainer) -> None:

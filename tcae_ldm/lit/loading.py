@@ -1,9 +1,9 @@
 """Loading the modules that a command is given: what a checkpoint file holds, and one clear line when it is not
 what the command needs (damaged files are named by tcae_ldm.utils.checkpoints).
 
-Files are read with torch.load(weights_only=True): the project's config dataclasses are registered as safe where
-they are defined, and facebookresearch/DiT's train.py checkpoints carry an argparse.Namespace, allowed here.
-Anything else pickled in the file is refused without being unpickled.
+Files are read by the project's one loader (tcae_ldm.utils.checkpoints): nothing pickled in them is built unless it
+is a tensor, a plain value or a type registered as safe; anything else is refused in one line without being
+unpickled (TCAE_LDM_TRUST_PICKLE=1 loads a file the user trusts).
 
     kind            what it is                                       read by
     "diffusion"     a DiffusionModule checkpoint (tcae-ldm fit on a DiT config)      sample, export
@@ -13,7 +13,6 @@ Anything else pickled in the file is refused without being unpickled.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import zipfile
@@ -24,9 +23,14 @@ from safetensors.torch import load_file, save_file
 # importing the autoencoder module registers its config dataclasses as safe to unpickle
 from tcae_ldm.lit.autoencoder import AutoencoderModule
 from tcae_ldm.lit.diffusion import DiffusionModule
-from tcae_ldm.utils.checkpoints import checkpoint_damage
+from tcae_ldm.utils.checkpoints import (
+    CorruptCheckpointError,
+    UntrustedFileError,
+    checked,
+    checkpoint_damage,
+    load_torch_file,
+)
 
-ALLOWED_GLOBALS = [argparse.Namespace]  # facebookresearch/DiT train.py saves its args
 DIT_EXPECTED = ("a DiT checkpoint: a DiffusionModule's .ckpt (runs/.../dit_*/checkpoints/last.ckpt), a folder of "
                 "`tcae-ldm export` or a facebookresearch/DiT release such as DiT-XL-2-256x256.pt")
 DIT_EXPORT_CLASS = "DiffusionModule"  # _class_name in the config.json of an exported DiT
@@ -52,25 +56,13 @@ def read_expected_checkpoint(path: str, expected: str) -> dict:
         if damage:
             raise CheckpointError(f"{path} cannot be read: {damage}; expected {expected}")
     try:
-        unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception:  # noqa: BLE001  (whatever torch's readers raise, the file is not a complete torch.save)
-        unsafe = None
-    allowed = {f"{g.__module__}.{g.__qualname__}" for g in ALLOWED_GLOBALS}
-    if unsafe and unsafe - allowed:
-        raise CheckpointError(f"{path} holds pickled objects of types {sorted(unsafe - allowed)} that no checkpoint "
-                              f"of this project has (it is not loaded); expected {expected}")
-    error = None
-    for mmap in (True, False):  # files in torch's legacy (non-zip) format cannot be memory-mapped
-        try:
-            with torch.serialization.safe_globals(ALLOWED_GLOBALS):
-                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-            break
-        except Exception as e:  # noqa: BLE001
-            error = e
-    else:
-        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        ckpt = load_torch_file(path, what="checkpoint", mmap=True)
+    except (UntrustedFileError, CorruptCheckpointError):
+        raise
+    except Exception as e:  # noqa: BLE001  (whatever torch's readers raise, the file is not a complete torch.save)
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(f"{path} cannot be read as a checkpoint (truncated, or not written by torch.save: "
-                              f"{type(error).__name__}: {reason}); expected {expected}")
+                              f"{type(e).__name__}: {reason}); expected {expected}") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dictionary; expected {expected}")
     return ckpt
@@ -105,7 +97,8 @@ def load_diffusion_module(path: str, autoencoder: dict | None = None) -> Diffusi
     if kind != "diffusion":
         raise CheckpointError(f"{path} is {what}; expected {DIT_EXPECTED}")
     del ckpt
-    return DiffusionModule.load_from_checkpoint(path, map_location="cpu")
+    with checked(path):
+        return DiffusionModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
 
 
 def load_autoencoder_module(path: str, **overrides) -> AutoencoderModule:
@@ -113,7 +106,8 @@ def load_autoencoder_module(path: str, **overrides) -> AutoencoderModule:
     kind, what = checkpoint_kind(read_expected_checkpoint(path, AUTOENCODER_EXPECTED))
     if kind != "autoencoder":
         raise CheckpointError(f"{path} is {what}; expected {AUTOENCODER_EXPECTED}")
-    return AutoencoderModule.load_from_checkpoint(path, map_location="cpu", **overrides)
+    with checked(path):
+        return AutoencoderModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, **overrides)
 
 
 #################################################################################

@@ -11,6 +11,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from tcae_ldm.utils.checkpoints import load_torch_file
 from tcae_ldm.utils.files import require_weights, torch_hub_file
 from tcae_ldm.utils.precision import autocast_off
 
@@ -35,7 +36,7 @@ def build_lpips(trunk: str = "pretrained") -> nn.Module:
             f"Download {VGG16_URL} on a machine with network access and copy it there (torchvision's cache, "
             f"$TORCH_HOME/hub/checkpoints/), or set the loss's lpips_trunk to the file's path; lpips_weight: 0 "
             f"turns LPIPS off.")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch_file(path, what="LPIPS VGG16 trunk")
         # lpips splits torchvision's `features.{i}` into slices that keep the index i as the module name.
         mapped = {k: state[f"features.{k.split('.', 1)[1]}"] for k in net.net.state_dict()}
         net.net.load_state_dict(mapped)

@@ -14,6 +14,7 @@ IS layer), the demo classifier's 8, the random network's 10 from a fixed random 
 """
 from __future__ import annotations
 
+import io
 import os
 
 import torch
@@ -21,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tcae_ldm.data.transforms import to_uint8
+from tcae_ldm.utils.checkpoints import UntrustedFileError, load_torch_file
 from tcae_ldm.utils.files import require_weights, torch_hub_file
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -72,9 +74,17 @@ class InceptionFeatures(FeatureExtractor):
             FeatureExtractorInceptionV3,
         )
 
+        # torch-fidelity unpickles the file it is given with weights_only=False: it gets our own re-serialisation
+        # of what the project's loader read without executing anything
         try:
+            state, weights = load_torch_file(path, what=f"Inception weight file ({INCEPTION_FILE})"), io.BytesIO()
+            torch.save(state, weights)
+            weights.seek(0)
+            del state
             self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                                   feature_extractor_weights_path=path)
+                                                   feature_extractor_weights_path=weights)
+        except UntrustedFileError:
+            raise
         except Exception as e:  # noqa: BLE001  (torch.load and load_state_dict raise several types)
             raise ValueError(f"{path} is not torch-fidelity's Inception weight file {INCEPTION_FILE} "
                              f"({type(e).__name__}: {first_line(e)})") from None
@@ -156,9 +166,11 @@ class DemoClassifierFeatures(FeatureExtractor):
         require_weights(path, "the demo-classifier FID network",
                         f"Train it on the CPU: tcae-ldm train-demo-classifier --out {path}")
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = load_torch_file(path, what="demo-classifier weight file")
             net = ConvFeatureNet(dim=ckpt["dim"], width=ckpt["width"], num_classes=ckpt["num_classes"])
             net.load_state_dict(ckpt["state_dict"])
+        except UntrustedFileError:
+            raise
         except Exception as e:  # noqa: BLE001  (torch.load, a missing key and load_state_dict raise several types)
             raise ValueError(f"{path} is not a demo-classifier weight file from `tcae-ldm train-demo-classifier` "
                              f"({type(e).__name__}: {first_line(e)})") from None

@@ -107,7 +107,7 @@ def test_wrong_files_and_settings_fail_on_one_line(runs, tmp_path):
         (["--ckpt", str(tmp_path / "empty.ckpt")], f"empty.ckpt is empty (0 bytes); {dit}"),
         (["--ckpt", str(tmp_path / "truncated.ckpt")], "truncated.ckpt cannot be read as a checkpoint (truncated"),
         (["--ckpt", str(tmp_path / "text.ckpt")], "text.ckpt cannot be read as a checkpoint (truncated"),
-        (["--ckpt", str(tmp_path / "opaque.ckpt")], "holds pickled objects of types ['tests.commands.test_sample.Opaque']"),
+        (["--ckpt", str(tmp_path / "opaque.ckpt")], "opaque.ckpt holds pickled objects that loading would have to run code to build (tests.commands.test_sample.Opaque); it was not loaded"),
         (["--ckpt", str(tmp_path)], f"is a folder without config.json and model.safetensors; {dit}"),
         (["--ckpt", ckpt, "--num", "0"], "--num must be at least 1, got 0"),
         (["--ckpt", ckpt, "--batch-size", "-2"], "--batch-size must be at least 1, got -2"),

@@ -6,15 +6,17 @@ import types
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from tcae_ldm.data.images import (
     CorruptImageError,
     ImageFolderDataModule,
     ImageTooSmallError,
     UnusableImageError,
+    load_item,
     read_image,
 )
+from tcae_ldm.data.transforms import ImageTransform
 
 
 def _tree(root, sizes=((40, 30), (64, 64), (90, 50)), classes=("cat", "dog"), val_classes=None):
@@ -284,3 +286,49 @@ def test_training_and_validation_run_past_batches_with_nothing_readable(tmp_path
         path.write_bytes(b"not a png")
     with pytest.raises(UnusableImageError, match="every file of a whole training epoch .4 batches. was unusable"):
         fit(max_steps=100)
+
+
+# ----------------------------------------------------------------------------------------- pixels as a viewer shows
+def _portrait_jpeg(path, size=(256, 128)):
+    """A landscape-stored JPEG (red top half, blue bottom half) whose EXIF says: turn 90 degrees clockwise."""
+    arr = np.zeros((size[1], size[0], 3), np.uint8)
+    arr[: size[1] // 2, :, 0] = 255
+    arr[size[1] // 2:, :, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(arr).save(path, quality=95, exif=exif)
+    with Image.open(path) as f:
+        return np.asarray(ImageOps.exif_transpose(f).convert("RGB"), dtype=np.float64)
+
+
+def test_exif_orientation_is_applied_on_both_decode_paths(tmp_path):
+    shown = _portrait_jpeg(tmp_path / "portrait.jpg")
+    assert shown.shape == (256, 128, 3) and shown[:, :40, 2].mean() > 200  # shown: blue on the left
+    assert np.abs(np.asarray(read_image(str(tmp_path / "portrait.jpg")), dtype=np.float64) - shown).mean() < 2
+    for fast in (True, False):  # the draft decode reads the stored (landscape) image at a quarter size
+        transform = ImageTransform(32, hflip=False, uint8=True, fast=fast)
+        assert transform.decode_reduction((128, 256), transform.draw((128, 256), None)) == (4 if fast else 1)
+        x = load_item(str(tmp_path / "portrait.jpg"), transform, None)["image"].double()  # (3, 32, 32) centre crop
+        assert x[2, :, :8].mean() > 200 and x[0, :, -8:].mean() > 200, fast  # blue left, red right, as shown
+
+
+def test_transparency_is_composited_onto_white_and_counted(tmp_path):
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    rgba[..., 1] = 255  # green hidden under alpha 0 on the left half
+    rgba[:, 20:, :] = (0, 0, 0, 255)  # opaque black on the right half
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    arr = np.asarray(read_image(str(tmp_path / "a.png")))
+    assert (arr[:, :20] == 255).all() and (arr[:, 20:] == 0).all()  # white where transparent, never the green
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for i in range(2):
+            (root / split / "c").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rgba, "RGBA").save(root / split / "c" / f"{i}.png")
+        Image.fromarray(rgba[..., :3]).save(root / split / "c" / "rgb.png")
+        Image.fromarray(rgba[..., :3]).convert("P").save(root / split / "c" / "keyed.png", transparency=0)
+    with pytest.warns(UserWarning, match=rf"3 images under {root / 'train'} have transparency .*composited onto "
+                                         rf"white \(data.transparency: white"):
+        _dm(root)
+    with pytest.raises(ValueError, match=rf"3 images under {root / 'train'} have transparency .*data.transparency: "
+                                         rf"refuse stops here"):
+        _dm(root, transparency="refuse")

@@ -2,6 +2,7 @@
 the DiT run starts or when the shard is opened, naming the shard; cache files are group-readable."""
 import json
 import os
+import re
 import shutil
 import stat
 import struct
@@ -11,6 +12,7 @@ import torch
 
 from tcae_ldm.latents.cache import write_cache
 from tcae_ldm.latents.shards import ShardError
+from tcae_ldm.latents import stream
 from tcae_ldm.latents.stream import LatentDataModule
 
 SHARD = "shard-r0-00000.safetensors"
@@ -78,18 +80,86 @@ def test_metadata_that_disagrees_with_the_shards_is_refused(good, tmp_path):
         _start(cache)
 
 
-def test_a_garbled_shard_is_named_when_it_is_opened(good, tmp_path):
-    cache = _copy(good, tmp_path)
-    data = bytearray((cache / SHARD).read_bytes())
+def _nan_in_first_latent(shard):
+    data = bytearray(shard.read_bytes())
     n = struct.unpack("<Q", data[:8])[0]
     header = json.loads(data[8:8 + n])
     start = 8 + n + header["latents"]["data_offsets"][0]
     data[start:start + 4] = struct.pack("<f", float("nan"))  # the first latent's first value
-    (cache / SHARD).write_bytes(bytes(data))  # same size, valid header: only the contents say it is garbled
-    with pytest.raises(ShardError, match=f"cache shard {cache / SHARD} is garbled: its size or CRC-32 differs"):
+    shard.write_bytes(bytes(data))  # same size, valid header: only the contents say it is garbled
+
+
+def test_a_garbled_shard_is_named_when_it_is_opened(good, tmp_path, monkeypatch):
+    cache = _copy(good, tmp_path)
+    _nan_in_first_latent(cache / SHARD)
+    garbled = f"cache shard {cache / SHARD} is garbled: its size or CRC-32 differs"
+    with pytest.raises(ShardError, match=garbled):
         _start(cache, in_memory=True)
-    dm = _start(cache, in_memory=False)  # memory-mapped: each item is checked as it is read
-    first = dm.train_set.indices.index(0)
-    with pytest.raises(ShardError, match=f"cache shard {cache / SHARD} holds non-finite values in latents"):
-        dm.train_set[first]
-    assert torch.isfinite(dm.train_set[(first + 1) % 12]["latent"]).all()
+    verified = []
+    real = stream.verify_shard
+    monkeypatch.setattr(stream, "verify_shard", lambda *a: (verified.append(a[0]), real(*a)))
+    dm = _start(cache, in_memory=False)  # memory-mapped: start-up stays fast, the CRC is checked at first use
+    assert verified == []
+    with pytest.raises(ShardError, match=garbled):
+        dm.train_set[5]  # any item of the shard, not only the garbled one
+    good_dm = _start(good, in_memory=False)
+    items = [good_dm.train_set[i] for i in range(12)]
+    assert verified == [str(cache / SHARD), str(good / SHARD)]  # once per shard and process
+    assert all(torch.isfinite(it["latent"]).all() for it in items)
+
+
+def _write(tmp_path, z, labels, num_classes=3):
+    meta = {"autoencoder": {"kind": "tcae", "name": "TC-AE-T/p4-c16"}, "image_size": 16, "latent_shape": [4, 2, 2],
+            "num_classes": num_classes}
+    return write_cache(str(tmp_path / "cache"), z, z.flip(-1), labels, meta)
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_a_bad_latent_or_label_is_one_line_naming_shard_and_row(tmp_path, in_memory):
+    """Written so (its CRC agrees): a NaN latent or a label outside num_classes, named before the DiT sees it."""
+    z = torch.randn(12, 4, 2, 2)
+    z[7, 1, 0, 0] = float("inf")
+    cache = _write(tmp_path / "nan", z, torch.arange(12) % 3)
+    with pytest.raises(ShardError, match=rf"^cache shard {cache}/{SHARD} holds a non-finite latent in latents at row 7 "
+                                         rf"\(image index 7\) \(a garbled file\); re-cache it$"):
+        _start(cache, in_memory).train_set[0]
+    labels = torch.arange(12) % 3
+    labels[4] = 3
+    cache = _write(tmp_path / "label", torch.randn(12, 4, 2, 2), labels)
+    with pytest.raises(ShardError, match=rf"^cache shard {cache}/{SHARD} has label 3 at row 4 \(image index 4\), "
+                                         rf"outside the 3 classes metadata.json records"):
+        _start(cache, in_memory)
+
+
+@pytest.mark.parametrize("name", ["../outside/x.safetensors", "/tmp/x.safetensors", "sub/x.safetensors", "..",
+                                  "sub\\x.safetensors"])
+def test_metadata_names_only_files_inside_the_cache(good, tmp_path, name):
+    cache = _copy(good, tmp_path)
+    (tmp_path / "outside").mkdir()
+    shutil.copy(cache / SHARD, tmp_path / "outside" / "x.safetensors")  # what a crafted name would reach
+    meta = json.loads((cache / "metadata.json").read_text())
+    meta["shards"] = [name]
+    meta["shard_info"] = {name: meta["shard_info"][SHARD]}
+    (cache / "metadata.json").write_text(json.dumps(meta))
+    said = f"^latent cache metadata {cache / 'metadata.json'} names {re.escape(repr(name))}, which is not a plain"
+    with pytest.raises(ShardError, match=f"{said} file name inside the cache folder"):
+        _start(cache, in_memory=False)
+
+
+def test_statistics_are_checked_against_their_recorded_checksum(good, tmp_path, caplog):
+    from tcae_ldm.latents.cache import read_stats
+
+    cache = _copy(good, tmp_path)
+    mean, std = read_stats(str(cache))
+    torch.save({"mean": (mean + 1).view(1, -1, 1, 1), "std": std.view(1, -1, 1, 1)}, cache / "latents_stats.pt")
+    with pytest.raises(ShardError, match=f"^latent statistics {cache / 'latents_stats.pt'} differ from the checksum "
+                                         f"metadata.json recorded when the cache was written"):
+        read_stats(str(cache))
+    meta = json.loads((cache / "metadata.json").read_text())
+    del meta["stats_sha256"]  # a cache written before checksums were recorded: read, with one warning
+    (cache / "metadata.json").write_text(json.dumps(meta))
+    with caplog.at_level("WARNING"):
+        read_stats(str(cache))
+        assert torch.equal(read_stats(str(cache))[0], mean + 1)
+    warned = [r.getMessage() for r in caplog.records if "read unchecked" in r.getMessage()]
+    assert len(warned) == 1 and str(cache / "latents_stats.pt") in warned[0] and "\n" not in warned[0]

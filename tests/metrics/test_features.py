@@ -35,8 +35,7 @@ def test_inception_wrapper_scores_uint8_and_float_alike(tmp_path, monkeypatch):
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     fake = tmp_path / INCEPTION_FILE
-    fake.write_bytes(b"")  # present on disk; its loading is stubbed so the net keeps random weights
-    monkeypatch.setattr(torch, "load", lambda *a, **k: {})
+    torch.save({}, fake)  # present on disk, no weights: load_state_dict is stubbed so the net keeps random weights
     monkeypatch.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
     monkeypatch.setattr(FeatureExtractorInceptionV3, "INPUT_IMAGE_SIZE", 75)  # its smallest valid input, for speed
     ext = build_feature_extractor("inception", weights_path=str(fake))
