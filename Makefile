@@ -30,7 +30,8 @@ test-fast: $(TEST_STAMP)
 # CPU demo on the embedded photos. Each step leaves a marker (.done, or the cache's metadata.json, written last),
 # so a rerun skips the steps that are newer than their configs and inputs; `rm -rf runs/demo` starts over.
 #   make demo          TC-AE -> its report -> latent cache -> DiT (with the gFID-proxy curve) -> samples
-#   make compare-demo  the same chain for a DC-AE trained with the same losses and budget, then `tcae-ldm compare`
+#   make compare-demo  the same chain for a DC-AE trained with the same losses and budget at 3x TC-AE's
+#                      encode + decode GMACs (the paper's pair: 3.7x), DiTs of 3 seeds on each cache, then `tcae-ldm compare`
 # ---------------------------------------------------------------------------------------------------------------
 FID      := $(RUNS)/fid
 FEATURES := $(FID)/demo-classifier.pt
@@ -60,13 +61,23 @@ $(RUNS)/%/.done: configs/demo/%.yaml $(FEATURES) | $(DEMO_STAMP)
 $(RUNS)/latents_%/metadata.json: configs/demo/cache_latents_%.yaml $(RUNS)/%/.done
 	$(OFFLINE) $(BIN)/tcae-ldm predict --config configs/demo/cache_latents_$*.yaml $(call gpu_overlay,cache_latents_$*)
 
-# The same DiT on each cache, logging gen/gfid_demo-classifier every 200 steps; then a final sample grid.
-# The DC-AE run is an overlay of the TC-AE one that changes only the cache and the run's name.
+# The same DiT on each cache, logging gen/gfid_demo-classifier every 200 steps; then a final sample grid. A run
+# is dit_<autoencoder> (seed 0) or dit_<autoencoder>_seed<N>: the seed is the only difference between them, so
+# `compare` pools them into one group. The DC-AE run is an overlay of the TC-AE one that changes only the cache
+# and the run's name.
+DIT_SEEDS ?= 0 1 2
 DIT_CONFIGS_tcae := configs/demo/dit_on_tcae.yaml
 DIT_CONFIGS_dcae := configs/demo/dit_on_tcae.yaml configs/demo/dit_on_dcae.yaml
+DIT_GPU_tcae := dit_on_tcae
+DIT_GPU_dcae := dit_on_tcae dit_on_dcae
+dit_ae   = $(firstword $(subst _seed, ,$(1)))
+dit_seed = $(or $(word 2,$(subst _seed, ,$(1))),0)
+dit_runs = $(foreach s,$(DIT_SEEDS),$(RUNS)/dit_$(1)$(if $(filter-out 0,$(s)),_seed$(s)))
 .SECONDEXPANSION:
-$(RUNS)/dit_%/.done: $$(DIT_CONFIGS_$$*) $(RUNS)/latents_%/metadata.json $(FID_REF)
-	$(OFFLINE) $(BIN)/tcae-ldm fit $(foreach c,$(DIT_CONFIGS_$*),--config $(c)) $(call gpu_overlay,dit_on_tcae)
+$(RUNS)/dit_%/.done: $$(DIT_CONFIGS_$$(call dit_ae,$$*)) $(RUNS)/latents_$$(call dit_ae,$$*)/metadata.json $(FID_REF)
+	$(OFFLINE) $(BIN)/tcae-ldm fit $(foreach c,$(DIT_CONFIGS_$(call dit_ae,$*)),--config $(c)) \
+		$(foreach g,$(DIT_GPU_$(call dit_ae,$*)),$(call gpu_overlay,$(g))) \
+		--seed_everything $(call dit_seed,$*) --trainer.logger.init_args.name dit_$*
 	$(OFFLINE) $(BIN)/tcae-ldm sample --ckpt $(RUNS)/dit_$*/checkpoints/last.ckpt --out $(RUNS)/dit_$*/samples_final --num 64
 	touch $@
 
@@ -77,8 +88,9 @@ fid-demo: $(FID_REF)
 
 demo: $(RUNS)/dit_tcae/.done
 
-compare-demo: $(RUNS)/dit_tcae/.done $(RUNS)/dit_dcae/.done
-	$(OFFLINE) $(BIN)/tcae-ldm compare $(RUNS)/dit_dcae $(RUNS)/dit_tcae --baseline dit_dcae --out $(RUNS)/compare
+# Every seed of both DiTs, then one table: per autoencoder the mean and spread over seeds, speed-ups with intervals.
+compare-demo: $(addsuffix /.done,$(call dit_runs,tcae) $(call dit_runs,dcae))
+	$(OFFLINE) $(BIN)/tcae-ldm compare $(call dit_runs,dcae) $(call dit_runs,tcae) --baseline dit_dcae --out $(RUNS)/compare
 
 # Cost and throughput of TC-AE vs DC-AE (and the DiT on their latents), measured side by side.
 bench: $(DEMO_STAMP)

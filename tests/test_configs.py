@@ -22,12 +22,19 @@ DIT_OVERLAY_KEYS = {"configs/demo/dit_on_tcae.yaml": CACHE_KEYS | {"trainer.logg
                                                               "trainer.logger.1.init_args.name"}}
 
 
+def _cpu_step(path):
+    """The CPU demo step that a GPU overlay (configs/demo/gpu/<step>.yaml) scales up, as a config stack."""
+    return _stack(os.path.join(REPO, "configs", "demo", os.path.basename(path)))
+
+
 def _stack(path):
     """Overlays (configs/ablations/..., configs/demo/gpu/...) are used on top of their base config."""
     rel = os.path.relpath(path, REPO)
+    if os.path.dirname(rel) == "configs/demo/gpu":  # each GPU overlay scales up the CPU demo step of its name ...
+        # ... and the DC-AE DiT's stacks on the TC-AE DiT's, as its CPU step does (the Makefile's DIT_GPU_dcae)
+        before = ["configs/demo/gpu/dit_on_tcae.yaml"] if rel.endswith("dit_on_dcae.yaml") else []
+        return _cpu_step(path) + [a for b in before for a in ("--config", os.path.join(REPO, b))] + ["--config", path]
     base = BASES.get(rel) or BASES.get(os.path.dirname(rel))
-    if os.path.dirname(rel) == "configs/demo/gpu":  # each GPU overlay scales up the CPU demo step of its name
-        base = os.path.join("configs", "demo", os.path.basename(rel))
     return (["--config", os.path.join(REPO, base)] if base else []) + ["--config", path]
 
 
@@ -76,7 +83,7 @@ def test_gpu_overlays_scale_up_the_cpu_demo_in_place(path, capsys, tmp_path):
     """On a CUDA machine `make demo` stacks configs/demo/gpu/<step>.yaml on configs/demo/<step>.yaml: the step
     moves to the GPU (bf16 where it trains) and keeps its outputs where the next step and make's markers look."""
     resolved = []
-    for stack in (_stack(path)[:2], _stack(path)):
+    for stack in (_cpu_step(path), _stack(path)):
         with pytest.raises(SystemExit):
             lightning_main([_subcommand(path), *stack, "--print_config"])
         resolved.append(_flatten(yaml.safe_load(capsys.readouterr().out)))

@@ -19,6 +19,7 @@ from tcae_ldm.metrics.features import (
     FeatureExtractor,
 )
 from tcae_ldm.utils.files import torch_hub_file
+from tcae_ldm.utils.seeding import one_thread
 
 
 def train_demo_classifier(out_path: str | None, steps: int = 200, batch_size: int = 32, lr: float = 3e-3,
@@ -26,7 +27,13 @@ def train_demo_classifier(out_path: str | None, steps: int = 200, batch_size: in
                           log_every: int = 0, **datamodule_kwargs) -> DemoClassifierFeatures:
     """Train the demo-classifier on the demo train crops (random flips), save it to out_path (if given),
     and return it as a feature extractor; its validation accuracy is stored in the file and on the object.
-    datamodule_kwargs (e.g. train_per_class) go to DemoPhotosDataModule; the defaults are the demo's data."""
+    datamodule_kwargs (e.g. train_per_class) go to DemoPhotosDataModule; the defaults are the demo's data.
+    It trains on one CPU thread, so the weights (and every proxy FID measured with them) are the same on any machine."""
+    with one_thread():
+        return _train(out_path, steps, batch_size, lr, image_size, dim, width, seed, log_every, **datamodule_kwargs)
+
+
+def _train(out_path, steps, batch_size, lr, image_size, dim, width, seed, log_every, **datamodule_kwargs):
     data = demo_split_tensors(image_size, **datamodule_kwargs)
     (x_tr, y_tr), (x_va, y_va) = data["train"], data["val"]
     gen = torch.Generator().manual_seed(seed)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from tcae_ldm.data.transforms import to_uint8
 from tcae_ldm.utils.checkpoints import UntrustedFileError, load_torch_file
 from tcae_ldm.utils.files import require_weights, torch_hub_file
+from tcae_ldm.utils.seeding import one_thread
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")  # torch_fidelity.feature_extractor_inceptionv3
@@ -157,8 +159,10 @@ class DemoClassifierFeatures(FeatureExtractor):
             # one input size whatever the image size, as Inception's fixed 299 resize
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
                               align_corners=False)
-        features = self.net.features(x)
-        return (features, self.net.head(features)) if logits else features
+        # One reduction order on a CPU: the demo's proxy FIDs do not depend on the machine's thread count.
+        with one_thread() if x.device.type == "cpu" else nullcontext():
+            features = self.net.features(x)
+            return (features, self.net.head(features)) if logits else features
 
     @classmethod
     def load(cls, path: str | None = None) -> "DemoClassifierFeatures":

@@ -6,8 +6,12 @@ attribute names, so its state_dict is AutoencoderDC's: a DC-AE trained by Autoen
 
     DC-AE/f32c32        mit-han-lab/dc-ae-f32c32-in-1.0-diffusers: 256x256 -> 32x8x8, 323.4M params,
                         606.9 GMACs encode + decode (the paper's baseline at TC-AE's latent shape)
-    DC-AE-S/f16c32      the CPU demo's: the same design (residual conv stages at high resolution, EfficientViT
-                        stages at low resolution, decoder deeper than encoder) at 1/4 width, 64x64 -> 32x4x4
+    DC-AE-M/f16c32      the GPU demo's baseline: f32c32 without its first (highest-resolution) stage, at half width,
+                        64x64 -> 32x4x4, 37.95 GMACs (the GPU demo's TC-AE-B/p8-c32: 8.54, 0.23x; the paper's: 0.27x)
+    DC-AE-S/f16c32      the same design (residual conv stages at high resolution, EfficientViT stages at low
+                        resolution, decoder deeper than encoder) at 1/4 width, 64x64 -> 32x4x4, 0.907 GMACs
+    DC-AE-XS/f16c32     the CPU demo's baseline: DC-AE-S at half width (16 to 128 channels), 64x64 -> 32x4x4,
+                        0.236 GMACs (the CPU demo's TC-AE-S/p8-c32: 0.078, 0.33x)
     DC-AE-T/f16c16      tests: 32x32 -> 16x2x2
 """
 from __future__ import annotations
@@ -33,11 +37,27 @@ DCAE_PRESETS = {
         encoder_qkv_multiscales=[[]] * 6, decoder_qkv_multiscales=[[]] * 6,
         downsample_block_type="pixel_unshuffle", upsample_block_type="pixel_shuffle",
         decoder_norm_types=_DECODER_NORMS, decoder_act_fns=_DECODER_ACTS, scaling_factor=0.3189),
-    # f16: the first (widest, highest-resolution) f32c32 stage is dropped; widths / 4, depths ~ / 4.
+    # f16: the first (highest-resolution) f32c32 stage is dropped, at half its widths; depths as f32c32's.
+    "DC-AE-M/f16c32": dict(
+        in_channels=3, latent_channels=32, attention_head_dim=32,
+        encoder_block_types=_TYPES[1:], decoder_block_types=_TYPES[1:],
+        encoder_block_out_channels=[128, 256, 256, 512, 512], decoder_block_out_channels=[128, 256, 256, 512, 512],
+        encoder_layers_per_block=[4, 8, 2, 2, 2], decoder_layers_per_block=[5, 10, 2, 2, 2],
+        encoder_qkv_multiscales=[[]] * 5, decoder_qkv_multiscales=[[]] * 5,
+        decoder_norm_types=_DECODER_NORMS[1:], decoder_act_fns=_DECODER_ACTS[1:]),
+    # f16 at a quarter of f32c32's widths, depths ~ / 4.
     "DC-AE-S/f16c32": dict(
         in_channels=3, latent_channels=32, attention_head_dim=32,
         encoder_block_types=_TYPES[1:], decoder_block_types=_TYPES[1:],
         encoder_block_out_channels=[32, 64, 128, 128, 256], decoder_block_out_channels=[32, 64, 128, 128, 256],
+        encoder_layers_per_block=[0, 2, 2, 1, 1], decoder_layers_per_block=[0, 2, 3, 1, 1],
+        encoder_qkv_multiscales=[[]] * 5, decoder_qkv_multiscales=[[]] * 5,
+        decoder_norm_types=_DECODER_NORMS[1:], decoder_act_fns=_DECODER_ACTS[1:]),
+    # Half of DC-AE-S's widths (attention heads of 32 channels: 2 and 4 heads in the EfficientViT stages).
+    "DC-AE-XS/f16c32": dict(
+        in_channels=3, latent_channels=32, attention_head_dim=32,
+        encoder_block_types=_TYPES[1:], decoder_block_types=_TYPES[1:],
+        encoder_block_out_channels=[16, 32, 64, 64, 128], decoder_block_out_channels=[16, 32, 64, 64, 128],
         encoder_layers_per_block=[0, 2, 2, 1, 1], decoder_layers_per_block=[0, 2, 3, 1, 1],
         encoder_qkv_multiscales=[[]] * 5, decoder_qkv_multiscales=[[]] * 5,
         decoder_norm_types=_DECODER_NORMS[1:], decoder_act_fns=_DECODER_ACTS[1:]),
