@@ -7,6 +7,7 @@ goes straight to the latent grid (the paper's "vanilla ViT" baseline, same laten
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -322,10 +323,9 @@ def scalar_latent_scale(mean: list[float], std: list[float]) -> tuple[float, flo
     """(shift_factor, scaling_factor) such that (z - shift) * scale has mean 0 and variance 1 over all channels
     together (the pooled statistics of the per-channel mean / std): one scalar pair for diffusers' pipelines, which
     normalise latents with `vae.config.scaling_factor` / `shift_factor` rather than per channel."""
-    m, s = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
-    shift = m.mean()
-    pooled_var = (s.square() + (m - shift).square()).mean()  # law of total variance, equal count per channel
-    return float(shift), float(pooled_var.rsqrt())
+    shift = math.fsum(mean) / len(mean)  # plain floats: also under a meta-device context (FLOP counting)
+    pooled_var = math.fsum(sd * sd + (m - shift) ** 2 for m, sd in zip(mean, std)) / len(mean)  # total variance
+    return shift, 1.0 / math.sqrt(pooled_var)
 
 
 class AutoencoderTC(ModelMixin, ConfigMixin):
