@@ -307,10 +307,11 @@ class DiffusionModule(L.LightningModule):
             try:
                 self.set_decoder(dict(spec))
             except OSError as e:  # moved to another machine: the recorded decoder stayed behind
+                reason = "no such file or folder" if spec["kind"] == "tcae" else str(e).strip()  # not "train one"
                 raise FileNotFoundError(f"the decoder of these latents ({spec['kind']} {spec['path']}) is not here "
-                                        f"({str(e).splitlines()[0][:200]}); give it with --autoencoder-kind "
-                                        f"{spec['kind']} --autoencoder-path PATH (`tcae-ldm sample`) or "
-                                        f"model.autoencoder {{kind, path}}") from None
+                                        f"({reason}); give it with --autoencoder-kind {spec['kind']} "
+                                        f"--autoencoder-path PATH (`tcae-ldm sample`) or model.autoencoder "
+                                        f"{{kind, path}}") from None
         return self.__dict__["_autoencoder"].to(self.device)
 
     @torch.no_grad()
