@@ -241,7 +241,7 @@ def run(argv: list[str] | None = None) -> None:
     line that names it (exit status 1); any other error keeps its traceback. CPU denormals are flushed to zero
     (utils.precision.flush_denormals: several times faster CPU training)."""
     args = sys.argv[1:] if argv is None else list(argv)
-    if args and args[0] not in ("-h", "--help"):  # the overview stays free of torch's import time
+    if args and not {"-h", "--help", "--version"} & set(args):  # help stays free of torch's import time
         from tcae_ldm.utils.precision import flush_denormals
 
         flush_denormals()

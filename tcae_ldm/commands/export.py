@@ -24,8 +24,6 @@ import os
 import shutil
 import tempfile
 
-import torch
-
 from tcae_ldm.commands import CommandParser, fail
 
 PROG = "tcae-ldm export"
@@ -118,8 +116,10 @@ def _args_text(config: dict, keys) -> str:
 #                                  Autoencoders                                 #
 #################################################################################
 
-def _gmacs_on_meta(model: torch.nn.Module, image_size: int, latent_shape) -> tuple[float, float]:
+def _gmacs_on_meta(model, image_size: int, latent_shape) -> tuple[float, float]:
     """(encode, decode) GMACs of one image, counted on a meta-device twin of the model (no compute)."""
+    import torch
+
     from tcae_ldm.metrics.flops import count_gmacs
     from tcae_ldm.utils.kwargs import parameter_names
 
@@ -220,6 +220,8 @@ def export_dit(source: str, ckpt: dict, out: str, name: str, decoder: dict | Non
     """Write the DiT of a DiffusionModule checkpoint (EMA weights) and a copy of its decoder into `out`, loadable by
     `tcae-ldm sample` wherever the folder is; returns its model card (title, usage with the folder called `name`,
     facts)."""
+    import torch
+
     from tcae_ldm.latents.frozen import describe_identity
     from tcae_ldm.lit.loading import export_diffusion_module, load_diffusion_module
     from tcae_ldm.metrics.flops import count_gmacs

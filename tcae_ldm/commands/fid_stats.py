@@ -24,17 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-import numpy as np
-import torch
-from torch.utils.data import DataLoader
-
-from tcae_ldm.commands import CommandParser, fail
-from tcae_ldm.data.demo import demo_split_tensors
-from tcae_ldm.data.images import CorruptImageError, CroppedImageFiles, find_images
-from tcae_ldm.data.transforms import to_uint8
-from tcae_ldm.metrics.features import FEATURE_EXTRACTORS, build_feature_extractor
-from tcae_ldm.metrics.fid import extract_features
-from tcae_ldm.utils.npz import NpzStreamWriter
+from tcae_ldm.commands import FEATURE_NETWORKS, CommandParser, fail
 
 PROG = "tcae-ldm fid-stats"
 
@@ -58,7 +48,11 @@ def folder_image_size(paths: list[str]) -> int:
 
 def image_source(args):
     """(batches of uint8 (B, 3, S, S) or float [-1, 1] images, count, S, description) of the chosen images."""
+    from torch.utils.data import DataLoader
+
     from tcae_ldm.commands.fid import NpzImages
+    from tcae_ldm.data.demo import demo_split_tensors
+    from tcae_ldm.data.images import CroppedImageFiles, find_images
 
     if args.demo:
         size = args.image_size or 64
@@ -81,6 +75,10 @@ def image_source(args):
 
 def teed(batches, writer: NpzStreamWriter):
     """The batches, each also appended to the writer's image array as uint8 (B, H, W, 3)."""
+    import torch
+
+    from tcae_ldm.data.transforms import to_uint8
+
     for x in batches:
         writer.write((x if x.dtype == torch.uint8 else to_uint8(x.float())).permute(0, 2, 3, 1).numpy())
         yield x
@@ -95,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--split", choices=["train", "val"], default="train", help="demo split (default: train)")
     p.add_argument("--image-size", type=int, default=None,
                    help="centre-crop size (default: from the data: a folder's one size, an .npz's; demo: 64)")
-    p.add_argument("--features", default="inception", help=f"feature network: {', '.join(FEATURE_EXTRACTORS)}")
+    p.add_argument("--features", default="inception", help=f"feature network: {', '.join(FEATURE_NETWORKS)}")
     p.add_argument("--weights", default=None, help="weight file of the feature network (default: its cache)")
     p.add_argument("--out", required=True, help="output .npz (mu, sigma, features, count)")
     p.add_argument("--adm-batch", metavar="NPZ", default=None,
@@ -105,8 +103,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-images", type=int, default=None, help="use only the first N images (sorted order)")
     p.add_argument("--prc-images", type=int, default=10000,
                    help="keep the features of this many images (a seeded random subset) for precision/recall; 0: none")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None)
     args = p.parse_args(argv)
+    import numpy as np
+    import torch
+
+    from tcae_ldm.data.images import CorruptImageError
+    from tcae_ldm.metrics.features import build_feature_extractor
+    from tcae_ldm.metrics.fid import extract_features
+    from tcae_ldm.utils.npz import NpzStreamWriter
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.batch_size < 1:
         fail(PROG, f"--batch-size must be at least 1, got {args.batch_size}")
 

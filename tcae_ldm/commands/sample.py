@@ -13,8 +13,6 @@ its 4 channels) and decoded by SD-VAE (stabilityai/sd-vae-ft-ema from the Huggin
 """
 from __future__ import annotations
 
-import torch
-
 from tcae_ldm.commands import CommandParser, fail
 
 PROG = "tcae-ldm sample"
@@ -72,6 +70,7 @@ def main(argv: list[str] | None = None) -> str | None:
     if bool(args.autoencoder_path) != bool(args.autoencoder_kind):
         fail(PROG, "--autoencoder-kind and --autoencoder-path go together")
     import lightning as L  # heavy imports after --help and the argument checks
+    import torch
 
     from tcae_ldm.lit.loading import CheckpointError, load_diffusion_module
     from tcae_ldm.lit.sampling import SampleDataModule, SampleWriter, sample_labels
