@@ -22,9 +22,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import make_grid, save_image
-from tqdm.auto import tqdm
 
 from tcae_ldm.utils.npz import NpzStreamWriter
+from tcae_ldm.utils.progress import progress
 
 GRID_FILE, IMAGES_DIR = "grid.png", "images"
 
@@ -115,7 +115,7 @@ class SampleWriter(BasePredictionWriter):
         shown = []
         with NpzStreamWriter(path) as npz:
             npz.begin("arr_0", (n, h, w, 3))
-            for i in tqdm(range(n), desc="Writing the .npz", leave=False):
+            for i in progress(range(n), "writing the .npz", unit="images"):
                 image = first if i == 0 else np.asarray(Image.open(self.image_path(i)))
                 if image.shape != first.shape:
                     raise ValueError(f"{self.image_path(i)} is {image.shape}, sample 0 is {first.shape}")
