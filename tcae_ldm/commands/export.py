@@ -93,6 +93,15 @@ def metrics_section(path: str | None, max_step: int | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def logged_step(ckpt: dict | None) -> int | None:
+    """The step at which metrics.csv records this checkpoint: Lightning logs at the number of batches that stepped,
+    which trainer.global_step exceeds for the autoencoder (both its optimizers count); None without a checkpoint."""
+    if not ckpt:
+        return None
+    loop = ((ckpt.get("loops") or {}).get("fit_loop") or {}).get("epoch_loop.state_dict") or {}
+    return loop.get("_batches_that_stepped", ckpt.get("global_step"))
+
+
 def hub_metadata(meta: dict) -> str:
     """The YAML block the Hugging Face Hub reads at the top of a model card (flat keys, lists of strings)."""
     lines = ["---"]
@@ -324,7 +333,7 @@ def main(argv: list[str] | None = None) -> str:
                     else export_autoencoder(args.ckpt, ckpt, folder, args.cache, name))
             with open(os.path.join(folder, "README.md"), "w") as f:
                 f.write(model_card(card["title"], card["usage"], card["facts"], metrics, card["meta"],
-                                   (ckpt or {}).get("global_step")))
+                                   logged_step(ckpt)))
 
         _publish(args.out, args.overwrite, write)
     except (CheckpointError, FileNotFoundError, ValueError, KeyError, OSError) as e:

@@ -102,7 +102,9 @@ def test_dc_ae_export_is_an_autoencoder_dc_folder(tmp_path):
     from tcae_ldm.lit.caching import cache_latents
 
     module = _ema_module(TINY_DCAE)
-    ckpt = _run_checkpoint(tmp_path, module, step_count=3)
+    # Lightning's layout: global_step counts both optimizers' steps, metrics.csv the batches that stepped (3)
+    ckpt = _run_checkpoint(tmp_path, module, step_count=3, global_step=14,
+                           loops={"fit_loop": {"epoch_loop.state_dict": {"_batches_that_stepped": 3}}})
     cache = cache_latents({"kind": "dcae", "path": ckpt}, DemoPhotosDataModule(image_size=32, train_per_class=1,
                                                                              val_per_class=1),
                           str(tmp_path / "latents"), accelerator="cpu")
@@ -118,6 +120,7 @@ def test_dc_ae_export_is_an_autoencoder_dc_folder(tmp_path):
     assert "| training steps | 3 |" in card and "encoder_block_out_channels=[8, 16, 32, 32, 64]" in card
     assert ae.config.latents_mean == read_stats(cache)[0].tolist()  # kept in the config, beside diffusers' own keys
     assert "(8 images and their flips)" in card
+    assert "| train/loss_g | 0.75 | 3 | 1 |" in card and "val/psnr" not in card  # nothing logged after step 3
 
 
 def test_a_folder_of_the_earlier_layout_is_converted(tmp_path):
