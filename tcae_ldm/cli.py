@@ -2,7 +2,8 @@
 
     tcae-ldm --help                                  # every command, one line each
     tcae-ldm fit --config configs/tcae.yaml          # any LightningCLI subcommand and flag
-    tcae-ldm <command> --help                        # a command's options
+    tcae-ldm <command> --help                        # a command's options (answers without importing torch)
+    tcae-ldm --version                               # the installed version
 
 An error the project raises on purpose (a missing file, a value that cannot work) ends the command with one
 line that names it, and so does a config the parser rejects; TCAE_LDM_DEBUG=1 shows the traceback and the
@@ -53,8 +54,19 @@ def overview() -> str:
     lines += [f"  {name:<{width}}{summary}" for name, summary in LIGHTNING_COMMANDS.items()]
     lines += ["", "Project commands (--config FILE sets any option from a YAML file):"]
     lines += [f"  {name:<{width}}{summary}" for name, (_, summary) in COMMANDS.items()]
-    lines += ["", f"Errors are one line; {DEBUG_ENV}=1 shows the traceback."]
+    lines += ["", f"Errors are one line; {DEBUG_ENV}=1 shows the traceback. tcae-ldm --version: the version."]
     return "\n".join(lines)
+
+
+def version() -> str:
+    """The installed distribution's version (pyproject.toml's, as pip recorded it)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("tcae-ldm")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed: pip install -e .)"
 
 
 def closest_commands(name: str) -> list[str]:
@@ -225,6 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     if not args or args[0] in ("-h", "--help"):
         print(overview())
         return
+    if args[0] in ("-V", "--version"):
+        print(f"tcae-ldm {version()}")
+        return
     command = args[0]
     if command not in COMMANDS and command not in LIGHTNING_COMMANDS and not command.startswith("-"):
         close = closest_commands(command)
@@ -242,7 +257,7 @@ def run(argv: list[str] | None = None) -> None:
     line that names it (exit status 1); any other error keeps its traceback. CPU denormals are flushed to zero
     (utils.precision.flush_denormals: several times faster CPU training)."""
     args = sys.argv[1:] if argv is None else list(argv)
-    if args and args[0] not in ("-h", "--help"):  # the overview stays free of torch's import time
+    if args and not {"-h", "--help", "--version"} & set(args):  # help stays free of torch's import time
         from tcae_ldm.utils.precision import flush_denormals
 
         flush_denormals()

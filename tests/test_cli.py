@@ -54,6 +54,40 @@ def test_help_lists_every_command_with_a_summary(capsys):
     assert capsys.readouterr().out == out
 
 
+def test_version_is_the_installed_distributions(capsys):
+    from importlib.metadata import version
+
+    for flag in ("--version", "-V"):
+        main([flag])
+        assert capsys.readouterr().out == f"tcae-ldm {version('tcae-ldm')}\n"
+
+
+# bench's options name its presets and cases, which its modules build with torch (its --help takes torch's import)
+HELP_IMPORTS_TORCH = {"bench"}
+
+
+def test_a_commands_help_imports_no_torch():
+    """`tcae-ldm <command> --help` answers without torch (seconds of import): what it prints is parsed from the
+    module alone. One fresh process, every command in turn."""
+    code = ("import sys, contextlib, io\nfrom tcae_ldm import cli\nslow = []\n"
+            f"for name in {sorted(set(COMMANDS) - HELP_IMPORTS_TORCH)!r}:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "        try:\n            cli.run([name, '--help'])\n        except SystemExit:\n            pass\n"
+            "    assert f'tcae-ldm {name}' in out.getvalue(), name\n"
+            "    if 'torch' in sys.modules:\n        slow.append(name)\n        break\n"
+            "cli.run(['--version'])\nprint('imported torch:', slow, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert out.splitlines()[-1] == "imported torch: [] False", out
+
+
+def test_names_repeated_for_a_quick_help_match_their_source():
+    from tcae_ldm.commands import FEATURE_NETWORKS, diagnose
+    from tcae_ldm.metrics.diagnostics import TOKEN_STAGES
+    from tcae_ldm.metrics.features import FEATURE_EXTRACTORS
+
+    assert FEATURE_NETWORKS == tuple(FEATURE_EXTRACTORS) and diagnose.TOKEN_STAGES == TOKEN_STAGES
+
+
 def test_a_mistyped_command_names_the_closest_ones(capsys):
     err = _fails(["fti"], capsys, code=2)
     assert "unknown command 'fti'; did you mean fit or fid?" in err
@@ -275,7 +309,7 @@ def test_the_executable_flushes_cpu_denormals():
     """Denormals slow CPU training several-fold; `tcae-ldm <command>` flushes them (in its own process)."""
     code = ("import torch\nfrom tcae_ldm import cli\n"
             "tiny = torch.tensor([1e-39])\nbefore = (tiny * 1.0).item()\n"
-            "try:\n    cli.run(['fid', '--help'])\nexcept SystemExit:\n    pass\n"
+            "try:\n    cli.run(['fid'])\nexcept SystemExit:\n    pass\n"
             "print(before, (tiny * 1.0).item())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
     before, after = map(float, out.split()[-2:])

@@ -13,6 +13,7 @@ from tests.tiny import REPO
 
 BASES = {"configs/ablations": "configs/tcae.yaml", "configs/ablations/demo": "configs/demo/tcae.yaml",
          "configs/overlays": "configs/demo/tcae.yaml", "configs/eval.yaml": "configs/tcae.yaml",
+         "configs/demo/eval.yaml": "configs/demo/tcae.yaml",
          "configs/dit_on_dcae.yaml": "configs/dit_on_tcae.yaml", "configs/demo/dit_on_dcae.yaml": "configs/demo/dit_on_tcae.yaml"}
 # What the DC-AE DiT overlays may change: the cache they read and where the run is written, nothing else.
 CACHE_KEYS = {"data.init_args.cache_dir", "data.init_args.expect_autoencoder.kind", "data.init_args.expect_autoencoder.name",
@@ -45,12 +46,25 @@ def _subcommand(path):
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
 
 
+def _loggers(resolved: dict) -> list[str]:
+    logger = resolved["trainer"].get("logger")
+    return [lg["class_path"] for lg in (logger if isinstance(logger, list) else [logger] if logger else [])]
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, REPO))
 def test_config_parses_and_prints(path, capsys):
+    """... and every training or evaluation run logs the metrics.csv history that `compare` and `export` read
+    (a latent cache run, `predict`, logs nothing)."""
     with pytest.raises(SystemExit) as exit_:
         lightning_main([_subcommand(path), *_stack(path), "--print_config"])
     assert exit_.value.code in (0, None)
-    assert "class_path" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "class_path" in out
+    loggers = _loggers(yaml.safe_load(out))
+    if _subcommand(path) == "predict":
+        assert loggers == []
+    else:
+        assert "tcae_ldm.lit.history.HistoryCSVLogger" in loggers, loggers
 
 
 def _flatten(tree, prefix=""):
@@ -146,7 +160,7 @@ def test_evaluation_overlay_scores_the_whole_split_beside_the_training_logs(tmp_
                     "--trainer.limit_val_batches=0.5", "--trainer.num_sanity_val_steps=0"])
     run = tmp_path / "tcae"
     history = (run / "metrics.csv").read_text()
-    lightning_main(["test", *common, "--config", os.path.join(REPO, "configs", "eval.yaml"),
+    lightning_main(["test", *common, "--config", os.path.join(REPO, "configs", "demo", "eval.yaml"),
                     "--trainer.limit_val_batches=0.5", "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
 
     def logged(path, key):

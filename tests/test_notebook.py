@@ -59,3 +59,15 @@ def test_walkthrough_notebook_runs_top_to_bottom(demo_runs, monkeypatch):
     tables = "".join(o["data"].get("text/markdown", "") for o in outputs if o.output_type == "display_data")
     assert "effective rank" in tables and "gfid_random" in tables
     assert (demo_runs / "compare_notebook" / "comparison.csv").exists()
+
+
+def test_the_notebook_is_shipped_with_the_outputs_of_a_tiny_run():
+    """Opened on GitHub or in Jupyter it shows a run (this test's tiny one), in a small file: every code cell has
+    outputs, none is an error, and the images are small."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert code and all(cell.outputs for cell in code)
+    outputs = [o for cell in code for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 4
+    assert os.path.getsize(NOTEBOOK) < 400_000

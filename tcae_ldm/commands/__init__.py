@@ -1,5 +1,7 @@
 """The project's commands beyond LightningCLI's fit / validate / test / predict: one module per command, named
 as the command (`tcae-ldm fid-stats` -> fid_stats.py), each with main(argv) parsing its options with CommandParser.
+A command module imports torch and the project's heavy modules inside main(), after parsing, so that
+`tcae-ldm <command> --help` answers at once (tests/test_cli.py checks that --help imports no torch).
 """
 from __future__ import annotations
 
@@ -8,8 +10,8 @@ import difflib
 import sys
 from typing import NoReturn
 
-from tcae_ldm.utils.files import load_yaml
-
+# The feature networks of tcae_ldm.metrics.features (FEATURE_EXTRACTORS), named here for --help without torch.
+FEATURE_NETWORKS = ("inception", "demo-classifier", "random")
 # Help of the options that several commands share, where a command leaves it out.
 COMMON_HELP = {
     "batch_size": "images per batch",
@@ -71,6 +73,8 @@ class CommandParser(argparse.ArgumentParser):
 
     def _config_tokens(self, path: str) -> list[str]:
         """A config file's values as command-line tokens, placed before the real command line so that it wins."""
+        from tcae_ldm.utils.files import load_yaml  # imports torch: not for --help
+
         try:
             values = load_yaml(path)
         except (OSError, ValueError) as e:

@@ -19,24 +19,8 @@ import os
 import zipfile
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
 
-from tcae_ldm.commands import CommandParser, fail
-from tcae_ldm.data.images import CorruptImageError, CroppedImageFiles, find_images
-from tcae_ldm.metrics.features import FEATURE_EXTRACTORS, build_feature_extractor
-from tcae_ldm.metrics.fid import (
-    extract_features,
-    frechet_distance,
-    load_stats,
-    metric_name,
-)
-from tcae_ldm.metrics.fidelity import (
-    IS_SPLITS,
-    PRC_NEIGHBOURS,
-    inception_score,
-    precision_recall,
-)
+from tcae_ldm.commands import FEATURE_NETWORKS, CommandParser, fail
 
 PROG = "tcae-ldm fid"
 METRICS = ("fid", "is", "pr")
@@ -75,6 +59,8 @@ class NpzImages:
         n, h, w, c = self.shape
         with zipfile.ZipFile(self.path) as z, z.open(f"{self.key}.npy") as f:
             self._header(f)
+            import torch
+
             for start in range(0, n, self.batch_size):
                 b = min(self.batch_size, n - start)
                 buf = f.read(b * h * w * c)
@@ -86,6 +72,10 @@ class NpzImages:
 def open_samples(path: str, batch_size: int, image_size: int | None = None, num_workers: int = 0):
     """(batches of uint8 (B, 3, S, S), count, "HxW" of the images) of an ADM .npz or an image folder."""
     if os.path.isdir(path):
+        from torch.utils.data import DataLoader
+
+        from tcae_ldm.data.images import CroppedImageFiles, find_images
+
         if os.path.isdir(os.path.join(path, SAMPLE_IMAGES)) and os.path.isfile(os.path.join(path, SAMPLE_GRID)):
             path = os.path.join(path, SAMPLE_IMAGES)  # a `tcae-ldm sample` folder: its samples, not its grid
         paths = find_images(path)
@@ -105,9 +95,13 @@ def _image_side(path: str) -> int:
         return min(img.size)
 
 
-def reference_features(path: str, extractor, device: str, batch_size: int) -> torch.Tensor | None:
+def reference_features(path: str, extractor, device: str, batch_size: int):
     """Reference features for precision / recall: stored ones (`fid-stats`), or those of the reference batch's
     images (ADM's arr_0), or None when the file has neither."""
+    import torch
+
+    from tcae_ldm.metrics.fid import extract_features
+
     with np.load(path, allow_pickle=False) as f:
         if "activations" in f:
             return torch.from_numpy(f["activations"].astype(np.float32))
@@ -122,7 +116,7 @@ def build_parser() -> CommandParser:
     p = CommandParser(prog=PROG, description=__doc__)
     p.add_argument("samples", help="ADM-style .npz (arr_0: uint8 N x H x W x 3) or an image folder")
     p.add_argument("--ref", required=True, help="reference .npz (ADM's reference batch or `tcae-ldm fid-stats` output)")
-    p.add_argument("--features", default="inception", help=f"feature network: {', '.join(FEATURE_EXTRACTORS)}")
+    p.add_argument("--features", default="inception", help=f"feature network: {', '.join(FEATURE_NETWORKS)}")
     p.add_argument("--weights", default=None, help="weight file of the feature network (default: its cache)")
     p.add_argument("--metrics", default=None,
                    help="comma-separated subset of fid,is,pr (default: fid, plus IS and precision/recall where the "
@@ -130,13 +124,21 @@ def build_parser() -> CommandParser:
     p.add_argument("--image-size", type=int, default=None, help="centre-crop size for a folder (default: as found)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="also write the result as JSON here")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    import torch
+
+    from tcae_ldm.data.images import CorruptImageError
+    from tcae_ldm.metrics.features import build_feature_extractor
+    from tcae_ldm.metrics.fid import extract_features, frechet_distance, load_stats, metric_name
+    from tcae_ldm.metrics.fidelity import IS_SPLITS, PRC_NEIGHBOURS, inception_score, precision_recall
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     asked = None if args.metrics is None else {m.strip() for m in args.metrics.split(",") if m.strip()}
     if asked is not None and (not asked or asked - set(METRICS)):
         fail(PROG, f"--metrics takes a comma-separated subset of {','.join(METRICS)}, got {args.metrics!r}")

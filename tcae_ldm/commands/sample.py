@@ -13,7 +13,7 @@ its 4 channels) and decoded by SD-VAE (stabilityai/sd-vae-ft-ema from the Huggin
 """
 from __future__ import annotations
 
-import torch
+import sys
 
 from tcae_ldm.commands import CommandParser, fail
 
@@ -72,8 +72,10 @@ def main(argv: list[str] | None = None) -> str | None:
     if bool(args.autoencoder_path) != bool(args.autoencoder_kind):
         fail(PROG, "--autoencoder-kind and --autoencoder-path go together")
     import lightning as L  # heavy imports after --help and the argument checks
+    import torch
 
     from tcae_ldm.lit.loading import CheckpointError, load_diffusion_module
+    from tcae_ldm.lit.progress import ProgressLine
     from tcae_ldm.lit.sampling import SampleDataModule, SampleWriter, sample_labels
 
     spec = ({"kind": args.autoencoder_kind, "path": args.autoencoder_path, "dtype": args.autoencoder_dtype}
@@ -93,8 +95,10 @@ def main(argv: list[str] | None = None) -> str | None:
     if precision == "tf32":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     writer = SampleWriter(args.out, labels, args.grid_size)
+    # a bar on a terminal; in a log file, progress lines, so that the result line below has a line of its own
+    bar = [] if sys.stderr.isatty() else [ProgressLine(every_n_steps=max(1, -(-args.num // args.batch_size) // 10))]
     trainer = L.Trainer(accelerator=args.accelerator, devices=_devices(args.devices), num_nodes=args.num_nodes,
-                        strategy=args.strategy, precision=PRECISIONS[precision], logger=False, callbacks=[writer],
+                        strategy=args.strategy, precision=PRECISIONS[precision], logger=False, callbacks=[writer, *bar],
                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=True)
     trainer.predict(module, SampleDataModule(labels, args.batch_size, args.seed), return_predictions=False)
     if trainer.is_global_zero:

@@ -16,8 +16,9 @@
 No clipping of predicted x_0 anywhere: latents are not bounded (DiT samples with clip_denoised=False).
 The model sees the original step divided by T, i.e. t in [0, 1) like the flow objective; the DiT's
 ``time_scale`` (1000) turns that back into DiT's integer-step embedding.
-diffusers' schedulers are not used: their defaults (fixed_small variance, "leading" spacing) differ from DiT's,
-and they have no learned-range variance; the arithmetic below is the reference's.
+diffusers' schedulers are not used: DDPMScheduler has the learned range (variance_type="learned_range"), but its
+defaults (fixed_small variance, "leading" spacing) differ from DiT's and it trains nothing (no vb term); the
+arithmetic below is the reference's.
 """
 from __future__ import annotations
 

@@ -205,6 +205,7 @@ class FrozenAutoencoder(nn.Module):
 #################################################################################
 
 LATENT_STATS = ("latents_mean", "latents_std")  # config entries that describe latents without changing them
+TCAE_SCALARS = ("scaling_factor", "shift_factor")  # AutoencoderTC's scalar version of them (diffusers' pipelines)
 OLD_TCAE_WEIGHTS = "model.safetensors"  # the folder layout before AutoencoderTC (config.json: _class_name TCAE)
 
 
@@ -215,13 +216,18 @@ def tcae_config(net: str, net_args: dict | None = None) -> dict:
     if net not in TCAE_PRESETS:
         raise KeyError(f"unknown TC-AE preset {net!r}")
     defaults = {k: p.default for k, p in inspect.signature(AutoencoderTC.__init__).parameters.items()
-                if k != "self" and k not in LATENT_STATS}
+                if k != "self" and k not in LATENT_STATS + TCAE_SCALARS}
     return {**defaults, **TCAE_PRESETS[net], **(net_args or {}), "grad_checkpointing": False}
 
 
 def architecture(config: dict) -> dict:
     """The architecture arguments of a TC-AE config (config.json or AutoencoderTC.config)."""
     return {k: v for k, v in config.items() if not k.startswith("_") and k not in LATENT_STATS}
+
+
+def tcae_architecture(config: dict) -> dict:
+    """architecture() of a TC-AE, without the scalars derived from its latent statistics."""
+    return {k: v for k, v in architecture(config).items() if k not in TCAE_SCALARS}
 
 
 def latent_stats(model: nn.Module) -> dict:
@@ -256,7 +262,7 @@ class TCAEAutoencoder(DiffusersAutoencoder):
     @classmethod
     def _wrap(cls, model: AutoencoderTC, name: str, path: str, dtype: str) -> "TCAEAutoencoder":
         model.register_to_config(_preset=name)  # save_pretrained keeps the preset's name with the weights
-        return cls(model, name, path, {**architecture(model.config), "grad_checkpointing": False}, dtype)
+        return cls(model, name, path, {**tcae_architecture(model.config), "grad_checkpointing": False}, dtype)
 
     @classmethod
     def _build(cls, config: dict, weights: dict, name: str, path: str, dtype: str) -> "TCAEAutoencoder":
@@ -290,7 +296,7 @@ class TCAEAutoencoder(DiffusersAutoencoder):
                              f"of that autoencoder ('dcae' for AutoencoderDC, 'sdvae' for AutoencoderKL)")
         name = config.get("_preset") or os.path.basename(os.path.normpath(path))
         if found == "TCAE" and os.path.isfile(os.path.join(path, OLD_TCAE_WEIGHTS)):
-            return cls._build(architecture(config), load_file(os.path.join(path, OLD_TCAE_WEIGHTS)), name,
+            return cls._build(tcae_architecture(config), load_file(os.path.join(path, OLD_TCAE_WEIGHTS)), name,
                               _normpath(path), dtype)
         try:
             model = AutoencoderTC.from_pretrained(path, low_cpu_mem_usage=False)

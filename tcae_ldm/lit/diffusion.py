@@ -304,7 +304,14 @@ class DiffusionModule(L.LightningModule):
             spec = self.hparams.autoencoder or self.cache_info.get("metadata", {}).get("autoencoder_spec")
             if not spec:
                 raise ValueError("no autoencoder to decode samples: set model.autoencoder {kind, path}")
-            self.set_decoder(dict(spec))
+            try:
+                self.set_decoder(dict(spec))
+            except OSError as e:  # moved to another machine: the recorded decoder stayed behind
+                reason = "no such file or folder" if spec["kind"] == "tcae" else str(e).strip()  # not "train one"
+                raise FileNotFoundError(f"the decoder of these latents ({spec['kind']} {spec['path']}) is not here "
+                                        f"({reason}); give it with --autoencoder-kind {spec['kind']} "
+                                        f"--autoencoder-path PATH (`tcae-ldm sample`) or model.autoencoder "
+                                        f"{{kind, path}}") from None
         return self.__dict__["_autoencoder"].to(self.device)
 
     @torch.no_grad()

@@ -145,7 +145,11 @@ def load_diffusion_export(folder: str) -> DiffusionModule:
         found = config.get("_class_name") if isinstance(config, dict) else None
         raise CheckpointError(f"{folder} holds a {found or 'model of another kind'}, not an exported DiT; expected "
                               f"{DIT_EXPECTED}")
-    module = DiffusionModule(**config["hyper_parameters"], ema_decay=None)
+    hp = dict(config["hyper_parameters"])
+    decoder = hp.get("autoencoder")
+    if decoder and not os.path.isabs(decoder["path"]) and os.path.exists(os.path.join(folder, decoder["path"])):
+        hp["autoencoder"] = {**decoder, "path": os.path.join(os.path.abspath(folder), decoder["path"])}  # its copy
+    module = DiffusionModule(**hp, ema_decay=None)
     try:
         module.dit.load_state_dict(load_file(weights))
     except (RuntimeError, OSError) as e:

@@ -6,15 +6,14 @@ and an image depends on (checkpoint, seed, batch size, index), not on the number
 predict_step (DiffusionModule) samples and decodes a chunk; SampleWriter writes it:
 
     <out>/images/000000.png ...   one PNG per index, written by the rank that drew it
-    <out>/samples_NxHxWx3.npz     ADM's layout (arr_0: uint8 (N, H, W, 3), plus labels (N,)), assembled by rank 0
-                                  from the PNGs once every rank is done, as DiT's sample_ddp.py does
+    <out>/samples_NxHxWx3.npz     ADM's layout (arr_0: uint8 (N, H, W, 3), arr_1: labels (N,), also as `labels`),
+                                  assembled by rank 0 from the PNGs once every rank is done, as DiT's sample_ddp.py does
     <out>/grid.png                the first samples at a glance (`tcae-ldm fid` skips it when given <out>)
 """
 from __future__ import annotations
 
 import math
 import os
-import zipfile
 
 import lightning as L
 import numpy as np
@@ -23,7 +22,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import make_grid, save_image
-from tqdm.auto import tqdm
+
+from tcae_ldm.utils.npz import NpzStreamWriter
+from tcae_ldm.utils.progress import progress
 
 GRID_FILE, IMAGES_DIR = "grid.png", "images"
 
@@ -111,21 +112,19 @@ class SampleWriter(BasePredictionWriter):
         first = np.asarray(Image.open(self.image_path(0)))
         h, w, _ = first.shape
         path = os.path.join(self.out_dir, f"samples_{n}x{h}x{w}x3.npz")
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                  "shape": (n, h, w, 3)}
         shown = []
-        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
-            with z.open("arr_0.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array_header_1_0(f, header)
-                for i in tqdm(range(n), desc="Writing the .npz", leave=False):
-                    image = first if i == 0 else np.asarray(Image.open(self.image_path(i)))
-                    if image.shape != first.shape:
-                        raise ValueError(f"{self.image_path(i)} is {image.shape}, sample 0 is {first.shape}")
-                    f.write(np.ascontiguousarray(image, np.uint8).tobytes())
-                    if i < self.grid_size:
-                        shown.append(torch.from_numpy(image.copy()))
-            with z.open("labels.npy", "w") as f:
-                np.lib.format.write_array(f, self.labels.numpy())
+        with NpzStreamWriter(path) as npz:
+            npz.begin("arr_0", (n, h, w, 3))
+            for i in progress(range(n), "writing the .npz", unit="images"):
+                image = first if i == 0 else np.asarray(Image.open(self.image_path(i)))
+                if image.shape != first.shape:
+                    raise ValueError(f"{self.image_path(i)} is {image.shape}, sample 0 is {first.shape}")
+                npz.write(image[None])
+                if i < self.grid_size:
+                    shown.append(torch.from_numpy(image.copy()))
+            labels = self.labels.numpy()
+            npz.add("arr_1", labels)  # where ADM's class-conditional batches keep the labels
+            npz.add("labels", labels)  # the name earlier versions wrote
         grid = torch.stack(shown).permute(0, 3, 1, 2).float() / 255
         save_image(make_grid(grid, nrow=int(math.ceil(math.sqrt(len(grid))))), os.path.join(self.out_dir, GRID_FILE))
         return path

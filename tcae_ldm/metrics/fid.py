@@ -272,12 +272,12 @@ def extract_features(batches: Iterable[torch.Tensor], extractor, device: str | t
     """Feed image batches (uint8 or [-1, 1] float) through the extractor into running statistics; keep the
     features (and logits) of every image (keep=True) or of those whose running index is in `keep`. A progress
     bar named `desc` counts the batches (total: their number, when the iterable has no len)."""
-    from tqdm.auto import tqdm
+    from tcae_ldm.utils.progress import progress
 
     extractor.to(device)
     out = ExtractedFeatures(FrechetStats(extractor.dim, device))
     kept_f, kept_l, seen = [], [], 0
-    for x in tqdm(batches, total=total, desc=desc, disable=desc is None, unit="batch", leave=False):
+    for x in progress(batches, desc, total=total):
         f, lg = extractor(x.to(device), logits=True) if logits else (extractor(x.to(device)), None)
         out.stats.update(f)
         if keep:

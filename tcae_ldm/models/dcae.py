@@ -97,7 +97,7 @@ def load_pretrained_dcae(name_or_path: str):
 
     offline = hf_offline()
     try:
-        return AutoencoderDC.from_pretrained(name_or_path, local_files_only=offline)
+        return AutoencoderDC.from_pretrained(name_or_path, local_files_only=offline, low_cpu_mem_usage=False)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(
             f"DC-AE model {name_or_path!r} could not be loaded{' offline (HF_HUB_OFFLINE=1)' if offline else ''}: "

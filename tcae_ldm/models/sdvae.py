@@ -30,7 +30,7 @@ def load_pretrained_sdvae(name_or_path: str):
 
     offline = hf_offline()
     try:
-        return AutoencoderKL.from_pretrained(name_or_path, local_files_only=offline)
+        return AutoencoderKL.from_pretrained(name_or_path, local_files_only=offline, low_cpu_mem_usage=False)
     except (OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FileNotFoundError(

@@ -7,6 +7,7 @@ goes straight to the latent grid (the paper's "vanilla ViT" baseline, same laten
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DecoderOutput, EncoderOutput
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import is_accelerate_available
 from diffusers.utils.accelerate_utils import apply_forward_hook
 from einops import rearrange
 from timm.layers import Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
@@ -168,6 +170,11 @@ class LatentExpansion(nn.Module):
 #                                 ViT stages                                    #
 #################################################################################
 
+def checkpoint_block(block: nn.Module, *args):
+    """Recompute block(*args) in backward: the default of diffusers' enable_gradient_checkpointing (module, *args)."""
+    return checkpoint(block.__call__, *args, use_reentrant=False)
+
+
 class ViTStage(nn.Module):
     """A stack of pre-norm ViT blocks on a token grid, with its own position embedding."""
 
@@ -177,6 +184,7 @@ class ViTStage(nn.Module):
         self.blocks = nn.ModuleList(
             [Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, qk_norm=qk_norm) for _ in range(depth)])
         self.gradient_checkpointing = grad_checkpointing  # diffusers' name: enable_gradient_checkpointing() sets it
+        self._gradient_checkpointing_func = checkpoint_block  # ... and this, to the function it is given
 
     def forward(self, x, prefix=None):
         """x: (B, H, W, D) grid; prefix: (B, P, D) tokens (e.g. [CLS]) that attend but have no position."""
@@ -189,7 +197,7 @@ class ViTStage(nn.Module):
             x = torch.cat([prefix, x], dim=1)  # (B, P + HW, D)
         for blk in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
+                x = self._gradient_checkpointing_func(blk, x)
             else:
                 x = blk(x)
         out = rearrange(x[:, P:], "b (h w) d -> b h w d", h=H, w=W)
@@ -207,7 +215,9 @@ class TCAEEncoder(nn.Module):
                  pos_embed, inter_stride, final_stride, latent_channels, staged, cls_token, grad_checkpointing):
         super().__init__()
         self.patch_size, self.staged = patch_size, staged
-        self.patch_embed = PatchEmbed(grid * patch_size, patch_size, 3, dim, flatten=False, output_fmt="NHWC",
+        # img_size None: no size check inside (forward_features checks divisibility); timm's check formats the size
+        # into its message, which makes torch.compile(dynamic=True) specialise, and so recompile, per image size
+        self.patch_embed = PatchEmbed(None, patch_size, 3, dim, flatten=False, output_fmt="NHWC",
                                       strict_img_size=False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, dim))  # replaces masked patches (iBOT MIM)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
@@ -309,15 +319,29 @@ class TCAEDecoder(nn.Module):
 #                                 The autoencoder                               #
 #################################################################################
 
+def scalar_latent_scale(mean: list[float], std: list[float]) -> tuple[float, float]:
+    """(shift_factor, scaling_factor) such that (z - shift) * scale has mean 0 and variance 1 over all channels
+    together (the pooled statistics of the per-channel mean / std): one scalar pair for diffusers' pipelines, which
+    normalise latents with `vae.config.scaling_factor` / `shift_factor` rather than per channel."""
+    shift = math.fsum(mean) / len(mean)  # plain floats: also under a meta-device context (FLOP counting)
+    pooled_var = math.fsum(sd * sd + (m - shift) ** 2 for m, sd in zip(mean, std)) / len(mean)  # total variance
+    return shift, 1.0 / math.sqrt(pooled_var)
+
+
 class AutoencoderTC(ModelMixin, ConfigMixin):
     """TC-AE as a diffusers model: x in [-1, 1] (B, 3, H, W) <-> z of shape (B, c, h, w).
 
     `encode(x).latent` and `decode(z).sample` (tuples with return_dict=False), `save_pretrained` /
     `from_pretrained` (config.json + diffusion_pytorch_model.safetensors), as diffusers' AutoencoderDC. Latents are
     raw; `latents_mean` / `latents_std` (per channel, set once a latent cache has measured them) normalise them for
-    a diffusion model: (z - mean) / std. Training code calls the tensor modules `encoder` and `decoder` (what
-    torch.compile, the FLOP counter and iBOT's `encoder.forward_features` see).
+    a diffusion model: (z - mean) / std. `scaling_factor` / `shift_factor`, what diffusers' pipelines read, are their
+    pooled scalar version (scalar_latent_scale; 1 and 0 without statistics). Training code calls the tensor modules
+    `encoder` and `decoder` (what torch.compile, the FLOP counter and iBOT's `encoder.forward_features` see).
+    `diffusers.AutoModel.from_pretrained(folder, trust_remote_code=True)` loads a saved folder: config.json maps
+    AutoModel to tcae.AutoencoderTC (its `auto_map`) and save_pretrained writes that tcae.py, a one-line import.
     """
+
+    _auto_class = "AutoModel"  # save_pretrained writes config.json's auto_map (module "tcae": this file's name)
 
     # grad_checkpointing recomputes the fine (high-token) stages in backward; diffusers'
     # enable_gradient_checkpointing() recomputes every ViT stage
@@ -328,7 +352,8 @@ class AutoencoderTC(ModelMixin, ConfigMixin):
                  latent_channels: int = 128, width: int = 768, num_heads: int = 12, depth_fine: int = 6,
                  depth_coarse: int = 6, mlp_ratio: float = 4.0, qk_norm: bool = True, pos_embed: str = "sincos",
                  staged: bool = True, cls_token: bool = False, grad_checkpointing: bool = False,
-                 latents_mean: list[float] | None = None, latents_std: list[float] | None = None):
+                 latents_mean: list[float] | None = None, latents_std: list[float] | None = None,
+                 scaling_factor: float | None = None, shift_factor: float | None = None):
         super().__init__()
         if width % num_heads:
             raise ValueError(f"width={width} is not divisible by num_heads={num_heads}")
@@ -346,6 +371,18 @@ class AutoencoderTC(ModelMixin, ConfigMixin):
         self.encoder = TCAEEncoder(cls_token=cls_token, **common)
         self.decoder = TCAEDecoder(**common)
         self.initialize_weights()
+        if latents_mean is not None and latents_std is not None:
+            self.set_latent_stats(latents_mean, latents_std)
+        elif scaling_factor is None or shift_factor is None:
+            self.register_to_config(scaling_factor=1.0 if scaling_factor is None else scaling_factor,
+                                    shift_factor=0.0 if shift_factor is None else shift_factor)
+
+    def set_latent_stats(self, mean: list[float], std: list[float]) -> None:
+        """Record a latent cache's per-channel statistics and the scalar pair derived from them (scalar_latent_scale),
+        so that the two never disagree."""
+        shift, scale = scalar_latent_scale(mean, std)
+        self.register_to_config(latents_mean=list(mean), latents_std=list(std), scaling_factor=scale,
+                                shift_factor=shift)
 
     def initialize_weights(self):
         def _basic_init(m):
@@ -397,8 +434,26 @@ class AutoencoderTC(ModelMixin, ConfigMixin):
             raise OSError(f"{folder} holds a TC-AE in the layout of earlier versions (model.safetensors): convert it "
                           f"with `tcae-ldm export --ckpt {folder} --out NEW_FOLDER` (load_autoencoder('tcae', ...) "
                           f"also reads it as it is)")
+        # diffusers defaults low_cpu_mem_usage to True and warns on every load when accelerate is missing
+        kwargs.setdefault("low_cpu_mem_usage", is_accelerate_available())
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # auto_map only locates the class for AutoModel: not a constructor argument, which diffusers would warn about
+        return super().extract_init_dict({k: v for k, v in config_dict.items() if k != "auto_map"}, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """diffusers' save_pretrained, plus tcae.py: the module that config.json's auto_map names, so that
+        `AutoModel.from_pretrained(folder, trust_remote_code=True)` finds this class (in the installed package)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        with open(os.path.join(save_directory, "tcae.py"), "w") as f:
+            f.write(AUTO_MAP_MODULE)
+
+
+# The module a folder's auto_map points to: AutoModel imports it (trust_remote_code=True) and takes AutoencoderTC.
+AUTO_MAP_MODULE = ('"""AutoencoderTC for diffusers.AutoModel (config.json auto_map); the class is the installed '
+                   'tcae-ldm package\'s."""\nfrom tcae_ldm.models.tcae import AutoencoderTC  # noqa: F401\n')
 
 TCAE = AutoencoderTC  # the name of earlier versions (checkpoints and configs record presets, not this name)
 

@@ -1,4 +1,7 @@
-"""Progress that stays readable in a log file: a line now and then, never a bar redrawn with carriage returns."""
+"""Progress that stays readable in a log file: a line now and then, never a bar redrawn with carriage returns.
+
+progress() draws a tqdm bar on a terminal and prints Progress lines otherwise: a bar that clears itself leaves its
+carriage returns in a log file, and the result line printed next lands on the bar's line."""
 from __future__ import annotations
 
 import sys
@@ -48,3 +51,16 @@ class Progress:
                     last = now
         finally:  # also when the consumer stops early
             self._print(f"{self.what}: {done} {self.unit} in {duration(time.perf_counter() - start)}")
+
+
+def progress(iterable, desc: str | None, total: int | None = None, unit: str = "batches", file=None):
+    """iterable with progress on stderr: a tqdm bar (cleared when done) where stderr is a terminal, else Progress
+    lines (each on its own line); nothing when desc is None."""
+    if desc is None:
+        return iterable
+    stream = file or sys.stderr
+    if getattr(stream, "isatty", lambda: False)():
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, unit=unit.rstrip("s") or unit, leave=False, file=stream)
+    return Progress(iterable, desc, total=total, unit=unit, file=stream)

@@ -25,6 +25,11 @@ def test_diagnose_command_end_to_end(tmp_path):
     for row in ("A1: linear probe", "A2: linear probe", "chance", "effective rank / c", "90% / 99%"):
         assert row in md
     assert "12.5%" in md  # chance for the 8 demo classes
+    from PIL import Image
+
+    for name in ("spectrum.png", "probes.png"):  # the figures beside the numbers, small
+        with Image.open(out / name) as img:
+            assert img.format == "PNG" and img.size[0] >= 300 and (out / name).stat().st_size < 100_000
 
 
 

@@ -15,6 +15,7 @@ from tcae_ldm.latents.cache import read_stats
 from tcae_ldm.latents.frozen import load_autoencoder
 from tcae_ldm.lit.autoencoder import AutoencoderModule
 from tcae_ldm.lit.diffusion import DiffusionModule
+from tcae_ldm.models.tcae import scalar_latent_scale
 from tcae_ldm.losses.reconstruction import ReconstructionLossConfig
 from tests.latents.test_frozen import _old_layout_folder
 from tests.tiny import TINY_DCAE, tiny_latent_cache
@@ -52,7 +53,8 @@ def test_tc_ae_export_is_a_diffusers_folder_of_the_ema_weights_with_a_card(tmp_p
     module = _ema_module("TC-AE-T/p4-c16", net_args={"image_size": 32, "latent_size": 4})
     ckpt = _run_checkpoint(tmp_path, module)
     main(["export", "--ckpt", ckpt, "--out", str(tmp_path / "tc")])
-    assert sorted(os.listdir(tmp_path / "tc")) == ["README.md", "config.json", "diffusion_pytorch_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "tc")) == ["README.md", "config.json", "diffusion_pytorch_model.safetensors",
+                                                   "tcae.py"]
     ae = AutoencoderTC.from_pretrained(tmp_path / "tc")
     x = images()
     with torch.no_grad():
@@ -66,6 +68,10 @@ def test_tc_ae_export_is_a_diffusers_folder_of_the_ema_weights_with_a_card(tmp_p
     assert "| training steps | 7 |" in card and "(EMA weights)" in card and "width=32, num_heads=2" in card
     assert "| val/psnr | 12.25 | 7 | 1 |" in card and "| train/loss_g | 0.5 | 7 | 2 |" in card
     assert "not set (export with --cache CACHE_DIR)" in card
+    # the Hub reads the metadata block at the top; a published folder is world-readable
+    assert card.startswith("---\nlicense: mit\nlibrary_name: diffusers\ntags:\n- tcae-ldm\n- autoencoder\n- tcae\n---\n# ")
+    modes = {f: os.stat(tmp_path / "tc" / f).st_mode & 0o777 for f in os.listdir(tmp_path / "tc")}
+    assert set(modes.values()) == {0o644} and os.stat(tmp_path / "tc").st_mode & 0o777 == 0o755
 
 
 def test_cache_statistics_go_into_the_config_and_a_foreign_cache_is_refused(tmp_path, capsys):
@@ -75,6 +81,8 @@ def test_cache_statistics_go_into_the_config_and_a_foreign_cache_is_refused(tmp_
     mean, std = read_stats(cache)
     assert ae.config.latents_mean == mean.tolist() and ae.config.latents_std == std.tolist()
     assert torch.equal(torch.tensor(ae.config.latents_std), std)  # float32 survives the JSON round trip
+    # what diffusers' pipelines read: the pooled scalar version of the same statistics
+    assert (ae.config.shift_factor, ae.config.scaling_factor) == scalar_latent_scale(mean.tolist(), std.tolist())
     card = (tmp_path / "tc" / "README.md").read_text()
     assert f"from the latent cache `{cache}` (16 images and their flips)" in card
     # the export's latent space is the cache's: a DiT trained on that cache decodes with it
@@ -94,7 +102,9 @@ def test_dc_ae_export_is_an_autoencoder_dc_folder(tmp_path):
     from tcae_ldm.lit.caching import cache_latents
 
     module = _ema_module(TINY_DCAE)
-    ckpt = _run_checkpoint(tmp_path, module, step_count=3)
+    # Lightning's layout: global_step counts both optimizers' steps, metrics.csv the batches that stepped (3)
+    ckpt = _run_checkpoint(tmp_path, module, step_count=3, global_step=14,
+                           loops={"fit_loop": {"epoch_loop.state_dict": {"_batches_that_stepped": 3}}})
     cache = cache_latents({"kind": "dcae", "path": ckpt}, DemoPhotosDataModule(image_size=32, train_per_class=1,
                                                                              val_per_class=1),
                           str(tmp_path / "latents"), accelerator="cpu")
@@ -110,6 +120,7 @@ def test_dc_ae_export_is_an_autoencoder_dc_folder(tmp_path):
     assert "| training steps | 3 |" in card and "encoder_block_out_channels=[8, 16, 32, 32, 64]" in card
     assert ae.config.latents_mean == read_stats(cache)[0].tolist()  # kept in the config, beside diffusers' own keys
     assert "(8 images and their flips)" in card
+    assert "| train/loss_g | 0.75 | 3 | 1 |" in card and "val/psnr" not in card  # nothing logged after step 3
 
 
 def test_a_folder_of_the_earlier_layout_is_converted(tmp_path):
@@ -136,19 +147,43 @@ def dit_run(tmp_path):
     return _run_checkpoint(tmp_path, module, latent_cache=module.cache_info, global_step=5, images_seen=40), module
 
 
-def test_a_dit_export_samples_as_its_checkpoint_does(dit_run, tmp_path):
+def test_a_dit_export_stands_alone_and_samples_as_its_checkpoint_does(dit_run, tmp_path):
+    """The export holds a copy of its decoder, named relatively: moved to another place, and with the decoder it
+    was trained with gone, it samples with no other flag; the checkpoint itself then names the flag that supplies
+    one."""
     ckpt, module = dit_run
     main(["export", "--ckpt", ckpt, "--out", str(tmp_path / "dit")])
-    assert sorted(os.listdir(tmp_path / "dit")) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "dit")) == ["README.md", "autoencoder", "config.json", "model.safetensors"]
+    assert json.loads((tmp_path / "dit" / "config.json").read_text())["hyper_parameters"]["autoencoder"] == \
+        {"kind": "tcae", "path": "autoencoder", "dtype": "fp32"}
     card = (tmp_path / "dit" / "README.md").read_text()
+    assert card.startswith("---\nlicense: mit\nlibrary_name: tcae-ldm\ntags:\n- tcae-ldm\n- dit\n")
     assert "# DiT-T/1 on 16x4x4 latents" in card and "| training steps | 5 (40 images seen) |" in card
-    assert "(EMA weights)" in card and "tcae 'TC-AE-T/p4-c16'" in card and "| val/psnr | 12.25 | 7 | 1 |" in card
+    assert "(EMA weights)" in card and "tcae 'TC-AE-T/p4-c16'" in card and "| decoder | `autoencoder/`" in card
+    # only what was logged at or before the exported step 5: train/loss_g of step 3, no val/psnr (step 7)
+    assert "| train/loss_g | 0.75 | 3 | 1 |" in card and "val/psnr" not in card and "at or before step 5" in card
+    modes = {os.stat(os.path.join(r, f)).st_mode & 0o777 for r, _, fs in os.walk(tmp_path / "dit") for f in fs}
+    assert modes == {0o644}
+
     common = ["--num", "3", "--labels", "1,2", "--steps", "2", "--batch-size", "2"]
     main(["sample", "--ckpt", ckpt, "--out", str(tmp_path / "a"), *common])
-    main(["sample", "--ckpt", str(tmp_path / "dit"), "--out", str(tmp_path / "b"), *common])
+    os.rename(tmp_path / "ae.ckpt", tmp_path / "elsewhere.ckpt")  # the training machine's decoder is not here
+    os.makedirs(tmp_path / "machine2")
+    os.rename(tmp_path / "dit", tmp_path / "machine2" / "dit")
+    main(["sample", "--ckpt", str(tmp_path / "machine2" / "dit"), "--out", str(tmp_path / "b"), *common])
     a, b = (np.load(tmp_path / d / "samples_3x32x32x3.npz") for d in ("a", "b"))
     assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
     assert a["arr_0"].std() > 0
+    with pytest.raises(SystemExit) as err:
+        main(["sample", "--ckpt", ckpt, "--out", str(tmp_path / "c"), *common])
+    assert f"the decoder of these latents (tcae {tmp_path / 'ae.ckpt'}) is not here" in str(err.value)
+    assert "give it with --autoencoder-kind tcae --autoencoder-path PATH" in str(err.value)
+    with pytest.raises(SystemExit) as err:  # nor can it be exported without one
+        main(["export", "--ckpt", ckpt, "--out", str(tmp_path / "dit2")])
+    assert "--autoencoder-kind tcae --autoencoder-path PATH" in str(err.value) and not os.path.exists(tmp_path / "dit2")
+    main(["export", "--ckpt", ckpt, "--out", str(tmp_path / "dit2"), "--autoencoder-kind", "tcae",
+          "--autoencoder-path", str(tmp_path / "elsewhere.ckpt")])
+    assert os.path.isdir(tmp_path / "dit2" / "autoencoder")
 
 
 def test_errors_are_one_line_and_keep_what_exists(dit_run, tmp_path, capsys):

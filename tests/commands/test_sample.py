@@ -59,7 +59,8 @@ def test_sample_command_writes_pngs_grid_npz(runs, tmp_path):
     assert sorted(os.listdir(tmp_path / "a" / "images")) == [f"{i:06d}.png" for i in range(5)]
     npz = np.load(tmp_path / "a" / "samples_5x32x32x3.npz")
     assert npz["arr_0"].shape == (5, 32, 32, 3) and npz["arr_0"].dtype == np.uint8
-    assert npz["labels"].tolist() == [1, 2, 1, 2, 1]
+    assert npz["labels"].tolist() == [1, 2, 1, 2, 1] and npz["arr_1"].tolist() == [1, 2, 1, 2, 1]  # ADM's name
+    assert sorted(npz.keys()) == ["arr_0", "arr_1", "labels"]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / "images" / "000003.png")), npz["arr_0"][3])
     streamed = torch.cat(list(NpzImages(str(tmp_path / "a" / "samples_5x32x32x3.npz"), batch_size=2)))  # what fid reads
     assert np.array_equal(streamed.permute(0, 2, 3, 1).numpy(), npz["arr_0"])

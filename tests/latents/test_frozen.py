@@ -71,7 +71,7 @@ def test_checkpoint_loads_ema_weights_frozen(module_checkpoint):
 def test_save_pretrained_round_trip(module_checkpoint, tmp_path):
     ae = load_autoencoder("tcae", module_checkpoint[0])
     ae.save_pretrained(tmp_path / "export")
-    assert sorted(os.listdir(tmp_path / "export")) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "export")) == ["config.json", "diffusion_pytorch_model.safetensors", "tcae.py"]
     back = load_autoencoder("tcae", str(tmp_path / "export"))
     x = images()
     assert torch.equal(back.encode(x), ae.encode(x)) and torch.equal(back.decode(ae.encode(x)), ae.decode(ae.encode(x)))
@@ -82,7 +82,9 @@ def test_save_pretrained_round_trip(module_checkpoint, tmp_path):
     with open(tmp_path / "export" / "config.json") as f:
         config = json.load(f)
     assert config["_class_name"] == "AutoencoderTC" and config["_preset"] == NET
-    assert {k: v for k, v in config.items() if not k.startswith("_") and not k.startswith("latents_")} == \
+    # ... besides the latent statistics (and the scalars pipelines read) and AutoModel's auto_map
+    described = ("latents_mean", "latents_std", "scaling_factor", "shift_factor", "auto_map")
+    assert {k: v for k, v in config.items() if not k.startswith("_") and k not in described} == \
         tcae_config(NET, NET_ARGS)
     net = AutoencoderTC.from_pretrained(tmp_path / "export")
     with torch.no_grad():

@@ -192,7 +192,8 @@ def test_a_diffusers_model_round_trip(tmp_path, tiny_net_args):
         rec = net.decode(z).sample
         assert torch.equal(net.decode(z, return_dict=False)[0], rec) and torch.equal(net(x).sample, rec)
     net.save_pretrained(tmp_path / "tc")
-    assert sorted(p.name for p in (tmp_path / "tc").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "tc").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors",
+                                                                   "tcae.py"]  # AutoModel's module (auto_map)
     back = AutoencoderTC.from_pretrained(tmp_path / "tc")
     public = lambda m: {k: v for k, v in m.config.items() if not k.startswith("_")}  # noqa: E731
     assert not back.training and public(back) == public(net)
