@@ -5,6 +5,12 @@ A run's metrics.csv (Lightning's CSVLogger) holds, at the trainer's global step 
     gen/images_seen      training images seen so far, summed over ranks
     gen/wall_time_s      training seconds since the run began, evaluation time excluded
     gen/num_samples      how many generated images the FID used (FID depends on it)
+    gen/compute_gmacs    the DiT's training compute so far (GMACs, all ranks), as train/compute_gmacs at that step
+
+and, at every training step (both training modules, tcae_ldm.lit.compute counts them):
+    train/compute_gmacs  cumulative training compute in GMACs (multiply-accumulates) summed over ranks; kept in
+                         checkpoints, so a resumed run continues it
+    train/wall_time_s    (autoencoder runs) cumulative seconds spent in training steps, also kept across resumes
 """
 from __future__ import annotations
 
@@ -19,6 +25,9 @@ GFID_COLUMN = GEN_PREFIX + "gfid_{net}"         # gFID measured with feature net
 IMAGES_SEEN_COLUMN = GEN_PREFIX + "images_seen"  # training images seen so far, summed over ranks
 WALL_TIME_COLUMN = GEN_PREFIX + "wall_time_s"   # training seconds since the run began, eval time excluded
 NUM_SAMPLES_COLUMN = GEN_PREFIX + "num_samples"  # optional: generated images per FID (FID depends on it)
+COMPUTE_COLUMN = GEN_PREFIX + "compute_gmacs"    # optional: the DiT's training GMACs so far, all ranks
+TRAIN_COMPUTE_COLUMN = "train/compute_gmacs"     # cumulative training GMACs of any run, all ranks
+TRAIN_TIME_COLUMN = "train/wall_time_s"          # cumulative training-step seconds of an autoencoder run
 METRICS_FILE = "metrics.csv"
 
 
