@@ -10,6 +10,15 @@ so k is a lower bound from its last logged step). Runs that differ in DiT preset
 network, FID sample count or images per step (global batch) are not comparable: the md starts with a
 warning and the exit status is 2 unless --allow-mismatch.
 
+Several runs per autoencoder: runs whose config differs only in the seed (seed_everything, model.seed) and in
+where they write are seeds of one experiment and form a group (tcae_ldm.metrics.seeds); runs of one autoencoder
+that differ in anything else are not pooled (a warning, exit 2). Per group comparison.md and comparison_groups.csv
+give mean, std and min-max of final and best gFID and of the steps to each level, each speed-up with a 95%
+percentile bootstrap interval over seeds, the autoencoder's GMACs per image and its training compute (the last
+train/compute_gmacs of the run folder holding the checkpoint the cache's metadata names; unknown otherwise) and
+the DiT's training compute to each level (gen/compute_gmacs). convergence.png draws each group's mean and min-max
+band against DiT steps, total training compute (autoencoder + DiT) and wall time.
+
 Run folder format (a Lightning CSVLogger folder as LightningCLI writes it; the generation-eval callback
 logs these with the trainer's global step, which CSVLogger writes as the `step` column):
     RUN_DIR/metrics.csv    the columns of tcae_ldm.metrics.convergence; other columns are ignored
@@ -31,6 +40,7 @@ import yaml
 
 from tcae_ldm.commands import CommandParser, fail
 from tcae_ldm.metrics.convergence import (
+    COMPUTE_COLUMN,
     GEN_PREFIX,
     GFID_COLUMN,
     IMAGES_SEEN_COLUMN,
@@ -38,9 +48,11 @@ from tcae_ldm.metrics.convergence import (
     NUM_SAMPLES_COLUMN,
     WALL_TIME_COLUMN,
     auto_levels,
+    TRAIN_COMPUTE_COLUMN,
     read_metrics,
     steps_to_reach,
 )
+from tcae_ldm.metrics.seeds import band, differing_keys, experiment_key, group_table, summarise_group
 
 CONFIG_FILE, HPARAMS_FILE = "config.yaml", "hparams.yaml"
 
@@ -119,6 +131,8 @@ class Run:
     name: str
     identity: dict
     metrics: dict[int, dict[str, float]]
+    config: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)
     net: str | None = None
     curve: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -134,7 +148,7 @@ class Run:
         self.net = net
         self.curve = {"step": np.array([s for s, _ in rows], float), "gfid": np.array([v[col] for _, v in rows])}
         for key, column in (("wall_time_s", WALL_TIME_COLUMN), ("images_seen", IMAGES_SEEN_COLUMN),
-                            ("num_samples", NUM_SAMPLES_COLUMN)):
+                            ("num_samples", NUM_SAMPLES_COLUMN), ("compute_gmacs", COMPUTE_COLUMN)):
             self.curve[key] = np.array([v.get(column, np.nan) for _, v in rows])
 
 
@@ -173,7 +187,22 @@ def load_run(run_dir: str) -> Run:
     except (ValueError, UnicodeDecodeError, csv.Error) as e:
         raise ValueError(f"{metrics_path} is not a metrics table a CSVLogger writes ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    return Run(folder, name, identity, metrics)
+    return Run(folder, name, identity, metrics, sources["config"], sources["cache"])
+
+
+def autoencoder_training_gmacs(run: Run) -> float | None:
+    """The training compute of the autoencoder that made the run's latents: the last train/compute_gmacs of the
+    run folder holding the checkpoint its cache's metadata names (the checkpoint's folder or one or two above)."""
+    path = (run.cache.get("autoencoder") or {}).get("path")
+    if not isinstance(path, str) or not path:
+        return None
+    folder = os.path.dirname(os.path.abspath(path))
+    for candidate in (folder, os.path.dirname(folder), os.path.dirname(os.path.dirname(folder))):
+        metrics = os.path.join(candidate, METRICS_FILE)
+        if os.path.isfile(metrics):
+            values = [v[TRAIN_COMPUTE_COLUMN] for v in read_metrics(metrics).values() if TRAIN_COMPUTE_COLUMN in v]
+            return values[-1] if values else None
+    return None
 
 
 def mismatches(runs: list[Run]) -> tuple[list[str], list[str]]:
@@ -254,8 +283,44 @@ def compare_runs(run_dirs: list[str], baseline: str | None = None, metric: str |
                                       else f">{base.curve['step'][-1] / s:.2f}")
         rows.append(row)
     problems, notes = mismatches(runs)
+    groups = group_runs(runs)
+    problems += unpooled(groups)
+    base_group = next(g for g in groups if base in g["runs"])
     return {"runs": runs, "labels": [row["autoencoder"] for row in rows], "baseline": base, "levels": levels,
-            "rows": rows, "problems": problems, "notes": notes}
+            "rows": rows, "problems": problems, "notes": notes, "groups": groups,
+            "group_rows": [summarise_group(g["label"], [r.curve for r in g["runs"]], [r.curve for r in base_group["runs"]],
+                                           levels, g["runs"][0].identity["autoencoder_gmacs"],
+                                           autoencoder_training_gmacs(g["runs"][0]), [r.name for r in g["runs"]])
+                           for g in groups]}
+
+
+def group_runs(runs: list[Run]) -> list[dict]:
+    """Runs whose identity and config (seeds and output folders aside) are equal: {label, key, runs}."""
+    groups: list[dict] = []
+    for r in runs:
+        key = {**experiment_key(r.config), **{f"identity:{k}": v for k, v in r.identity.items()}}
+        match = next((g for g in groups if g["key"] == key), None)
+        if match:
+            match["runs"].append(r)
+            continue
+        label = r.identity["autoencoder"] or r.name
+        taken = sum(g["label"].split(" #")[0] == label for g in groups)
+        groups.append({"label": f"{label} #{taken + 1}" if taken else label, "key": key, "runs": [r]})
+    return groups
+
+
+def unpooled(groups: list[dict]) -> list[str]:
+    """Groups of one autoencoder that differ in more than the seed: they are not seeds of one experiment."""
+    problems = []
+    for i, a in enumerate(groups):
+        for b in groups[i + 1:]:
+            ae = a["key"].get("identity:autoencoder")
+            if ae is not None and ae == b["key"].get("identity:autoencoder"):
+                keys = differing_keys(a["key"], b["key"])
+                problems.append(f"runs of {ae} differ in more than the seed ({', '.join(keys[:4])}"
+                                f"{', ...' if len(keys) > 4 else ''}): {a['runs'][0].name} and {b['runs'][0].name} "
+                                f"are not pooled")
+    return problems
 
 
 def write_table(result: dict, out_dir: str) -> None:
@@ -274,41 +339,62 @@ def write_table(result: dict, out_dir: str) -> None:
     header = list(rows[0])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_md_cell(k, row[k]) for k in header) + " |" for row in rows]
+    base = next(g["label"] for g in result["groups"] if result["baseline"] in g["runs"])
+    lines += [""] + group_table(result["group_rows"], result["levels"], base)
     with open(os.path.join(out_dir, "comparison.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    groups = result["group_rows"]
+    with open(os.path.join(out_dir, "comparison_groups.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(groups[0]))
+        w.writeheader()
+        w.writerows([{k: ("" if v is None else round(v, 4) if isinstance(v, float) else v) for k, v in g.items()}
+                     for g in groups])
 
 
-def plot(result: dict, out_dir: str) -> None:
+def draw(result: dict):
+    """The figure: gFID vs DiT steps, vs total training compute (autoencoder + DiT) when the runs logged it, and
+    vs wall time; per group the mean over seeds and a min-max band. Returns (figure, {panel: {group: band}})."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, also on machines without a display
     import matplotlib.pyplot as plt
 
-    runs, labels = result["runs"], result["labels"]
-    has_time = [r for r in runs if not np.isnan(r.curve["wall_time_s"]).all()]
-    fig, axes = plt.subplots(1, 2 if has_time else 1, figsize=(12 if has_time else 6, 4.5), squeeze=False)
-    ax = axes[0, 0]
-    for r, label in zip(runs, labels):
-        ax.plot(r.curve["step"], r.curve["gfid"], marker="o", ms=3, label=label)
-    ax.set_xlabel("training steps")
-    if has_time:
-        hours = max(np.nanmax(r.curve["wall_time_s"]) for r in has_time) > 2 * 3600
-        for r, label in zip(runs, labels):
-            t = r.curve["wall_time_s"]
-            if not np.isnan(t).all():
-                axes[0, 1].plot(t[~np.isnan(t)] / (3600 if hours else 60), r.curve["gfid"][~np.isnan(t)],
-                                marker="o", ms=3, label=label)
-        axes[0, 1].set_xlabel("training wall time (" + ("h" if hours else "min") + ")")
-    metric = ", ".join(sorted({f"gfid_{r.net}" for r in runs}))
-    for a in axes[0]:
+    panels = {"steps": ("training steps", lambda r, ae: r.curve["step"])}
+    if all(not np.isnan(r.curve["compute_gmacs"]).any() for r in result["runs"]):
+        panels["compute"] = ("training compute, autoencoder + DiT (GMACs)",
+                             lambda r, ae: r.curve["compute_gmacs"] + (ae or 0.0))
+    if all(not np.isnan(r.curve["wall_time_s"]).any() for r in result["runs"]):
+        panels["time"] = ("DiT training wall time (min)", lambda r, ae: r.curve["wall_time_s"] / 60)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    bands: dict = {name: {} for name in panels}
+    for ax, (name, (xlabel, xs)) in zip(axes[0], panels.items()):
+        for group, row in zip(result["groups"], result["group_rows"]):
+            ae = row["autoencoder_training_gmacs"]
+            x, mean, lo, hi = band([(xs(r, ae), r.curve["gfid"]) for r in group["runs"]])
+            bands[name][group["label"]] = (x, mean, lo, hi)
+            label = f"{group['label']} (n={len(group['runs'])})"
+            if name == "compute" and ae is None:
+                label += ", AE training unknown"
+            line, = ax.plot(x, mean, marker="o", ms=3, label=label)
+            if len(group["runs"]) > 1:
+                ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
         for lv in result["levels"]:
-            a.axhline(lv, color="gray", lw=0.6, ls=":")
-        a.set_ylabel(metric)
-        a.grid(alpha=0.3)
-        a.legend(fontsize=8)
+            ax.axhline(lv, color="gray", lw=0.6, ls=":")
+        ax.set_xlabel(xlabel)
+        ax.set_xscale("log" if name == "compute" else "linear")
+        ax.set_ylabel(", ".join(sorted({f"gfid_{r.net}" for r in result["runs"]})) + " (mean, min-max band)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     if result["problems"]:
         fig.suptitle("WARNING: runs not comparable (see comparison.md)", color="red")
     fig.tight_layout()
+    return fig, bands
+
+
+def plot(result: dict, out_dir: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, _ = draw(result)
     fig.savefig(os.path.join(out_dir, "convergence.png"), dpi=120)
     plt.close(fig)
 
