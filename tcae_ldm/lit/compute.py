@@ -64,19 +64,14 @@ def _ssl_off(module):
         module.ssl = ssl
 
 
-def _loss_config_for_counting(loss):
-    """The twin's reconstruction loss: the same terms, with a random LPIPS trunk (same cost, no weight file)."""
-    if loss is None:
-        return ReconstructionLossConfig(lpips_trunk="random")
-    if isinstance(loss, dict):
-        return ReconstructionLossConfig(**{**loss, "lpips_trunk": "random"})
-    return dataclasses.replace(loss, lpips_trunk="random")
-
-
 def autoencoder_twin(module: L.LightningModule) -> L.LightningModule:
-    """An AutoencoderModule's meta twin: no EMA (it is not trained), no compilation, no metric networks."""
-    twin = meta_twin(module, loss=_loss_config_for_counting(module.hparams.get("loss")), ema_decay=None,
-                     compile=False, init_from=None, metrics_lpips=None, metrics_fid=None)
+    """An AutoencoderModule's meta twin: no EMA (it is not trained), no compilation, no metric networks, a random
+    LPIPS trunk (same cost, no weight file). The loss and iBOT configs are the module's own objects (LightningCLI
+    records them in the hyper-parameters as plain mappings)."""
+    loss: ReconstructionLossConfig = dataclasses.replace(module.loss.cfg, lpips_trunk="random")
+    ssl = module.ssl.cfg if module.ssl is not None else None
+    twin = meta_twin(module, loss=loss, ssl=ssl, ema_decay=None, compile=False, init_from=None, metrics_lpips=None,
+                     metrics_fid=None)
     twin.loss.load_lpips()  # it follows its inputs to the meta device
     return twin
 
