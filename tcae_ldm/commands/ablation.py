@@ -7,7 +7,7 @@ ablation.csv:
     rFID / PSNR / SSIM / LPIPS  the last test/* values of <run>/test/metrics.csv (`tcae-ldm test` with configs/eval.yaml)
     A1 / A2 / effective rank    diagnostics.json in the run folder or one folder below (`tcae-ldm diagnose --out <run>/...`)
     parameters, GMACs           counted on the meta device from the run's net, net_args and image size (encode + decode)
-    training GMACs              the last train/compute_gmacs of the run's metrics.csv
+    training GMACs              the last train/compute_gmacs of the run's metrics.csv (+ its init_from run's)
     gFID                        final gFID of a --dit run whose latent cache was made from a checkpoint inside this run
                                 folder (the cache's metadata.json names it)
 A value whose input is missing is n/a, with a footnote naming the command that produces it.
@@ -22,8 +22,8 @@ import os
 import torch
 
 from tcae_ldm.commands import CommandParser, fail
-from tcae_ldm.commands.compare import CONFIG_FILE, _find_metrics, _read_yaml, load_run, lookup
-from tcae_ldm.metrics.convergence import METRICS_FILE, TRAIN_COMPUTE_COLUMN, read_metrics
+from tcae_ldm.commands.compare import CONFIG_FILE, _find_metrics, _read_yaml, load_run, lookup, run_training_gmacs
+from tcae_ldm.metrics.convergence import METRICS_FILE, read_metrics
 from tcae_ldm.metrics.flops import count_gmacs, count_params
 from tcae_ldm.models.zoo import create_autoencoder
 
@@ -75,8 +75,7 @@ def ablation_row(run_dir: str, dit_runs: list) -> dict:
     row.update(A1=results.get("probe_tokens"), A2=results.get("probe_latent"),
                effective_rank=(results.get("spectrum") or {}).get("effective_rank"))
     row["params_M"], row["gmacs"] = cost(config)
-    row["training_gmacs"] = _last(read_metrics(os.path.join(folder, METRICS_FILE)), TRAIN_COMPUTE_COLUMN).get(
-        TRAIN_COMPUTE_COLUMN)
+    row["training_gmacs"] = run_training_gmacs(folder)
     inside = os.path.abspath(folder) + os.sep
     matches = [r for r in dit_runs if os.path.abspath(str((r.cache.get("autoencoder") or {}).get("path", ""))).startswith(inside)]
     row["gfid"] = float(matches[0].curve["gfid"][-1]) if matches else None

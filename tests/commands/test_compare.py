@@ -270,3 +270,30 @@ def test_the_plot_draws_each_groups_band_over_steps_and_total_compute(tmp_path):
     # a filled band for the 3-seed group only, on each panel (steps, compute, wall time)
     assert [len(ax.collections) for ax in fig.axes] == [1, 1, 1] and len(fig.axes[1].lines) >= 2
     assert fig.axes[1].get_xlabel().startswith("training compute")
+
+
+def test_autoencoder_training_compute_follows_the_cache_to_its_runs(tmp_path):
+    """The cache names the decoder-finetuned checkpoint; its run started from the joint run's: both phases count."""
+    joint, ft = tmp_path / "ae_joint", tmp_path / "ae_ft"
+    for folder, gmacs, config in ((joint, 100.0, {}),
+                                  (ft, 5.0, {"model": {"init_args": {"init_from": str(joint / "checkpoints" / "last.ckpt")}}})):
+        (folder / "checkpoints").mkdir(parents=True)
+        (folder / "metrics.csv").write_text(f"step,train/compute_gmacs\n0,{gmacs / 2}\n1,{gmacs}\n")
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "metadata.json").write_text(json.dumps({"autoencoder": {"kind": "tcae", "path": str(ft / "checkpoints" / "last.ckpt")},
+                                                     "autoencoder_gmacs": 0.5}))
+    run = write_run(tmp_path, "dit", CURVE_FAST, autoencoder=None, gmacs_per_step=2.0)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"]["init_args"]["cache_dir"] = str(cache)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    result = compare_runs([str(run)], levels=[30])
+    row = result["group_rows"][0]
+    assert row["autoencoder_training_gmacs"] == 105.0 and row["autoencoder_gmacs"] == 0.5
+    from tcae_ldm.commands.compare import draw
+
+    _, bands = draw(result)
+    assert list(bands["compute"][result["groups"][0]["label"]][0]) == [20105.0, 40105.0, 60105.0, 80105.0]
+    (ft / "metrics.csv").write_text("step,train/loss\n0,1.0\n")  # a run from before compute was logged
+    assert compare_runs([str(run)], levels=[30])["group_rows"][0]["autoencoder_training_gmacs"] is None
