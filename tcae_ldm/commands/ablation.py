@@ -22,8 +22,8 @@ import os
 import torch
 
 from tcae_ldm.commands import CommandParser, fail
-from tcae_ldm.commands.compare import CONFIG_FILE, _find_metrics, _read_yaml, load_run, lookup, run_training_gmacs
-from tcae_ldm.metrics.convergence import METRICS_FILE, read_metrics
+from tcae_ldm.commands.compare import CONFIG_FILE, _find_metrics, _read_yaml, load_run, lookup
+from tcae_ldm.metrics.convergence import METRICS_FILE, read_metrics, run_training_gmacs
 from tcae_ldm.metrics.flops import count_gmacs, count_params
 from tcae_ldm.models.zoo import create_autoencoder
 

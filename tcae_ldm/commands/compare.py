@@ -48,7 +48,7 @@ from tcae_ldm.metrics.convergence import (
     NUM_SAMPLES_COLUMN,
     WALL_TIME_COLUMN,
     auto_levels,
-    TRAIN_COMPUTE_COLUMN,
+    checkpoint_training_gmacs,
     read_metrics,
     steps_to_reach,
 )
@@ -194,29 +194,6 @@ def autoencoder_training_gmacs(run: Run) -> float | None:
     """The training compute of the autoencoder that made the run's latents (None: unknown)."""
     path = (run.cache.get("autoencoder") or {}).get("path")
     return checkpoint_training_gmacs(path) if isinstance(path, str) and path else None
-
-
-def checkpoint_training_gmacs(path: str, depth: int = 0) -> float | None:
-    """run_training_gmacs of the run folder holding this checkpoint: its folder or one or two above."""
-    folder = os.path.dirname(os.path.abspath(path))
-    for candidate in (folder, os.path.dirname(folder), os.path.dirname(os.path.dirname(folder))):
-        if os.path.isfile(os.path.join(candidate, METRICS_FILE)):
-            return run_training_gmacs(candidate, depth)
-    return None
-
-
-def run_training_gmacs(folder: str, depth: int = 0) -> float | None:
-    """An autoencoder run's last train/compute_gmacs, plus that of the run it started from (model.init_args.init_from:
-    decoder finetuning's joint run), so a finetuned autoencoder's cost includes both phases. None: not logged."""
-    values = [v[TRAIN_COMPUTE_COLUMN] for v in read_metrics(os.path.join(folder, METRICS_FILE)).values()
-              if TRAIN_COMPUTE_COLUMN in v]
-    if not values:
-        return None
-    parent = lookup(_read_yaml(os.path.join(folder, CONFIG_FILE)), "model.init_args.init_from")
-    if isinstance(parent, str) and parent:
-        before = checkpoint_training_gmacs(parent, depth + 1) if depth < 3 else None  # a chain, not a cycle
-        return None if before is None else values[-1] + before
-    return values[-1]
 
 
 def mismatches(runs: list[Run]) -> tuple[list[str], list[str]]:

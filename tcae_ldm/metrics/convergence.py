@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 
 import numpy as np
+import yaml
 
 GEN_PREFIX = "gen/"
 STEP_COLUMN = "step"                            # Lightning's column: trainer.global_step (optimizer steps)
@@ -68,3 +70,38 @@ def auto_levels(steps: np.ndarray, gfid: np.ndarray) -> list[float]:
     levels = {math.ceil(best[np.flatnonzero(steps <= f * steps[-1])[-1]] * 100 - 1e-9) / 100
               for f in (0.25, 0.5, 1.0) if (steps <= f * steps[-1]).any()}
     return sorted(levels, reverse=True)
+
+
+def _init_from(config_path: str) -> str | None:
+    """model.init_args.init_from of a LightningCLI config.yaml (None when absent or unreadable)."""
+    try:
+        with open(config_path) as f:
+            config = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return None
+    value = ((((config or {}).get("model") or {}).get("init_args") or {}).get("init_from")
+             if isinstance(config, dict) else None)
+    return value if isinstance(value, str) and value else None
+
+
+def checkpoint_training_gmacs(path: str, depth: int = 0) -> float | None:
+    """run_training_gmacs of the run folder holding this checkpoint: its folder or one or two above."""
+    folder = os.path.dirname(os.path.abspath(path))
+    for candidate in (folder, os.path.dirname(folder), os.path.dirname(os.path.dirname(folder))):
+        if os.path.isfile(os.path.join(candidate, METRICS_FILE)):
+            return run_training_gmacs(candidate, depth)
+    return None
+
+
+def run_training_gmacs(folder: str, depth: int = 0) -> float | None:
+    """An autoencoder run's last train/compute_gmacs, plus that of the run it started from (model.init_args.init_from:
+    decoder finetuning's joint run), so a finetuned autoencoder's cost includes both phases. None: not logged."""
+    values = [v[TRAIN_COMPUTE_COLUMN] for v in read_metrics(os.path.join(folder, METRICS_FILE)).values()
+              if TRAIN_COMPUTE_COLUMN in v]
+    if not values:
+        return None
+    parent = _init_from(os.path.join(folder, "config.yaml"))
+    if parent:
+        before = checkpoint_training_gmacs(parent, depth + 1) if depth < 3 else None  # a chain, not a cycle
+        return None if before is None else values[-1] + before
+    return values[-1]
