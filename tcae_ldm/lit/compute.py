@@ -10,7 +10,7 @@ counts one training step of one image there with torch.utils.flop_counter (tcae_
   views (forward + backward), the teacher's forward on the global views, and the student heads (forward +
   backward, [CLS] tokens and the expected number of masked tokens) and teacher heads (forward). The cost is
   counted once per phase (before / after disc_start).
-- DiffusionModule: the objective's loss, DiT forward + backward on one latent.
+- DiffusionModule: DiT forward + backward on one latent (the objective around it is elementwise).
 
 Not counted: optimizer steps, EMA and teacher updates, gradient clipping and the losses' own arithmetic (elementwise,
 but for the [CLS] cross-entropy's einsum over view pairs: 2 x 2 x views x prototypes MACs per image, about 1e-5 of
@@ -30,6 +30,7 @@ from einops import rearrange
 
 from tcae_ldm.losses.reconstruction import ReconstructionLossConfig
 from tcae_ldm.metrics.flops import count_call_gmacs
+from tcae_ldm.models.dit import create_dit
 
 META = torch.device("meta")
 
@@ -144,9 +145,13 @@ class AutoencoderStepCost:
 
 
 def dit_step_gmacs(module: L.LightningModule) -> float:
-    """GMACs per training latent of a DiffusionModule: the objective's loss, DiT forward + backward."""
-    twin = meta_twin(module, ema_decay=None, compile=False)
-    c, h, w = twin.hparams.latent_shape
-    x = torch.empty(1, c, h, w, device=META)
+    """GMACs per training latent of a DiffusionModule: DiT forward + backward on one latent, the DiT built on the meta
+    device as the module builds it (the objective around it is elementwise)."""
+    hp = module.hparams
+    c, h, w = hp.latent_shape
+    with META:
+        dit = create_dit(hp.dit, **{**(hp.dit_args or {}), "input_size": h, "in_channels": c,
+                                    "num_classes": hp.num_classes}).train()
+    x, t = torch.empty(1, c, h, w, device=META), torch.empty(1, device=META)
     y = torch.zeros(1, dtype=torch.long, device=META)
-    return count_call_gmacs(lambda: twin.objective.loss(twin.dit, x, y).backward())
+    return count_call_gmacs(lambda: dit(x, t, y).sum().backward())

@@ -102,6 +102,11 @@ def test_ddpm_objective_with_learned_sigma_trains_and_samples(runs, tmp_path, mo
     col = header.split(",").index("train/loss")
     losses = torch.tensor([float(r.split(",")[col]) for r in rows if r.split(",")[col]])
     assert len(losses) == 3 and torch.isfinite(losses).all() and (losses > 0).all()  # mse + vb, every step
+    from tcae_ldm.metrics.flops import count_call_gmacs  # compute: the hybrid loss on real tensors, counted here
+
+    x, y = torch.randn(8, 16, 4, 4), torch.arange(8)
+    per_latent = count_call_gmacs(lambda: module.objective.loss(module.dit, x, y).backward()) / 8
+    assert module.compute_gmacs == pytest.approx(3 * 8 * per_latent, rel=1e-12)
     z = module.sample(torch.tensor([0, 5]), seed=1, decode=False, cfg_scale=2.0)
     assert z.shape == (2, 16, 4, 4) and torch.isfinite(z).all()
     assert torch.equal(module.sample(torch.tensor([0, 5]), seed=1, decode=False, cfg_scale=2.0), z)  # seeded
