@@ -1,11 +1,12 @@
 """`tcae-ldm ablation`: the paper's ablation table (STC x SSL, patch sizes, channels) from autoencoder run folders.
 
-    tcae-ldm ablation runs/ae_none runs/ae_stc runs/ae_ssl runs/ae_both --dit runs/dit_none runs/dit_both --out runs/ablation
+    tcae-ldm ablation runs/ae_none runs/ae_stc runs/ae_ssl runs/ae_both --dit runs/dit_none runs/dit_both \
+        --out runs/ablation
 
 One row per autoencoder run (a Lightning log folder holding config.yaml and metrics.csv), written as ablation.md and
 ablation.csv:
-    rFID / PSNR / SSIM / LPIPS  the last test/* values of <run>/test/metrics.csv (`tcae-ldm test` with configs/eval.yaml)
-    A1 / A2 / effective rank    diagnostics.json in the run folder or one folder below (`tcae-ldm diagnose --out <run>/...`)
+    rFID / PSNR / SSIM / LPIPS  the last test/* values of <run>/test/metrics.csv (`tcae-ldm test`, configs/eval.yaml)
+    A1 / A2 / effective rank    diagnostics.json in the run folder or one below (`tcae-ldm diagnose --out <run>/...`)
     parameters, GMACs           counted on the meta device from the run's net, net_args and image size (encode + decode)
     training GMACs              the last train/compute_gmacs of the run's metrics.csv (+ its init_from run's)
     gFID                        final gFID of a --dit run whose latent cache was made from a checkpoint inside this run
@@ -22,10 +23,11 @@ import os
 import torch
 
 from tcae_ldm.commands import CommandParser, fail
-from tcae_ldm.commands.compare import CONFIG_FILE, _find_metrics, _read_yaml, load_run, lookup
-from tcae_ldm.metrics.convergence import METRICS_FILE, read_metrics, run_training_gmacs
+from tcae_ldm.commands.compare import CONFIG_FILE, load_run
+from tcae_ldm.metrics.convergence import METRICS_FILE, find_metrics, read_metrics, run_training_gmacs
 from tcae_ldm.metrics.flops import count_gmacs, count_params
 from tcae_ldm.models.zoo import create_autoencoder
+from tcae_ldm.utils.files import lookup, read_lenient_yaml
 
 TEST_FOLDER, DIAGNOSTICS_FILE = "test", "diagnostics.json"
 SOURCES = {  # column -> the command that produces its input
@@ -62,22 +64,24 @@ def cost(config: dict) -> tuple[float | None, float | None]:
 
 
 def ablation_row(run_dir: str, dit_runs: list) -> dict:
-    folder = os.path.dirname(_find_metrics(run_dir))
-    config = _read_yaml(os.path.join(folder, CONFIG_FILE))
+    folder = os.path.dirname(find_metrics(run_dir))
+    config = read_lenient_yaml(os.path.join(folder, CONFIG_FILE))
     row = {"run": os.path.basename(os.path.abspath(folder)), "net": lookup(config, "model.init_args.net"),
            "ssl": "yes" if lookup(config, "model.init_args.ssl") else "no"}
     test_csv = os.path.join(folder, TEST_FOLDER, METRICS_FILE)
     test = _last(read_metrics(test_csv), "test/") if os.path.isfile(test_csv) else {}
     row["rfid"] = next((v for k, v in test.items() if k.startswith("test/rfid_") and k != "test/rfid_images"), None)
     row.update(psnr=test.get("test/psnr"), ssim=test.get("test/ssim"), lpips=test.get("test/lpips_vgg"))
-    diag = sorted(glob.glob(os.path.join(folder, DIAGNOSTICS_FILE)) + glob.glob(os.path.join(folder, "*", DIAGNOSTICS_FILE)))
+    diag = sorted(glob.glob(os.path.join(folder, DIAGNOSTICS_FILE))
+                  + glob.glob(os.path.join(folder, "*", DIAGNOSTICS_FILE)))
     results = json.load(open(diag[0])) if diag else {}
     row.update(A1=results.get("probe_tokens"), A2=results.get("probe_latent"),
                effective_rank=(results.get("spectrum") or {}).get("effective_rank"))
     row["params_M"], row["gmacs"] = cost(config)
     row["training_gmacs"] = run_training_gmacs(folder)
     inside = os.path.abspath(folder) + os.sep
-    matches = [r for r in dit_runs if os.path.abspath(str((r.cache.get("autoencoder") or {}).get("path", ""))).startswith(inside)]
+    made_by = [os.path.abspath(str((r.cache.get("autoencoder") or {}).get("path", ""))) for r in dit_runs]
+    matches = [r for r, path in zip(dit_runs, made_by) if path.startswith(inside)]
     row["gfid"] = float(matches[0].curve["gfid"][-1]) if matches else None
     return row
 

@@ -49,10 +49,20 @@ from tcae_ldm.metrics.convergence import (
     WALL_TIME_COLUMN,
     auto_levels,
     checkpoint_training_gmacs,
+    find_metrics,
     read_metrics,
     steps_to_reach,
 )
-from tcae_ldm.metrics.seeds import band, differing_keys, experiment_key, group_table, summarise_group
+from tcae_ldm.metrics.seeds import (
+    BOOTSTRAP_LEVEL,
+    BOOTSTRAP_RESAMPLES,
+    band,
+    differing_keys,
+    experiment_key,
+    group_table,
+    summarise_group,
+)
+from tcae_ldm.utils.files import lookup, read_lenient_yaml
 
 CONFIG_FILE, HPARAMS_FILE = "config.yaml", "hparams.yaml"
 
@@ -74,14 +84,6 @@ _NAME_FIELDS = ("name", "preset", "net")
 _PATH_FIELDS = ("path", "root", "ckpt_path", "checkpoint", "pretrained", "pretrained_model_name_or_path", "repo_id")
 
 
-def lookup(tree, dotted: str):
-    for key in dotted.split("."):
-        if not isinstance(tree, dict) or key not in tree:
-            return None
-        tree = tree[key]
-    return tree
-
-
 def describe(value) -> str | None:
     """A short identity string: 'DiT-XL/1', 'tcae TC-AE-B/p8-c128', 'dcae mit-han-lab/dc-ae-...',
     'ImageFolderDataModule /data/imagenet'."""
@@ -95,32 +97,6 @@ def describe(value) -> str | None:
     name = next((str(fields[k]) for k in _NAME_FIELDS if fields.get(k)), None)
     path = None if name else next((str(fields[k]) for k in _PATH_FIELDS if fields.get(k)), None)
     return " ".join(w for w in (kind, name, path) if w) or yaml.safe_dump(value, default_flow_style=True).strip()
-
-
-class _LenientLoader(yaml.SafeLoader):
-    """Safe YAML that reads unknown tags (hparams.yaml may hold !!python/object entries) as plain data."""
-
-
-def _untagged(loader, suffix, node):
-    if isinstance(node, yaml.MappingNode):
-        return loader.construct_mapping(node, deep=True)
-    if isinstance(node, yaml.SequenceNode):
-        return loader.construct_sequence(node, deep=True)
-    return loader.construct_scalar(node)
-
-
-_LenientLoader.add_multi_constructor("", _untagged)
-
-
-def _read_yaml(path: str) -> dict:
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path) as f:
-            data = yaml.load(f, Loader=_LenientLoader)
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not readable YAML ({type(e).__name__}): is this a run folder?") from None
-    return data if isinstance(data, dict) else {}
 
 
 @dataclass
@@ -152,25 +128,11 @@ class Run:
             self.curve[key] = np.array([v.get(column, np.nan) for _, v in rows])
 
 
-def _find_metrics(run_dir: str) -> str:
-    if not os.path.isdir(run_dir):
-        raise FileNotFoundError(f"{run_dir} is not a folder" if os.path.exists(run_dir) else f"{run_dir} does not exist")
-    direct = os.path.join(run_dir, METRICS_FILE)
-    if os.path.isfile(direct):
-        return direct
-    subdirs = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
-    nested = [p for p in (os.path.join(run_dir, d, METRICS_FILE) for d in subdirs) if os.path.isfile(p)]
-    if len(nested) == 1:  # a logger folder holding a single version_N
-        return nested[0]
-    raise FileNotFoundError(f"{run_dir}: no {METRICS_FILE} (expected a Lightning CSVLogger run folder"
-                            + (f"; found several: {nested}, pass one" if nested else "") + ")")
-
-
 def load_run(run_dir: str) -> Run:
-    metrics_path = _find_metrics(run_dir)
+    metrics_path = find_metrics(run_dir)
     folder = os.path.dirname(metrics_path)
-    sources = {"config": _read_yaml(os.path.join(folder, CONFIG_FILE)),
-               "hparams": _read_yaml(os.path.join(folder, HPARAMS_FILE)), "cache": {}}
+    sources = {"config": read_lenient_yaml(os.path.join(folder, CONFIG_FILE)),
+               "hparams": read_lenient_yaml(os.path.join(folder, HPARAMS_FILE)), "cache": {}}
     cache_dir = lookup(sources["config"], CACHE_DIR_KEY)
     if isinstance(cache_dir, str) and os.path.isfile(os.path.join(cache_dir, "metadata.json")):
         with open(os.path.join(cache_dir, "metadata.json")) as f:
@@ -231,8 +193,10 @@ def _md_cell(key: str, value) -> str:
 
 
 def compare_runs(run_dirs: list[str], baseline: str | None = None, metric: str | None = None,
-                 levels: list[float] | None = None) -> dict:
-    """Load runs and build the table: {'runs', 'baseline', 'levels', 'rows', 'problems', 'notes'}."""
+                 levels: list[float] | None = None,
+                 ci: tuple[float, int] = (BOOTSTRAP_LEVEL, BOOTSTRAP_RESAMPLES)) -> dict:
+    """Load runs and build the tables: {'runs', 'baseline', 'levels', 'rows', 'problems', 'notes', 'groups',
+    'group_rows', 'ci'}; ci = (level, resamples) of the bootstrap intervals."""
     runs = [load_run(d) for d in run_dirs]
     want = metric.removeprefix(GEN_PREFIX).removeprefix("gfid_") if metric else None
     for r in runs:
@@ -279,10 +243,10 @@ def compare_runs(run_dirs: list[str], baseline: str | None = None, metric: str |
     base_group = next(g for g in groups if base in g["runs"])
     return {"runs": runs, "labels": [row["autoencoder"] for row in rows], "baseline": base, "levels": levels,
             "rows": rows, "problems": problems, "notes": notes, "groups": groups,
-            "group_rows": [summarise_group(g["label"], [r.curve for r in g["runs"]], [r.curve for r in base_group["runs"]],
-                                           levels, g["runs"][0].identity["autoencoder_gmacs"],
-                                           autoencoder_training_gmacs(g["runs"][0]), [r.name for r in g["runs"]])
-                           for g in groups]}
+            "group_rows": [summarise_group(g["label"], [r.curve for r in g["runs"]],
+                                           [r.curve for r in base_group["runs"]], levels, g["runs"][0].identity["autoencoder_gmacs"],
+                                           autoencoder_training_gmacs(g["runs"][0]), [r.name for r in g["runs"]], *ci)
+                           for g in groups], "ci": ci}
 
 
 def group_runs(runs: list[Run]) -> list[dict]:
@@ -331,7 +295,7 @@ def write_table(result: dict, out_dir: str) -> None:
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_md_cell(k, row[k]) for k in header) + " |" for row in rows]
     base = next(g["label"] for g in result["groups"] if result["baseline"] in g["runs"])
-    lines += [""] + group_table(result["group_rows"], result["levels"], base)
+    lines += [""] + group_table(result["group_rows"], result["levels"], base, *result["ci"])
     with open(os.path.join(out_dir, "comparison.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     groups = result["group_rows"]
@@ -399,10 +363,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--levels", default=None,
                    help="gFID levels, e.g. 50,30,20 (default: the baseline's best at 25/50/100%% of its run)")
     p.add_argument("--allow-mismatch", action="store_true", help="exit 0 even when the runs are not comparable")
+    p.add_argument("--ci-level", type=float, default=BOOTSTRAP_LEVEL, help="level of the speed-ups' intervals")
+    p.add_argument("--resamples", type=int, default=BOOTSTRAP_RESAMPLES, help="bootstrap resamples per interval")
     args = p.parse_args(argv)
     try:
         levels = [float(v) for v in args.levels.split(",") if v.strip()] if args.levels else None
-        result = compare_runs(args.runs, args.baseline, args.metric, levels)
+        if not 0 < args.ci_level < 1 or args.resamples < 1:
+            raise ValueError(f"--ci-level must lie in (0, 1) and --resamples be >= 1 (got {args.ci_level}, "
+                             f"{args.resamples})")
+        result = compare_runs(args.runs, args.baseline, args.metric, levels, (args.ci_level, args.resamples))
     except (ValueError, FileNotFoundError) as e:
         fail("tcae-ldm compare", str(e))
     os.makedirs(args.out, exist_ok=True)

@@ -14,8 +14,8 @@ counts one training step of one image there with torch.utils.flop_counter (tcae_
 
 Not counted: optimizer steps, EMA and teacher updates, gradient clipping and the losses' own arithmetic (elementwise,
 but for the [CLS] cross-entropy's einsum over view pairs: 2 x 2 x views x prototypes MACs per image, about 1e-5 of
-the paper's step): all well under 1% of a step. The cumulative total is per global batch (this rank's images x world size)
-and lives in the module's checkpoint, so a resumed run continues it (tcae_ldm.metrics.convergence documents the
+the paper's step): all well under 1% of a step. The cumulative total is per global batch (this rank's images x world
+size) and lives in the module's checkpoint, so a resumed run continues it (tcae_ldm.metrics.convergence documents the
 logged columns).
 """
 from __future__ import annotations

@@ -19,7 +19,8 @@ import math
 import os
 
 import numpy as np
-import yaml
+
+from tcae_ldm.utils.files import lookup, read_lenient_yaml
 
 GEN_PREFIX = "gen/"
 STEP_COLUMN = "step"                            # Lightning's column: trainer.global_step (optimizer steps)
@@ -72,16 +73,19 @@ def auto_levels(steps: np.ndarray, gfid: np.ndarray) -> list[float]:
     return sorted(levels, reverse=True)
 
 
-def _init_from(config_path: str) -> str | None:
-    """model.init_args.init_from of a LightningCLI config.yaml (None when absent or unreadable)."""
-    try:
-        with open(config_path) as f:
-            config = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        return None
-    value = ((((config or {}).get("model") or {}).get("init_args") or {}).get("init_from")
-             if isinstance(config, dict) else None)
-    return value if isinstance(value, str) and value else None
+def find_metrics(run_dir: str) -> str:
+    """RUN_DIR/metrics.csv, or that of its only version_N folder; FileNotFoundError naming what is wrong."""
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"{run_dir} is not a folder" if os.path.exists(run_dir) else f"{run_dir} does not exist")
+    direct = os.path.join(run_dir, METRICS_FILE)
+    if os.path.isfile(direct):
+        return direct
+    subdirs = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
+    nested = [p for p in (os.path.join(run_dir, d, METRICS_FILE) for d in subdirs) if os.path.isfile(p)]
+    if len(nested) == 1:  # a logger folder holding a single version_N
+        return nested[0]
+    raise FileNotFoundError(f"{run_dir}: no {METRICS_FILE} (expected a Lightning CSVLogger run folder"
+                            + (f"; found several: {nested}, pass one" if nested else "") + ")")
 
 
 def checkpoint_training_gmacs(path: str, depth: int = 0) -> float | None:
@@ -100,8 +104,8 @@ def run_training_gmacs(folder: str, depth: int = 0) -> float | None:
               if TRAIN_COMPUTE_COLUMN in v]
     if not values:
         return None
-    parent = _init_from(os.path.join(folder, "config.yaml"))
-    if parent:
+    parent = lookup(read_lenient_yaml(os.path.join(folder, "config.yaml")), "model.init_args.init_from")
+    if isinstance(parent, str) and parent:
         before = checkpoint_training_gmacs(parent, depth + 1) if depth < 3 else None  # a chain, not a cycle
         return None if before is None else values[-1] + before
     return values[-1]

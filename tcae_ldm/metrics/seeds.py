@@ -82,7 +82,8 @@ def _spread_cells(row: dict, name: str, values) -> None:
 
 
 def summarise_group(label: str, curves: list[dict], base: list[dict], levels: list[float], ae_gmacs=None,
-                    ae_training_gmacs=None, names: list[str] | None = None) -> dict:
+                    ae_training_gmacs=None, names: list[str] | None = None, level: float = BOOTSTRAP_LEVEL,
+                    resamples: int = BOOTSTRAP_RESAMPLES) -> dict:
     """One group's row from its seeds' curves ({step, gfid, compute_gmacs} arrays) and the baseline group's: spread
     of final / best gFID and of steps to each level, DiT compute to each level, speed-ups with bootstrap intervals
     (None: a level some seed never reached; 'n/a (1 seed)' when a group has one seed)."""
@@ -100,7 +101,7 @@ def summarise_group(label: str, curves: list[dict], base: list[dict], levels: li
         row[f"dit_gmacs_to_{lv:g}"] = float(np.mean(computes)) if computes else None
         if reached and None not in base_steps and min(steps) > 0:
             if len(curves) > 1 and len(base) > 1:
-                point, lo, hi = bootstrap_ratio(base_steps, steps)
+                point, lo, hi = bootstrap_ratio(base_steps, steps, level, resamples)
             else:
                 point, lo, hi = float(np.mean(base_steps) / np.mean(steps)), "n/a (1 seed)", "n/a (1 seed)"
         else:
@@ -121,13 +122,14 @@ def _gmacs_md(v) -> str:
     return "unknown" if v is None else f"{v:.4g}"
 
 
-def group_table(groups: list[dict], levels: list[float], base: str) -> list[str]:
+def group_table(groups: list[dict], levels: list[float], base: str, level: float = BOOTSTRAP_LEVEL,
+                resamples: int = BOOTSTRAP_RESAMPLES) -> list[str]:
     """Markdown lines of the per-autoencoder table (summarise_group's rows): spread, speed-ups and intervals."""
     lines = ["# Per autoencoder (seeds pooled)", "",
              f"Runs differing only in the seed form one group; baseline group: {base}. Cells: mean ± std (n - 1) "
              f"[min, max] over seeds. Speed-up = mean baseline steps / mean steps to the level, with a "
-             f"{BOOTSTRAP_LEVEL:.0%} percentile bootstrap interval over seeds (both groups resampled with "
-             f"replacement, {BOOTSTRAP_RESAMPLES} resamples, fixed RNG seed); n/a with one seed. Compute in "
+             f"{level:.0%} percentile bootstrap interval over seeds (both groups resampled with "
+             f"replacement, {resamples} resamples, fixed RNG seed); n/a with one seed. Compute in "
              f"GMACs: autoencoder encode + decode per image, autoencoder training (its run's train/compute_gmacs), "
              f"DiT training to each level (mean over seeds).", ""]
     header = ["autoencoder", "seeds", "final gFID", "best gFID", "AE GMACs/img", "AE training GMACs"]

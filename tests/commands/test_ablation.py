@@ -24,7 +24,8 @@ def ae_run(root, name, ssl, test=True, diagnose=True):
     if test:
         (run / "test").mkdir()
         (run / "test" / "metrics.csv").write_text(
-            "step,test/psnr,test/ssim,test/lpips_vgg,test/rfid_inception,test/rfid_images\n2,25.5,0.75,0.125,1.5,50000\n")
+            "step,test/psnr,test/ssim,test/lpips_vgg,test/rfid_inception,test/rfid_images\n"
+            "2,25.5,0.75,0.125,1.5,50000\n")
     if diagnose:
         (run / "diagnostics").mkdir()
         (run / "diagnostics" / "diagnostics.json").write_text(json.dumps(
@@ -61,7 +62,8 @@ def test_the_table_reads_every_source_and_footnotes_what_is_missing(tmp_path, ca
     assert [n[k] for k in ("rfid", "A1", "gfid")] == ["n/a", "n/a", "n/a"] and float(n["training_gmacs"]) == 21.0
     md = (out / "ablation.md").read_text()
     assert "| ae_both | TC-AE-T/p4-c16 | yes | 1.5 | 25.5 |" in md and "| 50.0% | 25.0% | 7.5 |" in md
-    assert "n/a* " in md.replace("|", " ") and "* n/a: run `tcae-ldm test" in md and "** n/a: run `tcae-ldm diagnose" in md
+    assert "n/a* " in md.replace("|", " ") and "* n/a: run `tcae-ldm test" in md
+    assert "** n/a: run `tcae-ldm diagnose" in md
     assert "*** n/a: run `--dit" in md
 
 

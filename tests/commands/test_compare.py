@@ -208,7 +208,8 @@ def test_three_seeds_per_autoencoder_are_pooled_with_bootstrap_intervals(tmp_pat
     assert b["final_gfid_mean"] == 25.0 and f["best_gfid_max"] == 16.0
     assert f["speedup_30"] == pytest.approx(30000 / t30, rel=1e-3)
     assert b["speedup_30_lo"] < 1 < b["speedup_30_hi"]  # the baseline against itself: an interval around 1
-    assert 30000 * 0.9 / (t30 * 1.2) <= f["speedup_30_lo"] < f["speedup_30"] < f["speedup_30_hi"] <= 30000 * 1.1 / (t30 * 0.8)
+    slowest, fastest = 30000 * 0.9 / (t30 * 1.2), 30000 * 1.1 / (t30 * 0.8)  # the extreme resamples
+    assert slowest <= f["speedup_30_lo"] < f["speedup_30"] < f["speedup_30_hi"] <= fastest
     assert f["dit_gmacs_to_30"] == pytest.approx(2 * t30, rel=1e-3)  # DiT compute interpolated at the level
     md = (out / "comparison.md").read_text()
     assert "95% percentile bootstrap" in md and "10000 resamples" in md
@@ -216,6 +217,12 @@ def test_three_seeds_per_autoencoder_are_pooled_with_bootstrap_intervals(tmp_pat
     assert "25.00 ± 0.00 [25.00, 25.00]" in md  # the baseline's final gFID over its seeds
     with open(out / "comparison_groups.csv", newline="") as fh:
         assert [int(r["seeds"]) for r in csv.DictReader(fh)] == [3, 3]
+    main([str(r) for r in base + fast]
+         + ["--out", str(out), "--levels", "30", "--ci-level", "0.8", "--resamples", "500"])
+    md = (out / "comparison.md").read_text()
+    assert "80% percentile bootstrap" in md and "500 resamples" in md
+    narrow = compare_runs([str(r) for r in base + fast], levels=[30], ci=(0.8, 500))["group_rows"][1]
+    assert f["speedup_30_lo"] < narrow["speedup_30_lo"] < narrow["speedup_30_hi"] < f["speedup_30_hi"]
 
 
 def test_bootstrap_interval_matches_a_hand_computation():
@@ -231,7 +238,9 @@ def test_bootstrap_interval_matches_a_hand_computation():
     base, other = np.array([2.0, 4.0]), np.array([1.0, 2.0])
     ratios = sorted(base[i].mean() / other[j].mean() for i, j in zip(ib, io))
     # numpy's default quantile: linear interpolation at position q * (n - 1)
-    lerp = lambda q: ratios[int(q * 6)] + (q * 6 - int(q * 6)) * (ratios[min(int(q * 6) + 1, 6)] - ratios[int(q * 6)])  # noqa: E731
+    def lerp(q):
+        i, frac = int(q * 6), q * 6 - int(q * 6)
+        return ratios[i] + frac * (ratios[min(i + 1, 6)] - ratios[i])
     assert point == 2.0 and (lo, hi) == pytest.approx((lerp(0.05), lerp(0.95)))
     assert set(ratios) <= {1.0, 1.5, 2.0, 3.0, 4.0, 2 / 1.5, 4 / 1.5, 3 / 1.5}
 
@@ -276,14 +285,15 @@ def test_autoencoder_training_compute_follows_the_cache_to_its_runs(tmp_path):
     """The cache names the decoder-finetuned checkpoint; its run started from the joint run's: both phases count."""
     joint, ft = tmp_path / "ae_joint", tmp_path / "ae_ft"
     for folder, gmacs, config in ((joint, 100.0, {}),
-                                  (ft, 5.0, {"model": {"init_args": {"init_from": str(joint / "checkpoints" / "last.ckpt")}}})):
+                                  (ft, 5.0, {"model": {"init_args": {"init_from": str(joint / "checkpoints" /
+                                                                                    "last.ckpt")}}})):
         (folder / "checkpoints").mkdir(parents=True)
         (folder / "metrics.csv").write_text(f"step,train/compute_gmacs\n0,{gmacs / 2}\n1,{gmacs}\n")
         (folder / "config.yaml").write_text(yaml.safe_dump(config))
     cache = tmp_path / "cache"
     cache.mkdir()
-    (cache / "metadata.json").write_text(json.dumps({"autoencoder": {"kind": "tcae", "path": str(ft / "checkpoints" / "last.ckpt")},
-                                                     "autoencoder_gmacs": 0.5}))
+    made_by = {"kind": "tcae", "path": str(ft / "checkpoints" / "last.ckpt")}
+    (cache / "metadata.json").write_text(json.dumps({"autoencoder": made_by, "autoencoder_gmacs": 0.5}))
     run = write_run(tmp_path, "dit", CURVE_FAST, autoencoder=None, gmacs_per_step=2.0)
     config = yaml.safe_load((run / "config.yaml").read_text())
     config["data"]["init_args"]["cache_dir"] = str(cache)
