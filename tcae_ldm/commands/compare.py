@@ -181,8 +181,10 @@ def mismatches(runs: list[Run]) -> tuple[list[str], list[str]]:
 
 
 def _md_cell(key: str, value) -> str:
-    if key.startswith(("steps_to", "speedup")) and value is None:
+    if key.startswith(("steps_to", "speedup", "dit_gmacs_to")) and value is None:
         return "not reached"
+    if key.endswith("gmacs") or key.startswith("dit_gmacs_to"):
+        return "unknown" if value is None else f"{value:.4g}"
     if key.startswith("speedup"):
         return f"{value}x" if isinstance(value, str) else f"{value:.2f}x"
     if key.startswith("steps_to"):
@@ -221,6 +223,7 @@ def compare_runs(run_dirs: list[str], baseline: str | None = None, metric: str |
     labels = [r.identity["autoencoder"] or r.name for r in runs]
     rows = []
     base_steps = {lv: steps_to_reach(base.curve["step"], base.curve["gfid"], lv) for lv in levels}
+    logged_compute = all(not np.isnan(r.curve["compute_gmacs"]).any() for r in runs)
     for r, label in zip(runs, labels):
         c = r.curve
         row = {"run": r.name, "autoencoder": label if labels.count(label) == 1 else f"{label} ({r.name})"}
@@ -236,6 +239,10 @@ def compare_runs(run_dirs: list[str], baseline: str | None = None, metric: str |
             row[f"steps_to_{lv:g}"] = s
             row[f"speedup_{lv:g}"] = (None if s is None or s <= 0 else b / s if b is not None
                                       else f">{base.curve['step'][-1] / s:.2f}")
+            if logged_compute:  # the DiT's training GMACs at that step
+                row[f"dit_gmacs_to_{lv:g}"] = None if s is None else float(np.interp(s, c["step"], c["compute_gmacs"]))
+        if logged_compute:
+            row["autoencoder_training_gmacs"] = autoencoder_training_gmacs(r)
         rows.append(row)
     problems, notes = mismatches(runs)
     groups = group_runs(runs)

@@ -211,6 +211,9 @@ def test_three_seeds_per_autoencoder_are_pooled_with_bootstrap_intervals(tmp_pat
     slowest, fastest = 30000 * 0.9 / (t30 * 1.2), 30000 * 1.1 / (t30 * 0.8)  # the extreme resamples
     assert slowest <= f["speedup_30_lo"] < f["speedup_30"] < f["speedup_30_hi"] <= fastest
     assert f["dit_gmacs_to_30"] == pytest.approx(2 * t30, rel=1e-3)  # DiT compute interpolated at the level
+    per_run = {row["run"]: row for row in result["rows"]}
+    assert per_run["tcae_s1"]["dit_gmacs_to_30"] == pytest.approx(2 * 1.2 * t30, rel=1e-3)
+    assert per_run["tcae_s1"]["autoencoder_training_gmacs"] is None  # no autoencoder run to read it from
     md = (out / "comparison.md").read_text()
     assert "95% percentile bootstrap" in md and "10000 resamples" in md
     assert f"{f['speedup_30']:.2f}x [{f['speedup_30_lo']:.2f}, {f['speedup_30_hi']:.2f}]" in md
