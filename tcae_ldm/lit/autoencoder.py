@@ -258,8 +258,8 @@ class AutoencoderModule(L.LightningModule):
             o.zero_grad(set_to_none=True)
         self.manual_backward(total)
         logs.update(self.apply_update(opts, step, gan))
+        self.train_seconds += time.perf_counter() - started  # before the first count of a phase, which takes seconds
         self.compute_gmacs += self.step_cost(batch, step) * batch["image"].shape[0] * self.trainer.world_size
-        self.train_seconds += time.perf_counter() - started
         logs.update(compute_gmacs=log_value(self.compute_gmacs), wall_time_s=self.train_seconds)
         self._log_train(logs, opts[0], batch)
         if self.step_count >= self.max_steps:

@@ -31,12 +31,12 @@ from tcae_ldm.latents.frozen import (
 )
 from tcae_ldm.lit.compiling import CompileSpec, compile_in_place
 from tcae_ldm.lit.compute import dit_step_gmacs, log_value
-from tcae_ldm.metrics.convergence import TRAIN_COMPUTE_COLUMN
 from tcae_ldm.lit.guards import check_loss
 from tcae_ldm.lit.outputs import grad_norm, save_grid
 from tcae_ldm.lit.preflight import preflight
 from tcae_ldm.lit.resume import SafeResume
 from tcae_ldm.lit.schedules import param_groups
+from tcae_ldm.metrics.convergence import TRAIN_COMPUTE_COLUMN
 from tcae_ldm.models.dit import DiT, create_dit, dit_from_official
 from tcae_ldm.models.ema import EMA
 from tcae_ldm.models.sdvae import SD_VAE_DEFAULT, SD_VAE_SCALE
