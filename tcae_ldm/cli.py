@@ -37,6 +37,7 @@ COMMANDS = {
     "ae-report": ("ae_report", "autoencoder vs a bicubic baseline on validation images"),
     "export": ("export", "a trained autoencoder or DiT as a diffusers / safetensors folder with a model card"),
     "compare": ("compare", "convergence plot and table from several DiT runs"),
+    "ablation": ("ablation", "the ablation table (rFID, probes, cost, gFID) of autoencoder runs"),
     "bench": ("bench.main", "cost and throughput, TC-AE vs DC-AE, side by side"),
     "train-demo-classifier": ("train_demo_classifier", "the demo's offline FID network"),
 }

@@ -10,6 +10,15 @@ so k is a lower bound from its last logged step). Runs that differ in DiT preset
 network, FID sample count or images per step (global batch) are not comparable: the md starts with a
 warning and the exit status is 2 unless --allow-mismatch.
 
+Several runs per autoencoder: runs whose config differs only in the seed (seed_everything, model.seed) and in
+where they write are seeds of one experiment and form a group (tcae_ldm.metrics.seeds); runs of one autoencoder
+that differ in anything else are not pooled (a warning, exit 2). Per group comparison.md and comparison_groups.csv
+give mean, std and min-max of final and best gFID and of the steps to each level, each speed-up with a 95%
+percentile bootstrap interval over seeds, the autoencoder's GMACs per image and its training compute (the last
+train/compute_gmacs of the run folder holding the checkpoint the cache's metadata names; unknown otherwise) and
+the DiT's training compute to each level (gen/compute_gmacs). convergence.png draws each group's mean and min-max
+band against DiT steps, total training compute (autoencoder + DiT) and wall time.
+
 Run folder format (a Lightning CSVLogger folder as LightningCLI writes it; the generation-eval callback
 logs these with the trainer's global step, which CSVLogger writes as the `step` column):
     RUN_DIR/metrics.csv    the columns of tcae_ldm.metrics.convergence; other columns are ignored
@@ -31,6 +40,7 @@ import yaml
 
 from tcae_ldm.commands import CommandParser, fail
 from tcae_ldm.metrics.convergence import (
+    COMPUTE_COLUMN,
     GEN_PREFIX,
     GFID_COLUMN,
     IMAGES_SEEN_COLUMN,
@@ -38,9 +48,21 @@ from tcae_ldm.metrics.convergence import (
     NUM_SAMPLES_COLUMN,
     WALL_TIME_COLUMN,
     auto_levels,
+    checkpoint_training_gmacs,
+    find_metrics,
     read_metrics,
     steps_to_reach,
 )
+from tcae_ldm.metrics.seeds import (
+    BOOTSTRAP_LEVEL,
+    BOOTSTRAP_RESAMPLES,
+    band,
+    differing_keys,
+    experiment_key,
+    group_table,
+    summarise_group,
+)
+from tcae_ldm.utils.files import lookup, read_lenient_yaml
 
 CONFIG_FILE, HPARAMS_FILE = "config.yaml", "hparams.yaml"
 
@@ -62,14 +84,6 @@ _NAME_FIELDS = ("name", "preset", "net")
 _PATH_FIELDS = ("path", "root", "ckpt_path", "checkpoint", "pretrained", "pretrained_model_name_or_path", "repo_id")
 
 
-def lookup(tree, dotted: str):
-    for key in dotted.split("."):
-        if not isinstance(tree, dict) or key not in tree:
-            return None
-        tree = tree[key]
-    return tree
-
-
 def describe(value) -> str | None:
     """A short identity string: 'DiT-XL/1', 'tcae TC-AE-B/p8-c128', 'dcae mit-han-lab/dc-ae-...',
     'ImageFolderDataModule /data/imagenet'."""
@@ -85,32 +99,6 @@ def describe(value) -> str | None:
     return " ".join(w for w in (kind, name, path) if w) or yaml.safe_dump(value, default_flow_style=True).strip()
 
 
-class _LenientLoader(yaml.SafeLoader):
-    """Safe YAML that reads unknown tags (hparams.yaml may hold !!python/object entries) as plain data."""
-
-
-def _untagged(loader, suffix, node):
-    if isinstance(node, yaml.MappingNode):
-        return loader.construct_mapping(node, deep=True)
-    if isinstance(node, yaml.SequenceNode):
-        return loader.construct_sequence(node, deep=True)
-    return loader.construct_scalar(node)
-
-
-_LenientLoader.add_multi_constructor("", _untagged)
-
-
-def _read_yaml(path: str) -> dict:
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path) as f:
-            data = yaml.load(f, Loader=_LenientLoader)
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not readable YAML ({type(e).__name__}): is this a run folder?") from None
-    return data if isinstance(data, dict) else {}
-
-
 @dataclass
 class Run:
     """One DiT run: identity from its config, and its gFID curve with the chosen metric network."""
@@ -119,6 +107,8 @@ class Run:
     name: str
     identity: dict
     metrics: dict[int, dict[str, float]]
+    config: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)
     net: str | None = None
     curve: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -134,29 +124,15 @@ class Run:
         self.net = net
         self.curve = {"step": np.array([s for s, _ in rows], float), "gfid": np.array([v[col] for _, v in rows])}
         for key, column in (("wall_time_s", WALL_TIME_COLUMN), ("images_seen", IMAGES_SEEN_COLUMN),
-                            ("num_samples", NUM_SAMPLES_COLUMN)):
+                            ("num_samples", NUM_SAMPLES_COLUMN), ("compute_gmacs", COMPUTE_COLUMN)):
             self.curve[key] = np.array([v.get(column, np.nan) for _, v in rows])
 
 
-def _find_metrics(run_dir: str) -> str:
-    if not os.path.isdir(run_dir):
-        raise FileNotFoundError(f"{run_dir} is not a folder" if os.path.exists(run_dir) else f"{run_dir} does not exist")
-    direct = os.path.join(run_dir, METRICS_FILE)
-    if os.path.isfile(direct):
-        return direct
-    subdirs = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
-    nested = [p for p in (os.path.join(run_dir, d, METRICS_FILE) for d in subdirs) if os.path.isfile(p)]
-    if len(nested) == 1:  # a logger folder holding a single version_N
-        return nested[0]
-    raise FileNotFoundError(f"{run_dir}: no {METRICS_FILE} (expected a Lightning CSVLogger run folder"
-                            + (f"; found several: {nested}, pass one" if nested else "") + ")")
-
-
 def load_run(run_dir: str) -> Run:
-    metrics_path = _find_metrics(run_dir)
+    metrics_path = find_metrics(run_dir)
     folder = os.path.dirname(metrics_path)
-    sources = {"config": _read_yaml(os.path.join(folder, CONFIG_FILE)),
-               "hparams": _read_yaml(os.path.join(folder, HPARAMS_FILE)), "cache": {}}
+    sources = {"config": read_lenient_yaml(os.path.join(folder, CONFIG_FILE)),
+               "hparams": read_lenient_yaml(os.path.join(folder, HPARAMS_FILE)), "cache": {}}
     cache_dir = lookup(sources["config"], CACHE_DIR_KEY)
     if isinstance(cache_dir, str) and os.path.isfile(os.path.join(cache_dir, "metadata.json")):
         with open(os.path.join(cache_dir, "metadata.json")) as f:
@@ -173,7 +149,13 @@ def load_run(run_dir: str) -> Run:
     except (ValueError, UnicodeDecodeError, csv.Error) as e:
         raise ValueError(f"{metrics_path} is not a metrics table a CSVLogger writes ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    return Run(folder, name, identity, metrics)
+    return Run(folder, name, identity, metrics, sources["config"], sources["cache"])
+
+
+def autoencoder_training_gmacs(run: Run) -> float | None:
+    """The training compute of the autoencoder that made the run's latents (None: unknown)."""
+    path = (run.cache.get("autoencoder") or {}).get("path")
+    return checkpoint_training_gmacs(path) if isinstance(path, str) and path else None
 
 
 def mismatches(runs: list[Run]) -> tuple[list[str], list[str]]:
@@ -199,8 +181,10 @@ def mismatches(runs: list[Run]) -> tuple[list[str], list[str]]:
 
 
 def _md_cell(key: str, value) -> str:
-    if key.startswith(("steps_to", "speedup")) and value is None:
+    if key.startswith(("steps_to", "speedup", "dit_gmacs_to")) and value is None:
         return "not reached"
+    if key.endswith("gmacs") or key.startswith("dit_gmacs_to"):
+        return "unknown" if value is None else f"{value:.4g}"
     if key.startswith("speedup"):
         return f"{value}x" if isinstance(value, str) else f"{value:.2f}x"
     if key.startswith("steps_to"):
@@ -211,8 +195,10 @@ def _md_cell(key: str, value) -> str:
 
 
 def compare_runs(run_dirs: list[str], baseline: str | None = None, metric: str | None = None,
-                 levels: list[float] | None = None) -> dict:
-    """Load runs and build the table: {'runs', 'baseline', 'levels', 'rows', 'problems', 'notes'}."""
+                 levels: list[float] | None = None,
+                 ci: tuple[float, int] = (BOOTSTRAP_LEVEL, BOOTSTRAP_RESAMPLES)) -> dict:
+    """Load runs and build the tables: {'runs', 'baseline', 'levels', 'rows', 'problems', 'notes', 'groups',
+    'group_rows', 'ci'}; ci = (level, resamples) of the bootstrap intervals."""
     runs = [load_run(d) for d in run_dirs]
     want = metric.removeprefix(GEN_PREFIX).removeprefix("gfid_") if metric else None
     for r in runs:
@@ -237,6 +223,7 @@ def compare_runs(run_dirs: list[str], baseline: str | None = None, metric: str |
     labels = [r.identity["autoencoder"] or r.name for r in runs]
     rows = []
     base_steps = {lv: steps_to_reach(base.curve["step"], base.curve["gfid"], lv) for lv in levels}
+    logged_compute = all(not np.isnan(r.curve["compute_gmacs"]).any() for r in runs)
     for r, label in zip(runs, labels):
         c = r.curve
         row = {"run": r.name, "autoencoder": label if labels.count(label) == 1 else f"{label} ({r.name})"}
@@ -252,10 +239,50 @@ def compare_runs(run_dirs: list[str], baseline: str | None = None, metric: str |
             row[f"steps_to_{lv:g}"] = s
             row[f"speedup_{lv:g}"] = (None if s is None or s <= 0 else b / s if b is not None
                                       else f">{base.curve['step'][-1] / s:.2f}")
+            if logged_compute:  # the DiT's training GMACs at that step
+                row[f"dit_gmacs_to_{lv:g}"] = None if s is None else float(np.interp(s, c["step"], c["compute_gmacs"]))
+        if logged_compute:
+            row["autoencoder_training_gmacs"] = autoencoder_training_gmacs(r)
         rows.append(row)
     problems, notes = mismatches(runs)
+    groups = group_runs(runs)
+    problems += unpooled(groups)
+    base_group = next(g for g in groups if base in g["runs"])
     return {"runs": runs, "labels": [row["autoencoder"] for row in rows], "baseline": base, "levels": levels,
-            "rows": rows, "problems": problems, "notes": notes}
+            "rows": rows, "problems": problems, "notes": notes, "groups": groups,
+            "group_rows": [summarise_group(g["label"], [r.curve for r in g["runs"]],
+                                           [r.curve for r in base_group["runs"]], levels, g["runs"][0].identity["autoencoder_gmacs"],
+                                           autoencoder_training_gmacs(g["runs"][0]), [r.name for r in g["runs"]], *ci)
+                           for g in groups], "ci": ci}
+
+
+def group_runs(runs: list[Run]) -> list[dict]:
+    """Runs whose identity and config (seeds and output folders aside) are equal: {label, key, runs}."""
+    groups: list[dict] = []
+    for r in runs:
+        key = {**experiment_key(r.config), **{f"identity:{k}": v for k, v in r.identity.items()}}
+        match = next((g for g in groups if g["key"] == key), None)
+        if match:
+            match["runs"].append(r)
+            continue
+        label = r.identity["autoencoder"] or r.name
+        taken = sum(g["label"].split(" #")[0] == label for g in groups)
+        groups.append({"label": f"{label} #{taken + 1}" if taken else label, "key": key, "runs": [r]})
+    return groups
+
+
+def unpooled(groups: list[dict]) -> list[str]:
+    """Groups of one autoencoder that differ in more than the seed: they are not seeds of one experiment."""
+    problems = []
+    for i, a in enumerate(groups):
+        for b in groups[i + 1:]:
+            ae = a["key"].get("identity:autoencoder")
+            if ae is not None and ae == b["key"].get("identity:autoencoder"):
+                keys = differing_keys(a["key"], b["key"])
+                problems.append(f"runs of {ae} differ in more than the seed ({', '.join(keys[:4])}"
+                                f"{', ...' if len(keys) > 4 else ''}): {a['runs'][0].name} and {b['runs'][0].name} "
+                                f"are not pooled")
+    return problems
 
 
 def write_table(result: dict, out_dir: str) -> None:
@@ -274,41 +301,62 @@ def write_table(result: dict, out_dir: str) -> None:
     header = list(rows[0])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_md_cell(k, row[k]) for k in header) + " |" for row in rows]
+    base = next(g["label"] for g in result["groups"] if result["baseline"] in g["runs"])
+    lines += [""] + group_table(result["group_rows"], result["levels"], base, *result["ci"])
     with open(os.path.join(out_dir, "comparison.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    groups = result["group_rows"]
+    with open(os.path.join(out_dir, "comparison_groups.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(groups[0]))
+        w.writeheader()
+        w.writerows([{k: ("" if v is None else round(v, 4) if isinstance(v, float) else v) for k, v in g.items()}
+                     for g in groups])
 
 
-def plot(result: dict, out_dir: str) -> None:
+def draw(result: dict):
+    """The figure: gFID vs DiT steps, vs total training compute (autoencoder + DiT) when the runs logged it, and
+    vs wall time; per group the mean over seeds and a min-max band. Returns (figure, {panel: {group: band}})."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, also on machines without a display
     import matplotlib.pyplot as plt
 
-    runs, labels = result["runs"], result["labels"]
-    has_time = [r for r in runs if not np.isnan(r.curve["wall_time_s"]).all()]
-    fig, axes = plt.subplots(1, 2 if has_time else 1, figsize=(12 if has_time else 6, 4.5), squeeze=False)
-    ax = axes[0, 0]
-    for r, label in zip(runs, labels):
-        ax.plot(r.curve["step"], r.curve["gfid"], marker="o", ms=3, label=label)
-    ax.set_xlabel("training steps")
-    if has_time:
-        hours = max(np.nanmax(r.curve["wall_time_s"]) for r in has_time) > 2 * 3600
-        for r, label in zip(runs, labels):
-            t = r.curve["wall_time_s"]
-            if not np.isnan(t).all():
-                axes[0, 1].plot(t[~np.isnan(t)] / (3600 if hours else 60), r.curve["gfid"][~np.isnan(t)],
-                                marker="o", ms=3, label=label)
-        axes[0, 1].set_xlabel("training wall time (" + ("h" if hours else "min") + ")")
-    metric = ", ".join(sorted({f"gfid_{r.net}" for r in runs}))
-    for a in axes[0]:
+    panels = {"steps": ("training steps", lambda r, ae: r.curve["step"])}
+    if all(not np.isnan(r.curve["compute_gmacs"]).any() for r in result["runs"]):
+        panels["compute"] = ("training compute, autoencoder + DiT (GMACs)",
+                             lambda r, ae: r.curve["compute_gmacs"] + (ae or 0.0))
+    if all(not np.isnan(r.curve["wall_time_s"]).any() for r in result["runs"]):
+        panels["time"] = ("DiT training wall time (min)", lambda r, ae: r.curve["wall_time_s"] / 60)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    bands: dict = {name: {} for name in panels}
+    for ax, (name, (xlabel, xs)) in zip(axes[0], panels.items()):
+        for group, row in zip(result["groups"], result["group_rows"]):
+            ae = row["autoencoder_training_gmacs"]
+            x, mean, lo, hi = band([(xs(r, ae), r.curve["gfid"]) for r in group["runs"]])
+            bands[name][group["label"]] = (x, mean, lo, hi)
+            label = f"{group['label']} (n={len(group['runs'])})"
+            if name == "compute" and ae is None:
+                label += ", AE training unknown"
+            line, = ax.plot(x, mean, marker="o", ms=3, label=label)
+            if len(group["runs"]) > 1:
+                ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
         for lv in result["levels"]:
-            a.axhline(lv, color="gray", lw=0.6, ls=":")
-        a.set_ylabel(metric)
-        a.grid(alpha=0.3)
-        a.legend(fontsize=8)
+            ax.axhline(lv, color="gray", lw=0.6, ls=":")
+        ax.set_xlabel(xlabel)
+        ax.set_xscale("log" if name == "compute" else "linear")
+        ax.set_ylabel(", ".join(sorted({f"gfid_{r.net}" for r in result["runs"]})) + " (mean, min-max band)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     if result["problems"]:
         fig.suptitle("WARNING: runs not comparable (see comparison.md)", color="red")
     fig.tight_layout()
+    return fig, bands
+
+
+def plot(result: dict, out_dir: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, _ = draw(result)
     fig.savefig(os.path.join(out_dir, "convergence.png"), dpi=120)
     plt.close(fig)
 
@@ -322,10 +370,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--levels", default=None,
                    help="gFID levels, e.g. 50,30,20 (default: the baseline's best at 25/50/100%% of its run)")
     p.add_argument("--allow-mismatch", action="store_true", help="exit 0 even when the runs are not comparable")
+    p.add_argument("--ci-level", type=float, default=BOOTSTRAP_LEVEL, help="level of the speed-ups' intervals")
+    p.add_argument("--resamples", type=int, default=BOOTSTRAP_RESAMPLES, help="bootstrap resamples per interval")
     args = p.parse_args(argv)
     try:
         levels = [float(v) for v in args.levels.split(",") if v.strip()] if args.levels else None
-        result = compare_runs(args.runs, args.baseline, args.metric, levels)
+        if not 0 < args.ci_level < 1 or args.resamples < 1:
+            raise ValueError(f"--ci-level must lie in (0, 1) and --resamples be >= 1 (got {args.ci_level}, "
+                             f"{args.resamples})")
+        result = compare_runs(args.runs, args.baseline, args.metric, levels, (args.ci_level, args.resamples))
     except (ValueError, FileNotFoundError) as e:
         fail("tcae-ldm compare", str(e))
     os.makedirs(args.out, exist_ok=True)

@@ -159,10 +159,14 @@ class FrozenAutoencoder(nn.Module):
 
     def gmacs(self, image_size: int) -> float:
         """Encode + decode GMACs of one square image of this size (MACs, as the papers count them)."""
+        return sum(self.gmacs_parts(image_size))
+
+    def gmacs_parts(self, image_size: int) -> tuple[float, float]:
+        """(encode, decode) inference GMACs of one square image of this size."""
         device = next(self.model.parameters()).device
         x = torch.zeros(1, 3, image_size, image_size, device=device)
         z = torch.zeros(1, *self.latent_shape(image_size), device=device)
-        return count_gmacs(self.model.encoder, x) + count_gmacs(self.model.decoder, z)
+        return count_gmacs(self.model.encoder, x), count_gmacs(self.model.decoder, z)
 
     def compile_(self, spec: bool | dict = True) -> "FrozenAutoencoder":
         """torch.compile the encoder and decoder in place (spec: True, or torch.compile kwargs; False leaves them

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import Literal
 
 import lightning as L
@@ -21,6 +22,7 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from tcae_ldm.latents.frozen import autoencoder_weights
 from tcae_ldm.lit.compiling import CompileSpec, compile_in_place
+from tcae_ldm.lit.compute import AutoencoderStepCost, log_value
 from tcae_ldm.lit.guards import check_loss
 from tcae_ldm.lit.outputs import grad_norm, save_grid
 from tcae_ldm.lit.preflight import preflight
@@ -133,6 +135,8 @@ class AutoencoderModule(L.LightningModule):
         self.val_metrics: ReconstructionMetrics | None = None  # built by configure_model
         self.step_count = 0  # generator updates; trainer.global_step counts both optimizers' steps
         self.from_checkpoint = False  # weights restored from a checkpoint: init_from / pretrained must not replace them
+        # training GMACs and seconds so far, summed over ranks (tcae_ldm.lit.compute); checkpoints keep them
+        self.compute_gmacs, self.train_seconds, self.step_cost = 0.0, 0.0, AutoencoderStepCost(self)
 
     # ------------------------------------------------------------------ setup
     def load_weights(self, path: str) -> None:
@@ -243,7 +247,7 @@ class AutoencoderModule(L.LightningModule):
         if self.step_count >= self.max_steps:  # checked before any update: the run is complete
             self.trainer.should_stop = True
             return None
-        step = self.step_count
+        step, started = self.step_count, time.perf_counter()
         opts = self.optimizers()
         opts = opts if isinstance(opts, list) else [opts]
         total, logs, gan = self.training_losses(batch, step)
@@ -254,6 +258,9 @@ class AutoencoderModule(L.LightningModule):
             o.zero_grad(set_to_none=True)
         self.manual_backward(total)
         logs.update(self.apply_update(opts, step, gan))
+        self.train_seconds += time.perf_counter() - started  # before the first count of a phase, which takes seconds
+        self.compute_gmacs += self.step_cost(batch, step) * batch["image"].shape[0] * self.trainer.world_size
+        logs.update(compute_gmacs=log_value(self.compute_gmacs), wall_time_s=self.train_seconds)
         self._log_train(logs, opts[0], batch)
         if self.step_count >= self.max_steps:
             self.trainer.should_stop = True
@@ -320,7 +327,10 @@ class AutoencoderModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoint
     def on_save_checkpoint(self, checkpoint):
         checkpoint["step_count"] = self.step_count
+        checkpoint["compute"] = {"gmacs": self.compute_gmacs, "seconds": self.train_seconds}
 
     def on_load_checkpoint(self, checkpoint):
         self.step_count = checkpoint.get("step_count", 0)
+        compute = checkpoint.get("compute", {})
+        self.compute_gmacs, self.train_seconds = compute.get("gmacs", 0.0), compute.get("seconds", 0.0)
         self.from_checkpoint = True

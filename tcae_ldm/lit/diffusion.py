@@ -30,11 +30,13 @@ from tcae_ldm.latents.frozen import (
     load_autoencoder,
 )
 from tcae_ldm.lit.compiling import CompileSpec, compile_in_place
+from tcae_ldm.lit.compute import dit_step_gmacs, log_value
 from tcae_ldm.lit.guards import check_loss
 from tcae_ldm.lit.outputs import grad_norm, save_grid
 from tcae_ldm.lit.preflight import preflight
 from tcae_ldm.lit.resume import SafeResume
 from tcae_ldm.lit.schedules import param_groups
+from tcae_ldm.metrics.convergence import TRAIN_COMPUTE_COLUMN
 from tcae_ldm.models.dit import DiT, create_dit, dit_from_official
 from tcae_ldm.models.ema import EMA
 from tcae_ldm.models.sdvae import SD_VAE_DEFAULT, SD_VAE_SCALE
@@ -101,6 +103,7 @@ class DiffusionModule(L.LightningModule):
         self.dit = self.ema = self.normalizer = None
         self.cache_info: dict = {}  # cache dir + metadata, saved in checkpoints
         self.images_seen, self._grid_step, self._micro_step, self._micro = 0, None, None, 0
+        self.compute_gmacs, self._gmacs_per_latent = 0.0, None  # training GMACs so far, summed over ranks
         self.__dict__["_autoencoder"] = None  # plain attribute: not a submodule, so never in the state_dict
         if latent_shape is not None and num_classes is not None:
             self._build(tuple(latent_shape), int(num_classes))
@@ -181,9 +184,13 @@ class DiffusionModule(L.LightningModule):
         check_loss(loss.detach(), self.global_step, self.hparams.get("max_loss", 1e4), self.trainer)
         n = x.shape[0]
         self.images_seen += n * self.trainer.world_size
+        if self._gmacs_per_latent is None:  # counted once, on the meta device (tcae_ldm.lit.compute)
+            self._gmacs_per_latent = dit_step_gmacs(self)
+        self.compute_gmacs += self._gmacs_per_latent * n * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=n)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
         self.log("train/images_seen", float(self.images_seen), batch_size=n)
+        self.log(TRAIN_COMPUTE_COLUMN, log_value(self.compute_gmacs), batch_size=n)
         return loss
 
     def on_before_optimizer_step(self, optimizer):
@@ -327,10 +334,12 @@ class DiffusionModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoint
     def on_save_checkpoint(self, checkpoint):
         checkpoint["images_seen"] = self.images_seen
+        checkpoint["compute_gmacs"] = self.compute_gmacs
         checkpoint["latent_cache"] = self.cache_info
 
     def on_load_checkpoint(self, checkpoint):
         self.images_seen = checkpoint.get("images_seen", 0)
+        self.compute_gmacs = checkpoint.get("compute_gmacs", 0.0)
         saved = checkpoint.get("latent_cache") or {}
         current = self.cache_info.get("metadata")
         if current and saved.get("metadata"):

@@ -4,7 +4,7 @@ Every `every_n_steps` optimizer steps the callback draws `num_samples` images wi
 (fixed seeds and class labels, so successive evaluations differ only by the weights), scores them with a
 named feature network and logs, at Lightning's `step`:
 
-    gen/gfid_<network>   gen/images_seen   gen/wall_time_s   gen/num_samples
+    gen/gfid_<network>   gen/images_seen   gen/wall_time_s   gen/num_samples   gen/compute_gmacs
 
 which is the format `tcae-ldm compare` reads (tcae_ldm.metrics.convergence). Wall time counts training
 only: evaluation time is excluded, so runs with different evaluation settings stay comparable. Under DDP
@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from tcae_ldm.lit.progress import ProgressLine
 from tcae_ldm.lit.sampling import balanced_labels
 from tcae_ldm.metrics.convergence import (
+    COMPUTE_COLUMN,
     GEN_PREFIX,
     IMAGES_SEEN_COLUMN,
     NUM_SAMPLES_COLUMN,
@@ -101,6 +102,8 @@ class GenerationEvalCallback(L.Callback):
         fid = self.metric.compute()  # every rank: it all-reduces the feature statistics
         metrics = {f"{GEN_PREFIX}{self.metric.name}": fid, IMAGES_SEEN_COLUMN: float(pl_module.images_seen),
                    WALL_TIME_COLUMN: self._train_time, NUM_SAMPLES_COLUMN: float(self.num_samples)}
+        if hasattr(pl_module, "compute_gmacs"):
+            metrics[COMPUTE_COLUMN] = float(pl_module.compute_gmacs)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         return fid

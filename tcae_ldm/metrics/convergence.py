@@ -5,13 +5,22 @@ A run's metrics.csv (Lightning's CSVLogger) holds, at the trainer's global step 
     gen/images_seen      training images seen so far, summed over ranks
     gen/wall_time_s      training seconds since the run began, evaluation time excluded
     gen/num_samples      how many generated images the FID used (FID depends on it)
+    gen/compute_gmacs    the DiT's training compute so far (GMACs, all ranks), as train/compute_gmacs at that step
+
+and, at every training step (both training modules, tcae_ldm.lit.compute counts them):
+    train/compute_gmacs  cumulative training compute in GMACs (multiply-accumulates) summed over ranks; kept in
+                         checkpoints, so a resumed run continues it
+    train/wall_time_s    (autoencoder runs) cumulative seconds spent in training steps, also kept across resumes
 """
 from __future__ import annotations
 
 import csv
 import math
+import os
 
 import numpy as np
+
+from tcae_ldm.utils.files import lookup, read_lenient_yaml
 
 GEN_PREFIX = "gen/"
 STEP_COLUMN = "step"                            # Lightning's column: trainer.global_step (optimizer steps)
@@ -19,6 +28,9 @@ GFID_COLUMN = GEN_PREFIX + "gfid_{net}"         # gFID measured with feature net
 IMAGES_SEEN_COLUMN = GEN_PREFIX + "images_seen"  # training images seen so far, summed over ranks
 WALL_TIME_COLUMN = GEN_PREFIX + "wall_time_s"   # training seconds since the run began, eval time excluded
 NUM_SAMPLES_COLUMN = GEN_PREFIX + "num_samples"  # optional: generated images per FID (FID depends on it)
+COMPUTE_COLUMN = GEN_PREFIX + "compute_gmacs"    # optional: the DiT's training GMACs so far, all ranks
+TRAIN_COMPUTE_COLUMN = "train/compute_gmacs"     # cumulative training GMACs of any run, all ranks
+TRAIN_TIME_COLUMN = "train/wall_time_s"          # cumulative training-step seconds of an autoencoder run
 METRICS_FILE = "metrics.csv"
 
 
@@ -59,3 +71,41 @@ def auto_levels(steps: np.ndarray, gfid: np.ndarray) -> list[float]:
     levels = {math.ceil(best[np.flatnonzero(steps <= f * steps[-1])[-1]] * 100 - 1e-9) / 100
               for f in (0.25, 0.5, 1.0) if (steps <= f * steps[-1]).any()}
     return sorted(levels, reverse=True)
+
+
+def find_metrics(run_dir: str) -> str:
+    """RUN_DIR/metrics.csv, or that of its only version_N folder; FileNotFoundError naming what is wrong."""
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"{run_dir} is not a folder" if os.path.exists(run_dir) else f"{run_dir} does not exist")
+    direct = os.path.join(run_dir, METRICS_FILE)
+    if os.path.isfile(direct):
+        return direct
+    subdirs = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
+    nested = [p for p in (os.path.join(run_dir, d, METRICS_FILE) for d in subdirs) if os.path.isfile(p)]
+    if len(nested) == 1:  # a logger folder holding a single version_N
+        return nested[0]
+    raise FileNotFoundError(f"{run_dir}: no {METRICS_FILE} (expected a Lightning CSVLogger run folder"
+                            + (f"; found several: {nested}, pass one" if nested else "") + ")")
+
+
+def checkpoint_training_gmacs(path: str, depth: int = 0) -> float | None:
+    """run_training_gmacs of the run folder holding this checkpoint: its folder or one or two above."""
+    folder = os.path.dirname(os.path.abspath(path))
+    for candidate in (folder, os.path.dirname(folder), os.path.dirname(os.path.dirname(folder))):
+        if os.path.isfile(os.path.join(candidate, METRICS_FILE)):
+            return run_training_gmacs(candidate, depth)
+    return None
+
+
+def run_training_gmacs(folder: str, depth: int = 0) -> float | None:
+    """An autoencoder run's last train/compute_gmacs, plus that of the run it started from (model.init_args.init_from:
+    decoder finetuning's joint run), so a finetuned autoencoder's cost includes both phases. None: not logged."""
+    values = [v[TRAIN_COMPUTE_COLUMN] for v in read_metrics(os.path.join(folder, METRICS_FILE)).values()
+              if TRAIN_COMPUTE_COLUMN in v]
+    if not values:
+        return None
+    parent = lookup(read_lenient_yaml(os.path.join(folder, "config.yaml")), "model.init_args.init_from")
+    if isinstance(parent, str) and parent:
+        before = checkpoint_training_gmacs(parent, depth + 1) if depth < 3 else None  # a chain, not a cycle
+        return None if before is None else values[-1] + before
+    return values[-1]

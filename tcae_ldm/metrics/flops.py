@@ -12,11 +12,20 @@ def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, *
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-# torch's counter knows the CUDA attention kernels but not the CPU one, so on CPU the attention score
-# and value matmuls would silently count as zero; count them the same way as on GPU.
+def _cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                            **kwargs) -> int:
+    # the backward's four matmuls (gradients of scores, values, queries, keys), twice the forward's two, as the
+    # meta device's math path counts them; a flash kernel's recomputation of the scores is not model compute
+    return 2 * sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# torch's counter knows the CUDA attention kernels but not the CPU ones, so on CPU the attention score
+# and value matmuls (forward and backward) would silently count as zero; count them the same way as on GPU.
 _CUSTOM = {}
 if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
     _CUSTOM[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flop
+if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+    _CUSTOM[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_sdpa_backward_flop
 
 
 def count_gmacs(model: nn.Module, *inputs, **kwargs) -> float:

@@ -36,3 +36,39 @@ def load_yaml(path: str):
             where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             what = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise ValueError(f"{path}{where}: not valid YAML: {what}") from None
+
+
+def lookup(tree, dotted: str):
+    """tree["a"]["b"]... for "a.b..."; None where a key is missing."""
+    for key in dotted.split("."):
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+class _LenientLoader(yaml.SafeLoader):
+    """Safe YAML that reads unknown tags (hparams.yaml may hold !!python/object entries) as plain data."""
+
+
+def _untagged(loader, suffix, node):
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    return loader.construct_scalar(node)
+
+
+_LenientLoader.add_multi_constructor("", _untagged)
+
+
+def read_lenient_yaml(path: str) -> dict:
+    """A saved config / hparams mapping ({} when the file is absent or holds no mapping); unknown tags as data."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            data = yaml.load(f, Loader=_LenientLoader)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not readable YAML ({type(e).__name__}): is this a run folder?") from None
+    return data if isinstance(data, dict) else {}

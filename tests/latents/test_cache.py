@@ -56,6 +56,11 @@ def test_round_trip_shards_stats_metadata(cache):
     assert meta["autoencoder_spec"] == {"kind": "tcae", "path": os.path.realpath(cache["ckpt"]), "dtype": "fp32"}
     assert (meta["image_size"], meta["latent_shape"], meta["count"], meta["num_classes"]) == (32, [16, 4, 4], 16, 8)
     assert meta["dataset"]["datamodule"].endswith("DemoPhotosDataModule") and meta["dataset"]["split"] == "train"
+    from tcae_ldm.metrics.flops import count_gmacs  # inference cost per image, encoder and decoder apart
+    enc = count_gmacs(ae.model.encoder, torch.zeros(1, 3, 32, 32))
+    dec = count_gmacs(ae.model.decoder, torch.zeros(1, 16, 4, 4))
+    assert (meta["encoder_gmacs"], meta["decoder_gmacs"]) == (round(enc, 4), round(dec, 4)) and enc > 0 and dec > 0
+    assert meta["autoencoder_gmacs"] == round(enc + dec, 4)
 
 
 

@@ -129,6 +129,9 @@ def test_demo_config_resumes_mid_epoch_bit_for_bit(tmp_path, monkeypatch):
     assert resumed["step_count"] == 7
     _assert_bitwise_equal(straight["state_dict"], resumed["state_dict"], "state_dict")
     _assert_bitwise_equal(straight["optimizer_states"], resumed["optimizer_states"], "optimizer_states")
+    # training compute (GAN from step 2, iBOT views) continues from the checkpoint to the straight run's total
+    assert resumed["compute"]["gmacs"] == pytest.approx(straight["compute"]["gmacs"], rel=1e-12)
+    assert straight["compute"]["gmacs"] > 0
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

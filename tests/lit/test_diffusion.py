@@ -1,4 +1,5 @@
 """DiffusionModule through the CLI: linked latent shape, checkpoint contents, exact resume, EMA sampling, `sample`."""
+import csv
 import os
 
 import pytest
@@ -101,6 +102,11 @@ def test_ddpm_objective_with_learned_sigma_trains_and_samples(runs, tmp_path, mo
     col = header.split(",").index("train/loss")
     losses = torch.tensor([float(r.split(",")[col]) for r in rows if r.split(",")[col]])
     assert len(losses) == 3 and torch.isfinite(losses).all() and (losses > 0).all()  # mse + vb, every step
+    from tcae_ldm.metrics.flops import count_call_gmacs  # compute: the hybrid loss on real tensors, counted here
+
+    x, y = torch.randn(8, 16, 4, 4), torch.arange(8)
+    per_latent = count_call_gmacs(lambda: module.objective.loss(module.dit, x, y).backward()) / 8
+    assert module.compute_gmacs == pytest.approx(3 * 8 * per_latent, rel=1e-12)
     z = module.sample(torch.tensor([0, 5]), seed=1, decode=False, cfg_scale=2.0)
     assert z.shape == (2, 16, 4, 4) and torch.isfinite(z).all()
     assert torch.equal(module.sample(torch.tensor([0, 5]), seed=1, decode=False, cfg_scale=2.0), z)  # seeded
@@ -127,3 +133,18 @@ def test_bf16_mixed_clips_gradients_with_a_fused_optimizer(runs, tmp_path, monke
         p.grad = torch.ones_like(p)
     module.configure_gradient_clipping(torch.optim.AdamW(params, fused=True))
     assert torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item() == pytest.approx(0.5, rel=1e-5)
+
+
+def test_training_compute_is_logged_and_survives_the_resume(runs):
+    """train/compute_gmacs = steps x batch x (DiT forward + backward of one latent), counted here on real tensors."""
+    from tcae_ldm.metrics.flops import count_call_gmacs
+
+    ckpt = torch.load(runs["straight"] / "checkpoints" / "last.ckpt", weights_only=True)
+    module = DiffusionModule(**{k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")})
+    x, y = torch.randn(8, 16, 4, 4), torch.arange(8)
+    per_latent = count_call_gmacs(lambda: module.objective.loss(module.dit, x, y).backward()) / 8
+    resumed = torch.load(runs["resumed"] / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["compute_gmacs"] == resumed["compute_gmacs"] == pytest.approx(5 * 8 * per_latent, rel=1e-12)
+    with open(runs["straight"] / "metrics.csv") as f:
+        logged = [float(r["train/compute_gmacs"]) for r in csv.DictReader(f) if r.get("train/compute_gmacs")]
+    assert logged == pytest.approx([k * 8 * per_latent for k in range(1, 6)], rel=1e-12)

@@ -20,11 +20,12 @@ class TinyGenerator(L.LightningModule):
     def __init__(self):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(()))
-        self.images_seen = 0
+        self.images_seen, self.compute_gmacs = 0, 0.0
         self.sampled_seeds = []
 
     def training_step(self, batch, batch_idx):
         self.images_seen += batch[0].shape[0]
+        self.compute_gmacs += 1.5 * batch[0].shape[0]  # as DiffusionModule counts its training compute
         return (self.w - 1).square()
 
     def configure_optimizers(self):
@@ -59,6 +60,7 @@ def test_gfid_is_logged_every_k_steps_with_named_columns(tmp_path):
     assert [int(r["step"]) for r in rows] == [3, 6, 7]  # every 3 steps, then at the end of training
     assert [float(r["gen/images_seen"]) for r in rows] == [6.0, 12.0, 14.0]
     assert all(float(r["gen/num_samples"]) == 10 for r in rows)
+    assert [float(r["gen/compute_gmacs"]) for r in rows] == [9.0, 18.0, 21.0]  # the module's total at each point
     walls = [float(r["gen/wall_time_s"]) for r in rows]
     assert walls == sorted(walls) and walls[0] > 0
     fids = [float(r["gen/gfid_random"]) for r in rows]
