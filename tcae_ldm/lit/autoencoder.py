@@ -24,6 +24,7 @@ from tcae_ldm.lit.compiling import CompileSpec, compile_in_place
 from tcae_ldm.lit.guards import check_loss
 from tcae_ldm.lit.outputs import grad_norm, save_grid
 from tcae_ldm.lit.preflight import preflight
+from tcae_ldm.lit.preemption import Preemption
 from tcae_ldm.lit.resume import SafeResume
 from tcae_ldm.lit.schedules import param_groups, set_lr, warmup_cosine
 from tcae_ldm.losses.lpips import FrozenLPIPS, build_lpips
@@ -147,7 +148,8 @@ class AutoencoderModule(L.LightningModule):
         log.info("initialised the autoencoder from %s (%s weights)", path, source)
 
     def configure_callbacks(self):
-        return [SafeResume()]  # atomic checkpoints, metrics history and LR changes across resumes
+        # atomic checkpoints, metrics history and LR changes across resumes; a checkpoint and exit status on SIGTERM
+        return [SafeResume(), Preemption()]
 
     def prepare_data(self) -> None:
         preflight(self.trainer)  # everything a long run needs, checked before its first step
