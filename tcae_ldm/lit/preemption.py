@@ -76,8 +76,10 @@ class Preemption(L.Callback):
             return
         signum = self.signum or signal.SIGTERM  # another rank's signal reaches this one as Lightning's broadcast
         name = signal.Signals(signum).name
-        paths = [os.path.join(cb.dirpath, cb.CHECKPOINT_NAME_LAST + cb.FILE_EXTENSION)
-                 for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+        callbacks = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+        paths = [os.path.join(cb.dirpath, cb.CHECKPOINT_NAME_LAST + cb.FILE_EXTENSION) for cb in callbacks]
+        for cb, path in zip(callbacks, paths):
+            cb.last_model_path = path  # the callback owns the file: a resumed run replaces it instead of adding -v1
         for path in dict.fromkeys(paths):
             trainer.save_checkpoint(path)  # every rank calls it (it synchronises); rank 0 writes, atomically
         if trainer.is_global_zero:
