@@ -32,8 +32,8 @@ from tcae_ldm.latents.frozen import (
 from tcae_ldm.lit.compiling import CompileSpec, compile_in_place
 from tcae_ldm.lit.guards import check_loss
 from tcae_ldm.lit.outputs import grad_norm, save_grid
-from tcae_ldm.lit.preflight import preflight
 from tcae_ldm.lit.preemption import Preemption
+from tcae_ldm.lit.preflight import preflight
 from tcae_ldm.lit.resume import SafeResume
 from tcae_ldm.lit.schedules import param_groups
 from tcae_ldm.models.dit import DiT, create_dit, dit_from_official
