@@ -68,8 +68,7 @@ class Preemption(L.Callback):
                 signal.signal(signum, handler)
 
     def _record(self, signum: int) -> None:
-        if self.signum is None:
-            self.signum = int(signum)
+        self.signum = int(signum)  # the latest: under SLURM, the SIGTERM of the requeue that follows USR1 stops the run
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
