@@ -173,7 +173,8 @@ def test_decoder_finetune_starts_from_the_joint_phases_critic_and_its_moments(tm
     tiny_trainer(str(tmp_path / "joint")).fit(tiny_module(max_steps=2), tiny_data())
     joint = read_checkpoint(str(tmp_path / "joint" / "ckpt" / "last.ckpt"))
     ft = tiny_module(phase="decoder_finetune", init_from=str(tmp_path / "joint" / "ckpt" / "last.ckpt"), max_steps=1,
-                     optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4), disc_optimizer=lambda p: torch.optim.AdamW(p, lr=5e-5))
+                     optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4),
+                     disc_optimizer=lambda p: torch.optim.AdamW(p, lr=5e-5))
     seen = {}
 
     class AtStepZero(L.Callback):

@@ -106,7 +106,8 @@ def test_the_command_line_wins_over_an_explicit_checkpoints_hyperparameters(ae_r
     with caplog.at_level(logging.WARNING, logger="tcae_ldm"):
         line = _error(argv, capsys)
     assert other in line  # the run builds the network the command line names (its weight file does not exist)
-    assert "model.metrics_fid, model.metrics_fid_weights replace the checkpoint's (as with --ckpt_path last)" in caplog.text
+    assert ("model.metrics_fid, model.metrics_fid_weights replace the checkpoint's (as with --ckpt_path last)"
+            in caplog.text)
 
 
 def test_a_checkpoint_of_the_other_module_kind_is_refused_before_anything_is_written(ae_run, tmp_path, monkeypatch,
