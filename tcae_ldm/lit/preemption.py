@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -24,21 +25,17 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
 class Preemption(L.Callback):
     """Checkpoint at the step boundary after SIGTERM / SIGUSR1, then exit with 128 + the signal's number."""
 
     def __init__(self):
-        self.signum: int | None = None
-        self._previous_usr1 = None
+        self.signum: int | None = None  # the signal that stopped the run
 
     def on_train_start(self, trainer, pl_module) -> None:
-        # After Lightning registered its handlers (Trainer._run): SIGTERM stays Lightning's, this only records it.
+        # After Lightning registered its handlers (Trainer._run), which its teardown restores to what they were:
+        # SIGTERM stays Lightning's and is only recorded here.
         self._chain(signal.SIGTERM)
         if signal.getsignal(signal.SIGUSR1) in (None, signal.SIG_DFL, signal.SIG_IGN):  # no SLURM requeue handler
-            self._previous_usr1 = signal.getsignal(signal.SIGUSR1)
 
             def stop(signum, frame):
                 self._record(signum)
@@ -61,18 +58,15 @@ class Preemption(L.Callback):
 
     @staticmethod
     def _install(signum, handler) -> None:
-        if sys.platform != "win32":
-            import threading
-
-            if threading.current_thread() is threading.main_thread():
-                signal.signal(signum, handler)
+        if threading.current_thread() is threading.main_thread():  # Python only sets handlers there
+            signal.signal(signum, handler)
 
     def _record(self, signum: int) -> None:
         self.signum = int(signum)  # the latest: under SLURM, the SIGTERM of the requeue that follows USR1 stops the run
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException):
-            return
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+            return  # validate / test / predict have no training state to save (and must not replace last.ckpt)
         signum = self.signum or signal.SIGTERM  # another rank's signal reaches this one as Lightning's broadcast
         name = signal.Signals(signum).name
         callbacks = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
@@ -86,8 +80,3 @@ class Preemption(L.Callback):
             print(f"tcae-ldm: {name} received: stopped at global step {trainer.global_step} and saved {saved}; "
                   f"exit status {128 + signum}, resume with --ckpt_path last", file=sys.stderr, flush=True)
         exception.code = 128 + signum  # a SystemExit: the process ends with this status, so schedulers requeue
-
-    def teardown(self, trainer, pl_module, stage: str) -> None:
-        if self._previous_usr1 is not None:
-            self._install(signal.SIGUSR1, self._previous_usr1)
-            self._previous_usr1 = None
