@@ -3,7 +3,8 @@ that holds another run's checkpoints.
 
 The lock is `run.lock` in the run's folder (the logger's log_dir), held with fcntl.flock for as long as the process
 runs: the kernel releases it on any exit, kill -9 included, so a lock file whose flock is free was left by a run that
-crashed; it is reported in one line and taken over. The file records pid, host and start time so that a second run
+crashed; it is reported in one line and taken over. (Where the filesystem has no flock, the recorded pid decides: a
+dead pid on this host is a stale lock.) The file records pid, host and start time so that a second run
 names the holder. Under DDP only global rank 0 takes it (every rank of a run writes through rank 0's folder).
 """
 from __future__ import annotations
@@ -41,6 +42,22 @@ def _read_holder(fd: int) -> dict:
     return holder if isinstance(holder, dict) else {}
 
 
+def _alive_elsewhere(holder: dict) -> bool:
+    """Whether the recorded holder is another live process of this host (a holder on another host counts as live)."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class RunLock:
     """An exclusive lock on a run folder (acquire / release, or a context manager)."""
 
@@ -54,7 +71,12 @@ class RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = False
         except BlockingIOError:
+            held = True
+        except OSError:  # a filesystem without flock (some NFS mounts): the recorded pid decides, on its host
+            held = _alive_elsewhere(_read_holder(fd))
+        if held:
             holder = _read_holder(fd)
             os.close(fd)
             raise RunFolderError(f"run folder {self.folder} is in use by another run ({_describe(holder)}; lock "

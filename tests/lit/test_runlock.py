@@ -124,3 +124,23 @@ def test_a_checkpoint_of_the_other_module_kind_is_refused_before_anything_is_wri
     line = _error([*AE_FIT, f"--ckpt_path={dit}"], capsys)
     assert f"--ckpt_path {dit} is a DiT checkpoint but the config's model is AutoencoderModule" in line
     assert not os.path.exists("runs")
+
+
+def test_without_flock_the_recorded_pid_decides(tmp_path, monkeypatch):
+    import fcntl
+    import socket
+
+    def no_flock(fd, op):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": alive.pid, "host": socket.gethostname(), "started": 0}))
+        with pytest.raises(RunFolderError, match=f"in use by another run \\(pid {alive.pid} "):
+            RunLock(str(tmp_path)).acquire()
+    finally:
+        alive.kill()
+        alive.wait()
+    with RunLock(str(tmp_path)):  # its pid is dead now: a stale lock, taken over
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
