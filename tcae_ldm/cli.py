@@ -196,17 +196,35 @@ def cli_class():
             parser.link_arguments("data.init_args.image_size", "model.init_args.image_size")  # the autoencoder's
             parser.link_arguments("data.init_args.cache_dir", "model.init_args.latent_shape", cache_latent_shape)
             parser.link_arguments("data.init_args.cache_dir", "model.init_args.num_classes", cache_num_classes)
+            parser.add_argument("--overwrite_run", type=bool, default=False,
+                                help="fit without --ckpt_path: start over in a run folder that holds checkpoints")
 
         def _parse_ckpt_path(self) -> None:
-            # `--ckpt_path FILE` is checked before Lightning reads its hyper-parameters with a bare torch.load,
-            # whose error on a truncated or foreign file names neither the file nor what to do
-            import contextlib
+            # `--ckpt_path FILE` is checked first: a damaged file is named with what to resume from, and a checkpoint
+            # of the other module kind is refused before anything is built or written
+            from tcae_ldm.lit.checkpoint_config import check_checkpoint_for_config
+            from tcae_ldm.utils.checkpoints import check_checkpoint_file
 
-            from tcae_ldm.utils.checkpoints import checked
+            command = self.config.get("subcommand") or ""
+            config = self.config.get(command, {})
+            path = config.get("ckpt_path")
+            if path and os.path.isfile(path):
+                check_checkpoint_file(path)
+                model = config.get("model") or {}
+                check_checkpoint_for_config(path, model.get("class_path"), model.get("init_args"), command)
+            # Lightning's version would replace the model's config by the checkpoint's hyper-parameters, dropping
+            # --model.* values: the config decides with a file as with `last` (tcae_ldm.lit.checkpoint_config)
 
-            path = self.config.get(self.config.get("subcommand") or "", {}).get("ckpt_path")
-            with checked(path, "--ckpt_path") if path and os.path.isfile(path) else contextlib.nullcontext():
-                super()._parse_ckpt_path()
+        def _run_subcommand(self, subcommand: str) -> None:
+            from tcae_ldm.lit.runlock import claim_run_folder
+
+            config = self.config_init[subcommand]
+            lock = claim_run_folder(self.trainer, subcommand, config.get("ckpt_path"), config.get("overwrite_run"))
+            try:
+                super()._run_subcommand(subcommand)
+            finally:
+                if lock is not None:
+                    lock.release()
 
         def before_fit(self):
             if self.config_init[self.subcommand].get("ckpt_path") == "last":

@@ -200,3 +200,21 @@ def test_the_wandb_overlay_adds_a_logger_to_any_run(base, capsys):
     loggers = yaml.safe_load(capsys.readouterr().out)["trainer"]["logger"]
     assert [lg["class_path"].rsplit(".", 1)[1] for lg in loggers][-1] == "WandbLogger"
     assert loggers[0]["class_path"].endswith(("CSVLogger", "TensorBoardLogger")) and len(loggers) >= 2
+
+
+# What configs/dcae.yaml (DC-AE with TC-AE's losses) may change in configs/tcae.yaml; every other loss, optimiser,
+# schedule, trainer and data key is TC-AE's.
+DCAE_CHANGES = {"trainer.logger.init_args.name",  # its own run folder: runs/imagenet/dcae
+                "model.init_args.net", "model.init_args.net_args",  # DC-AE/f32c32 and its (no) overrides
+                "model.init_args.ssl", "data.init_args.views"}  # no iBOT: a conv autoencoder has no token sequence
+
+
+def test_the_dcae_route_is_tcae_with_another_network():
+    tcae, dcae = (yaml.safe_load(open(os.path.join(REPO, "configs", f"{n}.yaml"))) for n in ("tcae", "dcae"))
+    flat_t, flat_d = _flatten(tcae), _flatten(dcae)
+    differ = {k for k in flat_t.keys() | flat_d.keys() if flat_t.get(k) != flat_d.get(k)}
+    owner = {k: [c for c in DCAE_CHANGES if k == c or k.startswith(c + ".")] for k in differ}
+    assert not [k for k, c in owner.items() if not c], "differs from configs/tcae.yaml outside DCAE_CHANGES"
+    assert {c for cs in owner.values() for c in cs} == DCAE_CHANGES  # each listed change is made
+    assert (dcae["model"]["init_args"]["net"], dcae["trainer"]["logger"]["init_args"]["name"]) == ("DC-AE/f32c32", "dcae")
+    assert dcae["model"]["init_args"]["ssl"] is None and dcae["data"]["init_args"]["views"] is None

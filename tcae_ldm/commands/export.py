@@ -298,8 +298,25 @@ def _publish(out: str, overwrite: bool, write) -> None:
         raise
 
 
+def checkpoint_in_out(out: str, ckpt: str) -> str | None:
+    """Why an export must not replace `out` (it holds the checkpoint being exported, or any .ckpt), or None."""
+    if not os.path.isdir(out):
+        return None
+    root, source = os.path.realpath(out), os.path.realpath(ckpt)
+    if os.path.commonpath([root, source]) == root:
+        return f"--out {out} holds the checkpoint being exported ({ckpt})"
+    for folder, _, files in os.walk(out):
+        found = sorted(f for f in files if f.endswith(".ckpt"))
+        if found:
+            return f"--out {out} holds a checkpoint ({os.path.join(folder, found[0])})"
+    return None
+
+
 def main(argv: list[str] | None = None) -> str:
     args = build_parser().parse_args(argv)
+    clash = checkpoint_in_out(args.out, args.ckpt)
+    if clash:  # an export replaces its folder: it never deletes a checkpoint, even with --overwrite
+        fail(PROG, f"{clash}, which replacing the folder would delete: choose an --out that holds no checkpoint")
     if os.path.exists(args.out) and not (os.path.isdir(args.out) and (args.overwrite or not os.listdir(args.out))):
         fail(PROG, f"{args.out} already exists and is not empty: choose another --out or pass --overwrite")
     from tcae_ldm.lit.loading import (

@@ -23,8 +23,10 @@ from lightning.pytorch.cli import OptimizerCallable
 from tcae_ldm.latents.frozen import autoencoder_weights
 from tcae_ldm.lit.compiling import CompileSpec, compile_in_place
 from tcae_ldm.lit.compute import AutoencoderStepCost, log_value
+from tcae_ldm.lit.finetune import carry_over_critic, load_moments
 from tcae_ldm.lit.guards import check_loss
 from tcae_ldm.lit.outputs import grad_norm, save_grid
+from tcae_ldm.lit.preemption import Preemption
 from tcae_ldm.lit.preflight import preflight
 from tcae_ldm.lit.resume import SafeResume
 from tcae_ldm.lit.schedules import param_groups, set_lr, warmup_cosine
@@ -137,11 +139,13 @@ class AutoencoderModule(L.LightningModule):
         self.from_checkpoint = False  # weights restored from a checkpoint: init_from / pretrained must not replace them
         # training GMACs and seconds so far, summed over ranks (tcae_ldm.lit.compute); checkpoints keep them
         self.compute_gmacs, self.train_seconds, self.step_cost = 0.0, 0.0, AutoencoderStepCost(self)
+        self.critic_moments: dict | None = None  # the joint phase's critic optimizer state, for decoder finetuning
 
     # ------------------------------------------------------------------ setup
-    def load_weights(self, path: str) -> None:
-        """Initialise the autoencoder from another run's checkpoint (EMA weights when it has them)."""
-        source, weights = autoencoder_weights(read_checkpoint(path, what="init_from checkpoint")["state_dict"])
+    def load_weights(self, path: str) -> dict:
+        """Initialise the autoencoder from another run's checkpoint (EMA weights when it has them); returns it."""
+        ckpt = read_checkpoint(path, what="init_from checkpoint")
+        source, weights = autoencoder_weights(ckpt["state_dict"])
         missing, unexpected = self.net.load_state_dict(weights, strict=False)
         if missing or unexpected:
             hint = (" (the encoder was trained with iBOT's [CLS] token: set model.net_args.cls_token: true)"
@@ -149,9 +153,11 @@ class AutoencoderModule(L.LightningModule):
             raise ValueError(f"checkpoint {path} does not fit net={self.hparams.net}: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}{hint}")
         log.info("initialised the autoencoder from %s (%s weights)", path, source)
+        return ckpt
 
     def configure_callbacks(self):
-        return [SafeResume()]  # atomic checkpoints, metrics history and LR changes across resumes
+        # atomic checkpoints, metrics history and LR changes across resumes; a checkpoint and exit status on SIGTERM
+        return [SafeResume(), Preemption()]
 
     def prepare_data(self) -> None:
         preflight(self.trainer)  # everything a long run needs, checked before its first step
@@ -167,7 +173,9 @@ class AutoencoderModule(L.LightningModule):
             load_pretrained_weights(self.net, self.pretrained, self.hparams.net)
             initialised = True
         if stage == "fit" and self.init_from:
-            self.load_weights(self.init_from)
+            ckpt = self.load_weights(self.init_from)
+            if self.phase == "decoder_finetune":  # the joint phase's critic too (tcae_ldm.lit.finetune)
+                self.critic_moments = carry_over_critic(self.loss.discriminator, ckpt, self.init_from)
             initialised = True
         if initialised and self.ema is not None:
             self.ema.module.load_state_dict(self.net.state_dict())
@@ -196,6 +204,9 @@ class AutoencoderModule(L.LightningModule):
     def on_train_start(self):
         if self.phase == "decoder_finetune":
             self.net.encoder.eval()
+            if self.critic_moments is not None and self.trainer.ckpt_path is None:  # a resume has its own
+                load_moments(self.trainer.optimizers[1], self.critic_moments)
+            self.critic_moments = None
         if self.step_count >= self.max_steps:  # a finished run resumed: nothing left to do, nothing changes
             self.trainer.should_stop = True
 

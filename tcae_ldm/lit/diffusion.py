@@ -33,6 +33,7 @@ from tcae_ldm.lit.compiling import CompileSpec, compile_in_place
 from tcae_ldm.lit.compute import dit_step_gmacs, log_value
 from tcae_ldm.lit.guards import check_loss
 from tcae_ldm.lit.outputs import grad_norm, save_grid
+from tcae_ldm.lit.preemption import Preemption
 from tcae_ldm.lit.preflight import preflight
 from tcae_ldm.lit.resume import SafeResume
 from tcae_ldm.lit.schedules import param_groups
@@ -148,7 +149,8 @@ class DiffusionModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def configure_callbacks(self):
-        return [SafeResume()]  # atomic checkpoints, metrics history and LR changes across resumes
+        # atomic checkpoints, metrics history and LR changes across resumes; a checkpoint and exit status on SIGTERM
+        return [SafeResume(), Preemption()]
 
     def prepare_data(self) -> None:
         preflight(self.trainer)  # everything a long run needs, checked before its first step

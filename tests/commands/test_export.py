@@ -209,3 +209,22 @@ def test_errors_are_one_line_and_keep_what_exists(dit_run, tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         main(["sample", "--ckpt", str(tmp_path / "full"), "--out", str(tmp_path / "s")])
     assert "holds a AutoencoderTC, not an exported DiT" in str(err.value)
+
+
+def test_export_never_deletes_a_checkpoint(tmp_path):
+    """--out that holds the checkpoint being exported, or any .ckpt, is refused even with --overwrite."""
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    ckpt = ckpts / "last.ckpt"
+    ckpt.write_bytes(b"weights")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "sub").mkdir()
+    (tmp_path / "old" / "sub" / "best.ckpt").write_bytes(b"other weights")
+    for out, why in [(ckpts, f"holds the checkpoint being exported ({ckpt})"),
+                     (tmp_path / "run", f"holds the checkpoint being exported ({ckpt})"),
+                     (tmp_path / "old", f"holds a checkpoint ({tmp_path / 'old' / 'sub' / 'best.ckpt'})")]:
+        with pytest.raises(SystemExit) as err:
+            main(["export", "--ckpt", str(ckpt), "--out", str(out), "--overwrite"])
+        assert str(err.value) == (f"tcae-ldm export: error: --out {out} {why}, which replacing the folder would "
+                                  f"delete: choose an --out that holds no checkpoint")
+    assert ckpt.read_bytes() == b"weights" and (tmp_path / "old" / "sub" / "best.ckpt").read_bytes() == b"other weights"

@@ -1,5 +1,6 @@
 """AutoencoderModule: which parameters a step changes, exact resume, NaN guard, decoder finetuning, DDP,
 joint iBOT training, and DC-AE trained and evaluated by the same module."""
+import copy
 import csv
 import json
 import os
@@ -19,6 +20,7 @@ from tcae_ldm.lit.autoencoder import AutoencoderModule
 from tcae_ldm.lit.guards import NonFiniteLossError
 from tcae_ldm.losses.reconstruction import ReconstructionLossConfig
 from tcae_ldm.models.dcae import DCAE_PRESETS
+from tcae_ldm.utils.checkpoints import read_checkpoint
 from tests.tiny import (
     REPO,
     TINY,
@@ -167,6 +169,32 @@ def test_decoder_finetune_freezes_the_encoder_and_its_latents(tmp_path):
     with torch.no_grad():
         assert torch.equal(z0, ft.net.encode(x).latent)
     assert any(not torch.equal(v, ft.net.decoder.state_dict()[k]) for k, v in dec.items())
+
+
+def test_decoder_finetune_starts_from_the_joint_phases_critic_and_its_moments(tmp_path):
+    L.seed_everything(0)
+    tiny_trainer(str(tmp_path / "joint")).fit(tiny_module(max_steps=2), tiny_data())
+    joint = read_checkpoint(str(tmp_path / "joint" / "ckpt" / "last.ckpt"))
+    ft = tiny_module(phase="decoder_finetune", init_from=str(tmp_path / "joint" / "ckpt" / "last.ckpt"), max_steps=1,
+                     optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4),
+                     disc_optimizer=lambda p: torch.optim.AdamW(p, lr=5e-5))
+    seen = {}
+
+    class AtStepZero(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen["critic"] = {k: v.clone() for k, v in module.loss.discriminator.state_dict().items()}
+            seen["moments"] = copy.deepcopy(trainer.optimizers[1].state_dict())  # the step updates it in place
+
+    tiny_trainer(str(tmp_path / "ft"), callbacks=[AtStepZero()]).fit(ft, tiny_data())
+    critic = {k[len("loss.discriminator."):]: v for k, v in joint["state_dict"].items()
+              if k.startswith("loss.discriminator.")}
+    assert critic and seen["critic"].keys() == critic.keys()
+    assert all(torch.equal(seen["critic"][k], v) for k, v in critic.items())
+    mine, theirs = seen["moments"], joint["optimizer_states"][1]
+    assert mine["state"].keys() == theirs["state"].keys() and len(mine["state"]) == len(critic)
+    for i, st in theirs["state"].items():
+        assert torch.equal(mine["state"][i]["exp_avg"], st["exp_avg"]) and mine["state"][i]["step"] == st["step"]
+    assert mine["param_groups"][0]["lr"] != theirs["param_groups"][0]["lr"]  # the phase keeps its own schedule
 
 
 def test_fit_and_validate_through_the_cli(tmp_path):

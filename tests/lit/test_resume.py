@@ -196,7 +196,7 @@ def test_a_fresh_run_moves_an_existing_history_aside(tiny_cache, tmp_path, monke
     main(dit_argv(tiny_cache["cache"], tiny_cache["ae"], 2, callbacks_arg(1)))
     first = read_rows(os.path.join(RUN, "metrics.csv"))
     with caplog.at_level(logging.WARNING, logger="tcae_ldm"):
-        main(dit_argv(tiny_cache["cache"], tiny_cache["ae"], 3, callbacks_arg(1)))
+        main(dit_argv(tiny_cache["cache"], tiny_cache["ae"], 3, callbacks_arg(1), "--overwrite_run=true"))
     (moved,) = [f for f in os.listdir(RUN) if f.startswith("metrics-")]
     assert read_rows(os.path.join(RUN, moved)) == first
     assert [r["step"] for r in read_rows(os.path.join(RUN, "metrics.csv"))] == ["0", "1", "2"]
