@@ -29,15 +29,15 @@ test-fast: $(TEST_STAMP)
 # ---------------------------------------------------------------------------------------------------------------
 # CPU demo on the embedded photos. Each step leaves a marker (.done, or the cache's metadata.json, written last),
 # so a rerun skips the steps that are newer than their configs and inputs; `rm -rf runs/demo` starts over.
-#   make demo          TC-AE -> its report -> latent cache -> DiT (with the gFID-proxy curve) -> samples
+#   make demo          TC-AE -> decoder finetuning -> its report -> latent cache -> DiT (gFID-proxy curve) -> samples
 #   make compare-demo  the same chain for a DC-AE trained with the same losses and budget at 3x TC-AE's
 #                      encode + decode GMACs (the paper's pair: 3.7x), DiTs of 3 seeds on each cache, then `tcae-ldm compare`
+# A step that make reruns (its config or inputs changed) starts its run folder over (--overwrite_run true; the old
+# metrics.csv is kept as metrics-<time>.csv); `tcae-ldm fit` alone refuses to.
 # ---------------------------------------------------------------------------------------------------------------
 FID      := $(RUNS)/fid
 FEATURES := $(FID)/demo-classifier.pt
 FID_REF  := $(FID)/demo_train_demo-classifier.npz
-TCAE_AE  := $(RUNS)/tcae/.done
-DCAE_AE  := $(RUNS)/dcae/.done
 
 # With a CUDA device each step adds its overlay from configs/demo/gpu/ (bf16, larger models, more data, same
 # minutes); DEMO_DEVICE=cpu keeps the CPU demo on a GPU machine. Decided when the step runs, once the venv exists.
@@ -50,15 +50,25 @@ $(FEATURES): | $(DEMO_STAMP)
 $(FID_REF): $(FEATURES)
 	$(OFFLINE) $(BIN)/tcae-ldm fid-stats --demo --split train --features demo-classifier --weights $(FEATURES) --out $@
 
-# Autoencoders: train, then compare with the bicubic baseline at the same float budget.
+# Autoencoders, phase 1: joint training (the DC-AE with the same losses, without iBOT).
 $(RUNS)/%/.done: configs/demo/%.yaml $(FEATURES) | $(DEMO_STAMP)
-	$(OFFLINE) $(BIN)/tcae-ldm fit --config configs/demo/$*.yaml $(call gpu_overlay,$*)
-	$(OFFLINE) $(BIN)/tcae-ldm ae-report --ckpt $(RUNS)/$*/checkpoints/last.ckpt --out $(RUNS)/$* --image-size 64 \
-		--features demo-classifier --weights $(FEATURES)
+	$(OFFLINE) $(BIN)/tcae-ldm fit --config configs/demo/$*.yaml $(call gpu_overlay,$*) --overwrite_run true
 	touch $@
 
-# Latent caches of the training crops and their flips.
-$(RUNS)/latents_%/metadata.json: configs/demo/cache_latents_%.yaml $(RUNS)/%/.done
+# Phase 2: decoder finetuning, encoder frozen, the same steps for both; the finetuned autoencoder is the one that
+# decodes the DiT's samples, so it is the one reported, against the bicubic baseline at the same float budget.
+FT_CONFIGS_tcae := configs/demo/tcae_decoder_ft.yaml
+FT_CONFIGS_dcae := configs/demo/tcae_decoder_ft.yaml configs/demo/dcae_decoder_ft.yaml
+.SECONDEXPANSION:
+$(RUNS)/tcae_decoder_ft/.done $(RUNS)/dcae_decoder_ft/.done: $(RUNS)/%_decoder_ft/.done: $$(FT_CONFIGS_$$*) $(RUNS)/%/.done
+	$(OFFLINE) $(BIN)/tcae-ldm fit $(foreach c,$(FT_CONFIGS_$*),--config $(c)) \
+		$(foreach c,$(FT_CONFIGS_$*),$(call gpu_overlay,$(basename $(notdir $(c))))) --overwrite_run true
+	$(OFFLINE) $(BIN)/tcae-ldm ae-report --ckpt $(RUNS)/$*_decoder_ft/checkpoints/last.ckpt --out $(RUNS)/$*_decoder_ft \
+		--image-size 64 --features demo-classifier --weights $(FEATURES)
+	touch $@
+
+# Latent caches of the training crops and their flips, by the finetuned autoencoders.
+$(RUNS)/latents_%/metadata.json: configs/demo/cache_latents_%.yaml $(RUNS)/%_decoder_ft/.done
 	$(OFFLINE) $(BIN)/tcae-ldm predict --config configs/demo/cache_latents_$*.yaml $(call gpu_overlay,cache_latents_$*)
 
 # The same DiT on each cache, logging gen/gfid_demo-classifier every 200 steps; then a final sample grid. A run
@@ -73,11 +83,10 @@ DIT_GPU_dcae := dit_on_tcae dit_on_dcae
 dit_ae   = $(firstword $(subst _seed, ,$(1)))
 dit_seed = $(or $(word 2,$(subst _seed, ,$(1))),0)
 dit_runs = $(foreach s,$(DIT_SEEDS),$(RUNS)/dit_$(1)$(if $(filter-out 0,$(s)),_seed$(s)))
-.SECONDEXPANSION:
 $(RUNS)/dit_%/.done: $$(DIT_CONFIGS_$$(call dit_ae,$$*)) $(RUNS)/latents_$$(call dit_ae,$$*)/metadata.json $(FID_REF)
 	$(OFFLINE) $(BIN)/tcae-ldm fit $(foreach c,$(DIT_CONFIGS_$(call dit_ae,$*)),--config $(c)) \
 		$(foreach g,$(DIT_GPU_$(call dit_ae,$*)),$(call gpu_overlay,$(g))) \
-		--seed_everything $(call dit_seed,$*) --trainer.logger.init_args.name dit_$*
+		--seed_everything $(call dit_seed,$*) --trainer.logger.init_args.name dit_$* --overwrite_run true
 	$(OFFLINE) $(BIN)/tcae-ldm sample --ckpt $(RUNS)/dit_$*/checkpoints/last.ckpt --out $(RUNS)/dit_$*/samples_final --num 64
 	touch $@
 

@@ -14,7 +14,8 @@ from tests.tiny import REPO
 BASES = {"configs/ablations": "configs/tcae.yaml", "configs/ablations/demo": "configs/demo/tcae.yaml",
          "configs/overlays": "configs/demo/tcae.yaml", "configs/eval.yaml": "configs/tcae.yaml",
          "configs/demo/eval.yaml": "configs/demo/tcae.yaml",
-         "configs/dit_on_dcae.yaml": "configs/dit_on_tcae.yaml", "configs/demo/dit_on_dcae.yaml": "configs/demo/dit_on_tcae.yaml"}
+         "configs/dit_on_dcae.yaml": "configs/dit_on_tcae.yaml", "configs/demo/dit_on_dcae.yaml": "configs/demo/dit_on_tcae.yaml",
+         "configs/demo/dcae_decoder_ft.yaml": "configs/demo/tcae_decoder_ft.yaml"}
 # What the DC-AE DiT overlays may change: the cache they read and where the run is written, nothing else.
 CACHE_KEYS = {"data.init_args.cache_dir", "data.init_args.expect_autoencoder.kind", "data.init_args.expect_autoencoder.name",
               "data.init_args.expect_autoencoder.path"}
@@ -32,8 +33,10 @@ def _stack(path):
     """Overlays (configs/ablations/..., configs/demo/gpu/...) are used on top of their base config."""
     rel = os.path.relpath(path, REPO)
     if os.path.dirname(rel) == "configs/demo/gpu":  # each GPU overlay scales up the CPU demo step of its name ...
-        # ... and the DC-AE DiT's stacks on the TC-AE DiT's, as its CPU step does (the Makefile's DIT_GPU_dcae)
-        before = ["configs/demo/gpu/dit_on_tcae.yaml"] if rel.endswith("dit_on_dcae.yaml") else []
+        # ... and a DC-AE step that is an overlay of the TC-AE one stacks on its GPU overlay too (as in the Makefile)
+        twin = os.path.basename(rel).replace("dcae", "tcae")
+        before = [f"configs/demo/gpu/{twin}"] if twin != os.path.basename(rel) and \
+            BASES.get(f"configs/demo/{os.path.basename(rel)}") else []
         return _cpu_step(path) + [a for b in before for a in ("--config", os.path.join(REPO, b))] + ["--config", path]
     base = BASES.get(rel) or BASES.get(os.path.dirname(rel))
     return (["--config", os.path.join(REPO, base)] if base else []) + ["--config", path]
@@ -204,7 +207,7 @@ def test_the_wandb_overlay_adds_a_logger_to_any_run(base, capsys):
 
 # What configs/dcae.yaml (DC-AE with TC-AE's losses) may change in configs/tcae.yaml; every other loss, optimiser,
 # schedule, trainer and data key is TC-AE's.
-DCAE_CHANGES = {"trainer.logger.init_args.name",  # its own run folder: runs/imagenet/dcae
+DCAE_CHANGES = {"trainer.logger.0.init_args.name", "trainer.logger.1.init_args.name",  # its own folder: runs/imagenet/dcae
                 "model.init_args.net", "model.init_args.net_args",  # DC-AE/f32c32 and its (no) overrides
                 "model.init_args.ssl", "data.init_args.views"}  # no iBOT: a conv autoencoder has no token sequence
 
