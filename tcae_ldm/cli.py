@@ -100,6 +100,22 @@ def condense_parser_error(message: str) -> str:
     return f"{'.'.join(keys) + ': ' if keys else ''}{'; '.join(reasons)}"
 
 
+_READABLE = [
+    (re.compile(r"Expected a <class '(\w+)'>\. Got value: (.*)"), r"expected \1, got \2"),
+    (re.compile(r"Option '([^']+)' is not accepted"), r"unknown key '\1'"),
+    (re.compile(r"Unexpected keys?: \{(.*)\}"), r"unknown key(s) \1"),
+]
+
+
+def readable_parser_error(message: str) -> str:
+    """condense_parser_error, in the words of a config's reader: 'model.loss.lpips_weight: expected float, got
+    abc', 'data.views: unknown key 'global_sise''."""
+    message = condense_parser_error(message)
+    for pattern, replacement in _READABLE:
+        message = pattern.sub(replacement, message)
+    return " ".join(message.split())  # never more than one line
+
+
 def raised_on_purpose(exc: BaseException) -> bool:
     """Whether a `raise` statement of the project's own code raised exc. A bug (a failed lookup, a shape error
     inside torch) is raised by other lines or other packages and keeps its traceback."""
@@ -123,8 +139,9 @@ def project_error(exc: BaseException) -> BaseException | None:
     return None
 
 
-def _fail(command: str, exc: BaseException) -> None:
+def _fail(command: str, exc: BaseException | str) -> None:
     message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)  # KeyError's str() adds quotes
+    message = " ".join(str(message).splitlines())  # a message is one line on the terminal, whoever wrote it
     print(f"tcae-ldm {command}: error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(1)
 
@@ -159,8 +176,11 @@ def cli_class():
             print(f"usage: {prog} [--config FILE] [--print_config] [--<key> VALUE ...]", file=file or sys.stderr)
 
         def error(self, message, ex=None):
+            # One line on the user's terminal (no usage, no tip); TCAE_LDM_DEBUG=1: jsonargparse's whole report.
             if self.exit_on_error and not os.environ.get(DEBUG_ENV):
-                message = condense_parser_error(message)
+                prog = self.prog.replace(" [options]", "")
+                print(f"{prog}: error: {readable_parser_error(message)}", file=sys.stderr, flush=True)
+                raise SystemExit(2)
             super().error(message, ex)
 
     class ResumeNotice(L.Callback):
@@ -194,6 +214,17 @@ def cli_class():
                 check_checkpoint_file(path)
             super()._parse_ckpt_path()
 
+        def _set_seed(self) -> None:
+            # A value of the wrong type in net_args / dit_args / objective_args, a GPU config without a GPU, or a
+            # trainer option the module cannot honour: refused here, the first step after parsing, so that its one
+            # line is all the run prints (seeding logs a line) and nothing is built.
+            from tcae_ldm.lit.config_checks import check_keyword_args, check_trainer_config, named_class
+
+            config = self.config.get(self.subcommand) if self.subcommand else self.config
+            check_keyword_args(config.get("model"), "model")
+            check_trainer_config(config.get("trainer") or {}, named_class(config.get("model")))
+            super()._set_seed()
+
         def before_fit(self):
             if self.config_init[self.subcommand].get("ckpt_path") == "last":
                 self.trainer.callbacks.append(ResumeNotice())
@@ -206,10 +237,10 @@ def lightning_main(args: list[str] | None = None, run: bool = True):
     cli, parser = cli_class()
     import lightning as L
 
-    from tcae_ldm.utils.files import load_yaml
+    from tcae_ldm.utils.files import load_config_file
 
     for path in config_files(sys.argv[1:] if args is None else list(args)):
-        load_yaml(path)  # a syntax error names the file; jsonargparse would name '<unicode string>'
+        load_config_file(path)  # a syntax error or an empty file names the file; jsonargparse would not
     with warnings.catch_warnings():
         # ResumeNotice says it in one line; Lightning's warning would repeat it among its other warnings
         warnings.filterwarnings("ignore", message=r'.*ckpt_path="last"\) is set, but there is no last checkpoint')
@@ -248,7 +279,12 @@ def run(argv: list[str] | None = None) -> None:
     try:
         main(argv)
     except Exception as e:
-        cause = None if os.environ.get(DEBUG_ENV) else project_error(e)
+        debug = os.environ.get(DEBUG_ENV)
+        cause = None if debug else project_error(e)
+        if cause is None and not debug:
+            from tcae_ldm.lit.guards import write_failure_message  # a full disk or a read-only folder mid-run
+
+            cause = write_failure_message(e)
         if cause is None:
             raise
         args = sys.argv[1:] if argv is None else list(argv)

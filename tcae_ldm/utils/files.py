@@ -36,3 +36,16 @@ def load_yaml(path: str):
             where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             what = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise ValueError(f"{path}{where}: not valid YAML: {what}") from None
+
+
+def load_config_file(path: str) -> dict:
+    """load_yaml of a config file that must be a mapping of keys to values: an empty file or one that holds a
+    list or a scalar is one error naming the file (jsonargparse says only "Unexpected config")."""
+    content = load_yaml(path)
+    if content is None:
+        raise ValueError(f"config file {path} is empty: a config is a mapping of keys to values (trainer:, model:, "
+                         f"data:, ...)")
+    if not isinstance(content, dict):
+        raise ValueError(f"config file {path} holds a {type(content).__name__}, not a mapping of keys to values "
+                         f"(trainer:, model:, data:, ...)")
+    return content
