@@ -110,9 +110,14 @@ _READABLE = [
 def readable_parser_error(message: str) -> str:
     """condense_parser_error, in the words of a config's reader: 'model.loss.lpips_weight: expected float, got
     abc', 'data.views: unknown key 'global_sise''."""
+    # a Union's report keeps the value apart from the reason
+    given = re.search(r"(?:Got value|Given value): (.*?)(?:\. Got value: .*)?$", message, re.MULTILINE)
     message = condense_parser_error(message)
     for pattern, replacement in _READABLE:
         message = pattern.sub(replacement, message)
+    message = re.sub(r"Expected a <class '(\w+)'>", r"expected \1", message)
+    if given and "expected " in message and ", got " not in message:
+        message += f", got {given[1].strip()}"
     return " ".join(message.split())  # never more than one line
 
 

@@ -172,7 +172,7 @@ def test_a_missing_config_file_is_named(tmp_path, capsys):
 def test_a_misspelt_net_args_key_fails_when_the_config_is_parsed(tmp_path, capsys):
     argv = ["fit", "--config", DEMO_TCAE, "--model.init_args.net_args={latent_size: 4, qk_nrom: true}", "--print_config"]
     line = _error_line(_fails(argv, capsys, code=2))
-    assert line == "error: model.net_args: Unexpected keys: {'qk_nrom'}"
+    assert line == "tcae-ldm fit: error: model.net_args: unknown key(s) 'qk_nrom'"
     overlay = tmp_path / "overlay.yaml"  # the same from a config file
     overlay.write_text("model:\n  init_args:\n    net_args:\n      latent_size: 4\n      qk_nrom: true\n")
     assert "qk_nrom" in _error_line(_fails(["fit", "--config", DEMO_TCAE, "--config", str(overlay), "--print_config"],
@@ -183,10 +183,10 @@ def test_a_dit_args_typo_and_a_bad_value_are_one_line(capsys):
     dit = os.path.join(REPO, "configs", "demo", "dit_on_tcae.yaml")
     line = _error_line(_fails(["fit", "--config", dit, "--model.init_args.dit_args={depht: 2}", "--print_config"],
                               capsys, code=2))
-    assert line == "error: model.dit_args: Unexpected keys: {'depht'}"
+    assert line == "tcae-ldm fit: error: model.dit_args: unknown key(s) 'depht'"
     line = _error_line(_fails(["fit", "--config", DEMO_TCAE, "--model.init_args.optimizer.init_args.lr=abc",
                                "--print_config"], capsys, code=2))
-    assert line == "error: model.optimizer.lr: Expected a <class 'float'>"
+    assert line == "tcae-ldm fit: error: model.optimizer.lr: expected float, got abc"
 
 
 def test_net_args_of_the_other_family_are_refused_naming_them(capsys):
@@ -211,7 +211,8 @@ def test_a_missing_weight_file_is_one_line_when_the_run_starts(tmp_path, capsys,
     else:
         argv = ["fit", "--config", DEMO_TCAE, *TINY, "--model.init_args.metrics_fid_weights=null",
                 "--model.init_args.loss.lpips_weight=1" if case == "vgg16" else "--model.init_args.metrics_fid=inception"]
-        expected, named = ("LPIPS (its VGG16 trunk) needs the weight file", str(tmp_path)) if case == "vgg16" else \
+        expected, named = ("this run cannot start, 1 problem(s) found before the first step: (1) LPIPS "
+                           "(model.loss.lpips_trunk) needs the weight file", str(tmp_path)) if case == "vgg16" else \
             ("this run cannot start, 1 problem(s) found before the first step: (1) the inception FID network",
              "weights-inception-2015-12-05-6726825d.pth")
     line = _error_line(_fails(argv + ["--trainer.max_steps=1"], capsys, code=1))

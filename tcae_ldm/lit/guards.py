@@ -36,7 +36,7 @@ def run_checkpoints(trainer) -> list[str]:
         if folder and os.path.isdir(folder):
             found |= {os.path.abspath(p) for p in glob.glob(os.path.join(folder, "*.ckpt"))}
     intact = [p for p in found if checkpoint_damage(p) is None]
-    return sorted(intact, key=os.path.getmtime, reverse=True)
+    return sorted(intact, key=lambda p: (os.path.getmtime(p), p), reverse=True)
 
 
 def good_checkpoint(trainer, before_step: int) -> tuple[str, int] | None:
