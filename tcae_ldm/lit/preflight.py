@@ -208,7 +208,7 @@ def _unwritable(path: str) -> str | None:
 
 
 def _folder_problems(trainer) -> list[str]:
-    folders = {"the run's folder": log_dir(trainer)}
+    folders = {"the run's folder": os.path.normpath(log_dir(trainer))}
     for cb in trainer.callbacks:
         if isinstance(cb, ModelCheckpoint):
             folder = cb.dirpath or os.path.join(log_dir(trainer), "checkpoints")
