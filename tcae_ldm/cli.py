@@ -102,6 +102,7 @@ def condense_parser_error(message: str) -> str:
 
 _READABLE = [
     (re.compile(r"Expected a <class '(\w+)'>\. Got value: (.*)"), r"expected \1, got \2"),
+    (re.compile(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)"), r"expected one of \1, got \2"),
     (re.compile(r"Option '([^']+)' is not accepted"), r"unknown key '\1'"),
     (re.compile(r"Unexpected keys?: \{(.*)\}"), r"unknown key(s) \1"),
 ]

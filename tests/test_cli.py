@@ -281,3 +281,59 @@ def test_the_executable_flushes_cpu_denormals():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
     before, after = map(float, out.split()[-2:])
     assert before > 0 and after == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ the terminal
+# What Lightning logs when a run starts, before the preflight can look at the run: the only lines allowed above an
+# error found then.
+LIGHTNING_START = ("Seed set to ", "GPU available: ", "TPU available: ", "💡 Tip: ")
+
+
+def _terminal(tmp_path, *args, **env) -> tuple[int, list[str]]:
+    """(exit status, stderr lines) of the `tcae-ldm` executable in its own process, without a GPU."""
+    from tests.tiny import isolated_env
+
+    proc = subprocess.run([sys.executable, "-m", "tcae_ldm.cli", *args], capture_output=True, text=True, cwd=tmp_path,
+                          env=isolated_env(CUDA_VISIBLE_DEVICES="", TORCH_HOME=str(tmp_path / "torch"), **env))
+    return proc.returncode, proc.stderr.splitlines()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["bad key", "bad type at depth", "yaml syntax", "empty yaml", "no gpu",
+                                  "missing weight file"])
+def test_the_terminal_shows_one_line_and_nothing_else(tmp_path, case):
+    (tmp_path / "bad.yaml").write_text("model:\n  init_args:\n    max_steps: [1\n")
+    (tmp_path / "empty.yaml").write_text("")
+    vgg = tmp_path / "torch" / "hub" / "checkpoints" / "vgg16-397923af.pth"
+    args, code, line = {
+        "bad key": (["--model.init_args.net_args={latnt_size: 4}"], 2,
+                    "model.net_args: unknown key(s) 'latnt_size'"),
+        "bad type at depth": (["--model.init_args.ssl.heads_on=both"], 2,
+                              "model.ssl.heads_on: expected one of 'fine', 'coarse', got both"),
+        "yaml syntax": (["--config", str(tmp_path / "bad.yaml")], 1,
+                        f"{tmp_path / 'bad.yaml'}, line 4, column 1: not valid YAML: expected ',' or ']', but got "
+                        f"'<stream end>'"),
+        "empty yaml": (["--config", str(tmp_path / "empty.yaml")], 1,
+                       f"config file {tmp_path / 'empty.yaml'} is empty: a config is a mapping of keys to values "
+                       f"(trainer:, model:, data:, ...)"),
+        "no gpu": (None, 1, "this config runs on a GPU (trainer.accelerator=gpu, trainer.precision=bf16-mixed) and "
+                            "this machine has no CUDA device; to run it on the CPU add --trainer.accelerator cpu "
+                            "--trainer.precision 32-true --trainer.devices 1 --trainer.strategy auto (slow at full "
+                            "scale: configs/demo/ holds CPU-sized runs)"),
+        "missing weight file": ([*TINY, "--model.init_args.loss.lpips_weight=1"], 1,
+                                f"this run cannot start, 1 problem(s) found before the first step: (1) LPIPS "
+                                f"(model.loss.lpips_trunk) needs the weight file {vgg}, which does not exist"),
+    }[case]
+    config = os.path.join(REPO, "configs", "tcae.yaml") if args is None else DEMO_TCAE
+    status, lines = _terminal(tmp_path, "fit", "--config", config, *(args or []))
+    assert status == code and lines[-1] == f"tcae-ldm fit: error: {line}", lines
+    before = lines[:-1]
+    assert before == [] if case != "missing weight file" else all(ln.startswith(LIGHTNING_START) for ln in before)
+
+
+@pytest.mark.slow
+def test_debug_shows_the_parsers_whole_report(tmp_path):
+    status, lines = _terminal(tmp_path, "fit", "--config", DEMO_TCAE, "--model.init_args.net_args={latnt_size: 4}",
+                              TCAE_LDM_DEBUG="1")
+    assert status == 2 and lines[0].startswith("usage: tcae-ldm fit") and len(lines) > 3, lines
+    assert 'Parser key "model"' in "\n".join(lines) and "latnt_size" in "\n".join(lines)
