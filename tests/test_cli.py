@@ -130,6 +130,7 @@ def test_a_command_reads_its_options_from_a_config_file_and_the_command_line_win
     ("flag: 3\n", "'flag' is a switch: give true or false, not 3"),
     ("num: [1, 2\n", "line 2, column 1: not valid YAML"),
     ("- 1\n", "expected a mapping of option names to values, got list"),
+    ("# only a comment\n", "is empty: expected a mapping of option names to values"),
 ])
 def test_a_bad_config_file_is_one_line_naming_the_file(tmp_path, capsys, content, message):
     parser = CommandParser("tcae-ldm demo")
