@@ -284,6 +284,16 @@ def test_the_executable_flushes_cpu_denormals():
     assert before > 0 and after == 0.0
 
 
+def test_a_bad_keyword_value_is_refused_before_anything_is_seeded_or_built(capsys, caplog, monkeypatch):
+    built = []
+    monkeypatch.setattr("tcae_ldm.lit.autoencoder.create_autoencoder", lambda *a, **k: built.append(a))
+    with caplog.at_level("INFO"):
+        line = _error_line(_fails(["fit", "--config", DEMO_TCAE, "--model.init_args.net_args={qk_norm: maybe}"],
+                                  capsys, code=1))
+    assert line == "tcae-ldm fit: error: model.net_args.qk_norm: expected bool, got 'maybe' (str)"
+    assert "Seed set to" not in caplog.text and not built  # so this line is all the terminal shows
+
+
 # ------------------------------------------------------------------------------------------------ the terminal
 # What Lightning logs when a run starts, before the preflight can look at the run: the only lines allowed above an
 # error found then.
