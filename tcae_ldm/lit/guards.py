@@ -107,5 +107,7 @@ def write_failure_message(exc: BaseException) -> str | None:
     if not isinstance(exc, OSError) or exc.errno not in WRITE_ERRNOS:
         return None
     target = exc.filename or "a file"
-    kept = getattr(exc, "last_checkpoint", None)
+    kept, seen = None, exc
+    while seen is not None and kept is None:  # Lightning's logger.finalize may fail again after the note was made
+        kept, seen = getattr(seen, "last_checkpoint", None), seen.__cause__ or seen.__context__
     return f"writing {target} failed: {exc.strerror or exc}" + (f"; {kept}" if kept else "")

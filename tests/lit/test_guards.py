@@ -66,3 +66,22 @@ def test_a_full_disk_mid_run_names_the_last_complete_checkpoint(tmp_path, monkey
 def test_other_os_errors_are_not_write_failures():
     assert write_failure_message(FileNotFoundError(errno.ENOENT, "No such file", "x")) is None
     assert write_failure_message(ValueError("x")) is None
+
+
+def test_a_failed_metrics_write_names_the_last_complete_checkpoint(tmp_path, monkeypatch):
+    from tcae_ldm.lit.history import HistoryCSVLogger, HistoryWriter
+
+    real = HistoryWriter.save
+
+    def full_disk(self):
+        if (tmp_path / "ckpt" / "last.ckpt").exists():  # the disk fills once a checkpoint is saved
+            raise OSError(errno.EDQUOT, "Disk quota exceeded", self.metrics_file_path)
+        real(self)
+
+    monkeypatch.setattr(HistoryWriter, "save", full_disk)
+    logger = HistoryCSVLogger(str(tmp_path), name="run", version="", flush_logs_every_n_steps=1)
+    with pytest.raises(OSError) as err:
+        tiny_trainer(str(tmp_path), logger=logger, log_every_n_steps=1).fit(tiny_module(max_steps=4), tiny_data())
+    assert write_failure_message(err.value) == (
+        f"writing {tmp_path / 'run' / 'metrics.csv'} failed: Disk quota exceeded; the last complete checkpoint is "
+        f"{tmp_path / 'ckpt' / 'last.ckpt'} (global step 2)")
