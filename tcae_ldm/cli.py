@@ -103,6 +103,7 @@ def condense_parser_error(message: str) -> str:
 _READABLE = [
     (re.compile(r"Expected a <class '(\w+)'>\. Got value: (.*)"), r"expected \1, got \2"),
     (re.compile(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)"), r"expected one of \1, got \2"),
+    (re.compile(r"Expected a <class '(\w+)'>"), r"expected \1"),  # a Union member's reason: the value comes apart
     (re.compile(r"Option '([^']+)' is not accepted"), r"unknown key '\1'"),
     (re.compile(r"Unexpected keys?: \{(.*)\}"), r"unknown key(s) \1"),
 ]
@@ -116,7 +117,6 @@ def readable_parser_error(message: str) -> str:
     message = condense_parser_error(message)
     for pattern, replacement in _READABLE:
         message = pattern.sub(replacement, message)
-    message = re.sub(r"Expected a <class '(\w+)'>", r"expected \1", message)
     if given and "expected " in message and ", got " not in message:
         message += f", got {given[1].strip()}"
     return " ".join(message.split())  # never more than one line
