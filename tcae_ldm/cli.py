@@ -10,6 +10,7 @@ parser's whole message instead.
 """
 from __future__ import annotations
 
+import ast
 import difflib
 import functools
 import importlib
@@ -106,7 +107,25 @@ _READABLE = [
     (re.compile(r"Expected a <class '(\w+)'>"), r"expected \1"),  # a Union member's reason: the value comes apart
     (re.compile(r"Option '([^']+)' is not accepted"), r"unknown key '\1'"),
     (re.compile(r"Unexpected keys?: \{(.*)\}"), r"unknown key(s) \1"),
+    (re.compile(r"Missing required keys?: \{(.*?)\}(\. Got value: .*)?$"), r"missing required key(s) \1"),
+    (re.compile(r"; expected "), r" or "),  # every member of a Union refused the value
 ]
+
+
+def _inner_key(message: str, report: str) -> str:
+    """'model.autoencoder: expected ..., got fp16' -> 'model.autoencoder.dtype: ...' when the report shows the
+    mapping that was given and one key of it holds that value (jsonargparse names only the mapping)."""
+    found = re.match(r"([\w.]+): (expected .*, got (.*))$", message)
+    if not found:
+        return message
+    keys = set()
+    for text in re.findall(r"Given value: (\{.*\})$", report, re.MULTILINE):
+        try:
+            given = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            continue
+        keys |= {k for k, v in given.items() if str(v) == found[3]} if isinstance(given, dict) else set()
+    return f"{found[1]}.{keys.pop()}: {found[2]}" if len(keys) == 1 else message
 
 
 def readable_parser_error(message: str) -> str:
@@ -114,12 +133,12 @@ def readable_parser_error(message: str) -> str:
     abc', 'data.views: unknown key 'global_sise''."""
     # a Union's report keeps the value apart from the reason
     given = re.search(r"(?:Got value|Given value): (.*?)(?:\. Got value: .*)?$", message, re.MULTILINE)
-    message = condense_parser_error(message)
+    report, message = message, condense_parser_error(message)
     for pattern, replacement in _READABLE:
         message = pattern.sub(replacement, message)
     if given and "expected " in message and ", got " not in message:
         message += f", got {given[1].strip()}"
-    return " ".join(message.split())  # never more than one line
+    return _inner_key(" ".join(message.split()), report)  # never more than one line
 
 
 def raised_on_purpose(exc: BaseException) -> bool:

@@ -158,6 +158,13 @@ CASES = [
     Case("a value of the wrong type in a callback", dit(2, "--trainer.callbacks.init_args.every_n_train_steps=often",
                                                         "--print_config"),
          "tcae-ldm fit: error: trainer.callbacks.every_n_train_steps: expected int, got often\n", SystemExit),
+    Case("a value of the wrong type inside a typed mapping", dit(2, "--model.autoencoder={kind: tcae, path: a.ckpt, "
+                                                                    "dtype: fp16}"),
+         "tcae-ldm fit: error: model.autoencoder.dtype: expected one of 'fp32', 'bf16', got fp16\n", SystemExit),
+    Case("a required key missing from a typed mapping", dit(2, "--model.autoencoder={kind: tcae, pth: a.ckpt}"),
+         "tcae-ldm fit: error: model.autoencoder: missing required key(s) 'path'\n", SystemExit),
+    Case("a value that fits no member of a union", ae("--model.init_args.compile=maybe", "--print_config"),
+         "tcae-ldm fit: error: model.compile: expected bool or dict, got maybe\n", SystemExit),
     # --- config files
     Case("an empty config file", ["fit", "--config", "{empty_yaml}"],
          "tcae-ldm fit: error: config file {empty_yaml} is empty: a config is a mapping of keys to values (trainer:, "
