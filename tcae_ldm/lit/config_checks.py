@@ -1,10 +1,12 @@
-"""Trainer settings that cannot work for a config, refused in one line before anything is built.
+"""Config values that cannot work, refused in one line right after parsing, before anything is seeded or built.
 
-Two kinds: a GPU config on a machine without one (Lightning's own error is a long traceback ending in "No supported
-gpu backend found!"), with the overrides that run the same config on the CPU; and Lightning options that a
-module cannot honour, with what to set instead. AutoencoderModule optimises manually (two optimizers, one
-backward), so Lightning's automatic clipping and accumulation do not apply to it; DiffusionModule clips by norm
-only (its own configure_gradient_clipping).
+- Values of the wrong type inside the keyword dicts (net_args, dit_args, objective_args), which the parser passes
+  through untyped so that the error can name the key inside them.
+- A GPU config on a machine without one (Lightning's own error is a long traceback ending in "No supported gpu
+  backend found!"), with the overrides that run the same config on the CPU.
+- Lightning options that a module cannot honour, with what to set instead: AutoencoderModule optimises manually
+  (two optimizers, one backward), so Lightning's automatic clipping and accumulation do not apply to it;
+  DiffusionModule clips by norm only (its own configure_gradient_clipping).
 """
 from __future__ import annotations
 
@@ -29,7 +31,6 @@ UNSUPPORTED_OPTIONS = {
                                                     "clip by norm"),
     },
 }
-GPU_ACCELERATORS = ("gpu", "cuda")
 HALF_PRECISIONS = ("bf16", "16", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
 
 
