@@ -11,6 +11,7 @@ parser's whole message instead.
 """
 from __future__ import annotations
 
+import ast
 import difflib
 import functools
 import importlib
@@ -113,6 +114,46 @@ def condense_parser_error(message: str) -> str:
     return f"{'.'.join(keys) + ': ' if keys else ''}{'; '.join(reasons)}"
 
 
+_READABLE = [
+    (re.compile(r"Expected a <class '(\w+)'>\. Got value: (.*)"), r"expected \1, got \2"),
+    (re.compile(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)"), r"expected one of \1, got \2"),
+    (re.compile(r"Expected a <class '(\w+)'>"), r"expected \1"),  # a Union member's reason: the value comes apart
+    (re.compile(r"Option '([^']+)' is not accepted"), r"unknown key '\1'"),
+    (re.compile(r"Unexpected keys?: \{(.*)\}"), r"unknown key(s) \1"),
+    (re.compile(r"Missing required keys?: \{(.*?)\}(\. Got value: .*)?$"), r"missing required key(s) \1"),
+    (re.compile(r"; expected "), r" or "),  # every member of a Union refused the value
+]
+
+
+def _inner_key(message: str, report: str) -> str:
+    """'model.autoencoder: expected ..., got fp16' -> 'model.autoencoder.dtype: ...' when the report shows the
+    mapping that was given and one key of it holds that value (jsonargparse names only the mapping)."""
+    found = re.match(r"([\w.]+): (expected .*, got (.*))$", message)
+    if not found:
+        return message
+    keys = set()
+    for text in re.findall(r"Given value: (\{.*\})$", report, re.MULTILINE):
+        try:
+            given = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            continue
+        keys |= {k for k, v in given.items() if str(v) == found[3]} if isinstance(given, dict) else set()
+    return f"{found[1]}.{keys.pop()}: {found[2]}" if len(keys) == 1 else message
+
+
+def readable_parser_error(message: str) -> str:
+    """condense_parser_error, in the words of a config's reader: 'model.loss.lpips_weight: expected float, got
+    abc', 'data.views: unknown key 'global_sise''."""
+    # a Union's report keeps the value apart from the reason
+    given = re.search(r"(?:Got value|Given value): (.*?)(?:\. Got value: .*)?$", message, re.MULTILINE)
+    report, message = message, condense_parser_error(message)
+    for pattern, replacement in _READABLE:
+        message = pattern.sub(replacement, message)
+    if given and "expected " in message and ", got " not in message:
+        message += f", got {given[1].strip()}"
+    return _inner_key(" ".join(message.split()), report)  # never more than one line
+
+
 def raised_on_purpose(exc: BaseException) -> bool:
     """Whether a `raise` statement of the project's own code raised exc. A bug (a failed lookup, a shape error
     inside torch) is raised by other lines or other packages and keeps its traceback."""
@@ -136,8 +177,9 @@ def project_error(exc: BaseException) -> BaseException | None:
     return None
 
 
-def _fail(command: str, exc: BaseException) -> None:
+def _fail(command: str, exc: BaseException | str) -> None:
     message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)  # KeyError's str() adds quotes
+    message = " ".join(str(message).splitlines())  # a message is one line on the terminal, whoever wrote it
     print(f"tcae-ldm {command}: error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(1)
 
@@ -172,8 +214,11 @@ def cli_class():
             print(f"usage: {prog} [--config FILE] [--print_config] [--<key> VALUE ...]", file=file or sys.stderr)
 
         def error(self, message, ex=None):
+            # One line on the user's terminal (no usage, no tip); TCAE_LDM_DEBUG=1: jsonargparse's whole report.
             if self.exit_on_error and not os.environ.get(DEBUG_ENV):
-                message = condense_parser_error(message)
+                prog = self.prog.replace(" [options]", "")
+                print(f"{prog}: error: {readable_parser_error(message)}", file=sys.stderr, flush=True)
+                raise SystemExit(2)
             super().error(message, ex)
 
     class ResumeNotice(L.Callback):
@@ -226,6 +271,17 @@ def cli_class():
                 if lock is not None:
                     lock.release()
 
+        def _set_seed(self) -> None:
+            # A value of the wrong type in net_args / dit_args / objective_args, a GPU config without a GPU, or a
+            # trainer option the module cannot honour: refused here, the first step after parsing, so that its one
+            # line is all the run prints (seeding logs a line) and nothing is built.
+            from tcae_ldm.lit.config_checks import check_keyword_args, check_trainer_config, named_class
+
+            config = self.config.get(self.subcommand) if self.subcommand else self.config
+            check_keyword_args(config.get("model"), "model")
+            check_trainer_config(config.get("trainer") or {}, named_class(config.get("model")))
+            super()._set_seed()
+
         def before_fit(self):
             if self.config_init[self.subcommand].get("ckpt_path") == "last":
                 self.trainer.callbacks.append(ResumeNotice())
@@ -238,10 +294,10 @@ def lightning_main(args: list[str] | None = None, run: bool = True):
     cli, parser = cli_class()
     import lightning as L
 
-    from tcae_ldm.utils.files import load_yaml
+    from tcae_ldm.utils.files import load_config_file
 
     for path in config_files(sys.argv[1:] if args is None else list(args)):
-        load_yaml(path)  # a syntax error names the file; jsonargparse would name '<unicode string>'
+        load_config_file(path)  # a syntax error or an empty file names the file; jsonargparse would not
     with warnings.catch_warnings():
         # ResumeNotice says it in one line; Lightning's warning would repeat it among its other warnings
         warnings.filterwarnings("ignore", message=r'.*ckpt_path="last"\) is set, but there is no last checkpoint')
@@ -283,7 +339,12 @@ def run(argv: list[str] | None = None) -> None:
     try:
         main(argv)
     except Exception as e:
-        cause = None if os.environ.get(DEBUG_ENV) else project_error(e)
+        debug = os.environ.get(DEBUG_ENV)
+        cause = None if debug else project_error(e)
+        if cause is None and not debug:
+            from tcae_ldm.lit.guards import write_failure_message  # a full disk or a read-only folder mid-run
+
+            cause = write_failure_message(e)
         if cause is None:
             raise
         args = sys.argv[1:] if argv is None else list(argv)

@@ -3,7 +3,9 @@
 
 Adding a case is one row: Case(name, what to run, the text the error must contain). `what to run` is either the
 arguments of `tcae-ldm` or a function of the fixture paths; "{name}" in an argument or in the expected text stands
-for a path of the `paths` fixture below (a tiny autoencoder checkpoint, a latent cache and damaged copies of both,
+for a path of the `paths` fixture below. A case whose error is SystemExit runs as the `tcae-ldm` executable does
+(tcae_ldm.cli.run: what the user's terminal shows), and an expected text that ends in a newline is its whole
+stderr (a tiny autoencoder checkpoint, a latent cache and damaged copies of both,
 a finished DiT run). Every case runs in its own empty working directory.
 """
 import json
@@ -12,11 +14,12 @@ import re
 import shutil
 from dataclasses import dataclass
 from typing import Callable
+from unittest import mock
 
 import pytest
 import torch
 
-from tcae_ldm.cli import main
+from tcae_ldm.cli import main, run
 from tcae_ldm.data.images import ImageFolderDataModule
 from tcae_ldm.latents.cache import LatentCacheWriter
 from tcae_ldm.latents.frozen import load_autoencoder
@@ -28,7 +31,7 @@ from tcae_ldm.losses.lpips import build_lpips
 from tcae_ldm.losses.ssl import SSLConfig
 from tcae_ldm.metrics.features import build_feature_extractor
 from tcae_ldm.models.tcae import create_tcae
-from tests.tiny import callbacks_arg, dit_argv, tiny_latent_cache, tiny_tcae_checkpoint
+from tests.tiny import REPO, TINY, callbacks_arg, dit_argv, tiny_latent_cache, tiny_tcae_checkpoint
 
 
 @dataclass
@@ -42,6 +45,18 @@ class Case:
 def dit(max_steps=2, *extra):
     """`tcae-ldm fit` of the tiny DiT on {cache} (made by {ae})."""
     return dit_argv("{cache}", "{ae}", max_steps, callbacks_arg(1), *extra)
+
+
+def ae(*extra):
+    """`tcae-ldm fit` of the demo TC-AE config shrunk to a TC-AE-T on 32x32 crops."""
+    return ["fit", "--config", os.path.join(REPO, "configs", "demo", "tcae.yaml"), *TINY, *extra]
+
+
+def without_gpu(argv):
+    """The command line on a machine without CUDA (or MPS), whatever this one has."""
+    with mock.patch("torch.cuda.is_available", return_value=False), \
+            mock.patch("torch.backends.mps.is_available", return_value=False):
+        return run(argv)
 
 
 def _with(args, old, new):
@@ -81,7 +96,8 @@ CASES = [
          _with(dit(2), "--data.expect_autoencoder.path={ae}", "--data.expect_autoencoder.path={other_ae}"),
          "differs in ['weights: encoder_hash"),
     Case("misspelt key under expect_autoencoder (config)",
-         dit(2, "--data.expect_autoencoder={kind: tcae, nmae: TC-AE-T}"), "Unexpected keys: {'nmae'}", SystemExit),
+         dit(2, "--data.expect_autoencoder={kind: tcae, nmae: TC-AE-T}"),
+         "tcae-ldm fit: error: data.expect_autoencoder: unknown key(s) 'nmae'\n", SystemExit),
     Case("misspelt key under expect_autoencoder (Python)",
          lambda p: LatentDataModule(p["cache"], expect_autoencoder={"kind": "tcae", "nmae": "TC-AE-T"}),
          "expect_autoencoder has unknown keys ['nmae']; it takes ['kind', 'name', 'config_hash'"),
@@ -118,6 +134,61 @@ CASES = [
          "FID with Inception (weights-inception-2015-12-05-6726825d.pth) needs the weight file {root}/inc.pth"),
     Case("VGG16 weights of LPIPS missing", lambda p: build_lpips(p["root"] + "/vgg16.pth"),
          "LPIPS (its VGG16 trunk) needs the weight file {root}/vgg16.pth"),
+    # --- values of the wrong type and unknown keys, at any depth of a config
+    Case("a value of the wrong type inside net_args", ae("--model.init_args.net_args={image_size: 32, latent_size: two}"),
+         "tcae-ldm fit: error: model.net_args.latent_size: expected int, got 'two' (str)\n", SystemExit),
+    Case("a value of the wrong type inside net_args (Python)",
+         lambda p: AutoencoderModule(net="TC-AE-T/p4-c16", net_args={"qk_norm": "yes"}),
+         "TypeError: model.net_args.qk_norm: expected bool, got 'yes' (str)"),
+    Case("a value of the wrong type inside dit_args", dit(2, "--model.dit_args={depth: deep}"),
+         "tcae-ldm fit: error: model.dit_args.depth: expected int, got 'deep' (str)\n", SystemExit),
+    Case("an unknown key inside objective_args", dit(2, "--model.objective_args={time_smapling: uniform}"),
+         "tcae-ldm fit: error: model.objective_args: unknown key(s) 'time_smapling'\n", SystemExit),
+    Case("objective_args of the other objective", dit(2, "--model.objective_args={num_timesteps: 10}"),
+         "tcae-ldm fit: error: objective 'flow' does not take ['num_timesteps'] (objective_args); it takes "
+         "['logit_mean', 'logit_std', 'time_sampling']\n", SystemExit),
+    Case("a value of the wrong type inside objective_args", dit(2, "--model.objective_args={logit_std: wide}"),
+         "tcae-ldm fit: error: model.objective_args.logit_std: expected float, got 'wide' (str)\n", SystemExit),
+    Case("a value of the wrong type inside loss", ae("--model.init_args.loss.gan_weight=strong", "--print_config"),
+         "tcae-ldm fit: error: model.loss.gan_weight: expected float, got strong\n", SystemExit),
+    Case("a value of the wrong type inside ssl", ae("--model.init_args.ssl.out_dim=many", "--print_config"),
+         "tcae-ldm fit: error: model.ssl.out_dim: expected int, got many\n", SystemExit),
+    Case("an unknown key inside views", ae("--data.init_args.views={global_sise: 32}", "--print_config"),
+         "tcae-ldm fit: error: data.views: unknown key 'global_sise'\n", SystemExit),
+    Case("a value of the wrong type in a callback", dit(2, "--trainer.callbacks.init_args.every_n_train_steps=often",
+                                                        "--print_config"),
+         "tcae-ldm fit: error: trainer.callbacks.every_n_train_steps: expected int, got often\n", SystemExit),
+    Case("a value of the wrong type inside a typed mapping", dit(2, "--model.autoencoder={kind: tcae, path: a.ckpt, "
+                                                                    "dtype: fp16}"),
+         "tcae-ldm fit: error: model.autoencoder.dtype: expected one of 'fp32', 'bf16', got fp16\n", SystemExit),
+    Case("a required key missing from a typed mapping", dit(2, "--model.autoencoder={kind: tcae, pth: a.ckpt}"),
+         "tcae-ldm fit: error: model.autoencoder: missing required key(s) 'path'\n", SystemExit),
+    Case("a value that fits no member of a union", ae("--model.init_args.compile=maybe", "--print_config"),
+         "tcae-ldm fit: error: model.compile: expected bool or dict, got maybe\n", SystemExit),
+    # --- config files
+    Case("an empty config file", ["fit", "--config", "{empty_yaml}"],
+         "tcae-ldm fit: error: config file {empty_yaml} is empty: a config is a mapping of keys to values (trainer:, "
+         "model:, data:, ...)\n", SystemExit),
+    Case("a config file that holds a list", ae("--config", "{list_yaml}"),
+         "tcae-ldm fit: error: config file {list_yaml} holds a list, not a mapping of keys to values", SystemExit),
+    # --- trainer settings the run cannot honour
+    Case("the paper's GPU config on a machine without a GPU",
+         lambda p: without_gpu(["fit", "--config", os.path.join(REPO, "configs", "tcae.yaml")]),
+         "tcae-ldm fit: error: this config runs on a GPU (trainer.accelerator=gpu, trainer.precision=bf16-mixed) and "
+         "this machine has no CUDA device; to run it on the CPU add --trainer.accelerator cpu --trainer.precision "
+         "32-true --trainer.devices 1 --trainer.strategy auto (slow at full scale: configs/demo/ holds CPU-sized "
+         "runs)\n", SystemExit),
+    Case("Lightning's gradient clipping on the autoencoder", ae("--trainer.gradient_clip_val=0.5"),
+         "tcae-ldm fit: error: trainer.gradient_clip_val=0.5: AutoencoderModule cannot honour it; use "
+         "model.init_args.grad_clip (norm clipping per group: encoder, decoder, iBOT heads, critic)\n", SystemExit),
+    Case("gradient accumulation on the autoencoder", ae("--trainer.accumulate_grad_batches=4"),
+         "AutoencoderModule cannot honour it; use a larger data.init_args.global_batch_size", SystemExit),
+    Case("clipping by value on the DiT", dit(2, "--trainer.gradient_clip_algorithm=value"),
+         "tcae-ldm fit: error: trainer.gradient_clip_algorithm=value: DiffusionModule cannot honour it; use "
+         "model.init_args.grad_clip or trainer.gradient_clip_val, which clip by norm\n", SystemExit),
+    # --- where the run writes
+    Case("a run folder where a file is", dit(2, "--trainer.logger.init_args.save_dir={a_file}/runs"),
+         "the run's folder {a_file}/runs/dit_tcae cannot be written: {a_file} is a file, not a folder", SystemExit),
 ]
 
 
@@ -172,6 +243,10 @@ def paths(tmp_path_factory):
     (root / "ae_truncated.ckpt").write_bytes(open(ae, "rb").read()[:500])
     p.update(dit_truncated=str(root / "damaged" / "last.ckpt"), empty_ckpt=str(root / "empty" / "last.ckpt"),
              ae_truncated=str(root / "ae_truncated.ckpt"), images=str(root / "images"))
+    (root / "empty.yaml").write_text("# nothing but a comment\n")
+    (root / "list.yaml").write_text("- trainer\n- model\n")
+    (root / "a_file").write_text("where a folder should be")
+    p.update(empty_yaml=str(root / "empty.yaml"), list_yaml=str(root / "list.yaml"), a_file=str(root / "a_file"))
     os.makedirs(root / "foreign")
     (root / "foreign" / "model.safetensors").write_bytes(b"weights of something else")
     p["foreign"] = str(root / "foreign")
@@ -183,14 +258,14 @@ def paths(tmp_path_factory):
     return p
 
 
-def outcome(run, paths, capsys) -> tuple[str, BaseException | None]:
+def outcome(case, paths, capsys) -> tuple[str, BaseException | None]:
     """(the error text a user sees, the exception) of one case; ('ACCEPTED', None) when nothing complained."""
     fill = lambda s: re.sub(r"\{(\w+)\}", lambda m: paths.get(m[1], m[0]), s)  # noqa: E731
     try:
-        if callable(run):
-            run(paths)
+        if callable(case.run):
+            case.run(paths)
         else:
-            main([fill(a) for a in run])
+            (run if case.error is SystemExit else main)([fill(a) for a in case.run])
     except SystemExit as e:
         return capsys.readouterr().err, e
     except Exception as e:
@@ -202,10 +277,12 @@ def outcome(run, paths, capsys) -> tuple[str, BaseException | None]:
 def test_bad_input_gets_one_clear_line(case, paths, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
-    text, err = outcome(case.run, paths, capsys)
+    text, err = outcome(case, paths, capsys)
     expected = re.sub(r"\{(\w+)\}", lambda m: paths.get(m[1], m[0]), case.message)
     assert err is not None, f"accepted silently: {case.name}"
     assert isinstance(err, case.error), text
-    assert expected in text, text
-    if not isinstance(err, SystemExit):
+    assert text == expected if expected.endswith("\n") else expected in text, text
+    if isinstance(err, SystemExit):
+        assert len(text.splitlines()) == 1 and text.startswith("tcae-ldm "), f"not one line: {text}"
+    else:
         assert "\n" not in str(err), f"more than one line: {err}"

@@ -164,6 +164,7 @@ def test_a_command_reads_its_options_from_a_config_file_and_the_command_line_win
     ("flag: 3\n", "'flag' is a switch: give true or false, not 3"),
     ("num: [1, 2\n", "line 2, column 1: not valid YAML"),
     ("- 1\n", "expected a mapping of option names to values, got list"),
+    ("# only a comment\n", "is empty: expected a mapping of option names to values"),
 ])
 def test_a_bad_config_file_is_one_line_naming_the_file(tmp_path, capsys, content, message):
     parser = CommandParser("tcae-ldm demo")
@@ -206,7 +207,7 @@ def test_a_missing_config_file_is_named(tmp_path, capsys):
 def test_a_misspelt_net_args_key_fails_when_the_config_is_parsed(tmp_path, capsys):
     argv = ["fit", "--config", DEMO_TCAE, "--model.init_args.net_args={latent_size: 4, qk_nrom: true}", "--print_config"]
     line = _error_line(_fails(argv, capsys, code=2))
-    assert line == "error: model.net_args: Unexpected keys: {'qk_nrom'}"
+    assert line == "tcae-ldm fit: error: model.net_args: unknown key(s) 'qk_nrom'"
     overlay = tmp_path / "overlay.yaml"  # the same from a config file
     overlay.write_text("model:\n  init_args:\n    net_args:\n      latent_size: 4\n      qk_nrom: true\n")
     assert "qk_nrom" in _error_line(_fails(["fit", "--config", DEMO_TCAE, "--config", str(overlay), "--print_config"],
@@ -217,10 +218,10 @@ def test_a_dit_args_typo_and_a_bad_value_are_one_line(capsys):
     dit = os.path.join(REPO, "configs", "demo", "dit_on_tcae.yaml")
     line = _error_line(_fails(["fit", "--config", dit, "--model.init_args.dit_args={depht: 2}", "--print_config"],
                               capsys, code=2))
-    assert line == "error: model.dit_args: Unexpected keys: {'depht'}"
+    assert line == "tcae-ldm fit: error: model.dit_args: unknown key(s) 'depht'"
     line = _error_line(_fails(["fit", "--config", DEMO_TCAE, "--model.init_args.optimizer.init_args.lr=abc",
                                "--print_config"], capsys, code=2))
-    assert line == "error: model.optimizer.lr: Expected a <class 'float'>"
+    assert line == "tcae-ldm fit: error: model.optimizer.lr: expected float, got abc"
 
 
 def test_net_args_of_the_other_family_are_refused_naming_them(capsys):
@@ -245,7 +246,8 @@ def test_a_missing_weight_file_is_one_line_when_the_run_starts(tmp_path, capsys,
     else:
         argv = ["fit", "--config", DEMO_TCAE, *TINY, "--model.init_args.metrics_fid_weights=null",
                 "--model.init_args.loss.lpips_weight=1" if case == "vgg16" else "--model.init_args.metrics_fid=inception"]
-        expected, named = ("LPIPS (its VGG16 trunk) needs the weight file", str(tmp_path)) if case == "vgg16" else \
+        expected, named = ("this run cannot start, 1 problem(s) found before the first step: (1) LPIPS "
+                           "(model.loss.lpips_trunk) needs the weight file", str(tmp_path)) if case == "vgg16" else \
             ("this run cannot start, 1 problem(s) found before the first step: (1) the inception FID network",
              "weights-inception-2015-12-05-6726825d.pth")
     line = _error_line(_fails(argv + ["--trainer.max_steps=1"], capsys, code=1))
@@ -314,3 +316,69 @@ def test_the_executable_flushes_cpu_denormals():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
     before, after = map(float, out.split()[-2:])
     assert before > 0 and after == 0.0
+
+
+def test_a_bad_keyword_value_is_refused_before_anything_is_seeded_or_built(capsys, caplog, monkeypatch):
+    built = []
+    monkeypatch.setattr("tcae_ldm.lit.autoencoder.create_autoencoder", lambda *a, **k: built.append(a))
+    with caplog.at_level("INFO"):
+        line = _error_line(_fails(["fit", "--config", DEMO_TCAE, "--model.init_args.net_args={qk_norm: maybe}"],
+                                  capsys, code=1))
+    assert line == "tcae-ldm fit: error: model.net_args.qk_norm: expected bool, got 'maybe' (str)"
+    assert "Seed set to" not in caplog.text and not built  # so this line is all the terminal shows
+
+
+# ------------------------------------------------------------------------------------------------ the terminal
+# What Lightning logs when a run starts, before the preflight can look at the run: the only lines allowed above an
+# error found then.
+LIGHTNING_START = ("Seed set to ", "GPU available: ", "TPU available: ", "💡 Tip: ")
+
+
+def _terminal(tmp_path, *args, **env) -> tuple[int, list[str]]:
+    """(exit status, stderr lines) of the `tcae-ldm` executable in its own process, without a GPU."""
+    from tests.tiny import isolated_env
+
+    proc = subprocess.run([sys.executable, "-m", "tcae_ldm.cli", *args], capture_output=True, text=True, cwd=tmp_path,
+                          env=isolated_env(CUDA_VISIBLE_DEVICES="", TORCH_HOME=str(tmp_path / "torch"), **env))
+    return proc.returncode, proc.stderr.splitlines()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["bad key", "bad type at depth", "yaml syntax", "empty yaml", "no gpu",
+                                  "missing weight file"])
+def test_the_terminal_shows_one_line_and_nothing_else(tmp_path, case):
+    (tmp_path / "bad.yaml").write_text("model:\n  init_args:\n    max_steps: [1\n")
+    (tmp_path / "empty.yaml").write_text("")
+    vgg = tmp_path / "torch" / "hub" / "checkpoints" / "vgg16-397923af.pth"
+    args, code, line = {
+        "bad key": (["--model.init_args.net_args={latnt_size: 4}"], 2,
+                    "model.net_args: unknown key(s) 'latnt_size'"),
+        "bad type at depth": (["--model.init_args.ssl.heads_on=both"], 2,
+                              "model.ssl.heads_on: expected one of 'fine', 'coarse', got both"),
+        "yaml syntax": (["--config", str(tmp_path / "bad.yaml")], 1,
+                        f"{tmp_path / 'bad.yaml'}, line 4, column 1: not valid YAML: expected ',' or ']', but got "
+                        f"'<stream end>'"),
+        "empty yaml": (["--config", str(tmp_path / "empty.yaml")], 1,
+                       f"config file {tmp_path / 'empty.yaml'} is empty: a config is a mapping of keys to values "
+                       f"(trainer:, model:, data:, ...)"),
+        "no gpu": (None, 1, "this config runs on a GPU (trainer.accelerator=gpu, trainer.precision=bf16-mixed) and "
+                            "this machine has no CUDA device; to run it on the CPU add --trainer.accelerator cpu "
+                            "--trainer.precision 32-true --trainer.devices 1 --trainer.strategy auto (slow at full "
+                            "scale: configs/demo/ holds CPU-sized runs)"),
+        "missing weight file": ([*TINY, "--model.init_args.loss.lpips_weight=1"], 1,
+                                f"this run cannot start, 1 problem(s) found before the first step: (1) LPIPS "
+                                f"(model.loss.lpips_trunk) needs the weight file {vgg}, which does not exist"),
+    }[case]
+    config = os.path.join(REPO, "configs", "tcae.yaml") if args is None else DEMO_TCAE
+    status, lines = _terminal(tmp_path, "fit", "--config", config, *(args or []))
+    assert status == code and lines[-1] == f"tcae-ldm fit: error: {line}", lines
+    before = lines[:-1]
+    assert before == [] if case != "missing weight file" else all(ln.startswith(LIGHTNING_START) for ln in before)
+
+
+@pytest.mark.slow
+def test_debug_shows_the_parsers_whole_report(tmp_path):
+    status, lines = _terminal(tmp_path, "fit", "--config", DEMO_TCAE, "--model.init_args.net_args={latnt_size: 4}",
+                              TCAE_LDM_DEBUG="1")
+    assert status == 2 and lines[0].startswith("usage: tcae-ldm fit") and len(lines) > 3, lines
+    assert 'Parser key "model"' in "\n".join(lines) and "latnt_size" in "\n".join(lines)

@@ -79,8 +79,8 @@ class CommandParser(argparse.ArgumentParser):
             values = load_yaml(path)
         except (OSError, ValueError) as e:
             self.error(str(e))
-        if values is None:
-            return []
+        if values is None:  # given on purpose and empty: most likely the wrong file
+            self.error(f"{path} is empty: expected a mapping of option names to values")
         if not isinstance(values, dict):
             self.error(f"{path}: expected a mapping of option names to values, got {type(values).__name__}")
         options = {a.dest: a for a in self._actions if a.option_strings and a.dest not in ("help", "config")}

@@ -24,7 +24,7 @@ from tcae_ldm.latents.frozen import autoencoder_weights
 from tcae_ldm.lit.compiling import CompileSpec, compile_in_place
 from tcae_ldm.lit.compute import AutoencoderStepCost, log_value
 from tcae_ldm.lit.finetune import carry_over_critic, load_moments
-from tcae_ldm.lit.guards import check_loss
+from tcae_ldm.lit.guards import WriteFailureNote, check_loss
 from tcae_ldm.lit.outputs import grad_norm, save_grid
 from tcae_ldm.lit.preemption import Preemption
 from tcae_ldm.lit.preflight import preflight
@@ -38,14 +38,14 @@ from tcae_ldm.metrics.fid import ReconstructionFID
 from tcae_ldm.metrics.reconstruction import ReconstructionMetrics
 from tcae_ldm.models.dcae import load_pretrained_weights
 from tcae_ldm.models.ema import EMA
-from tcae_ldm.models.zoo import autoencoder_family, constructor_args, create_autoencoder
+from tcae_ldm.models.zoo import autoencoder_family, constructor_types, create_autoencoder
 from tcae_ldm.utils.checkpoints import read_checkpoint
-from tcae_ldm.utils.kwargs import keyword_dict
+from tcae_ldm.utils.kwargs import check_keywords, keyword_dict, merged_types
 
 log = logging.getLogger(__name__)
 
 # model.net_args: TC-AE or AutoencoderDC constructor arguments, or `pretrained` (a DC-AE folder / Hub id).
-NetArgs = keyword_dict("NetArgs", constructor_args("tcae") | constructor_args("dcae"))
+NetArgs = keyword_dict("NetArgs", merged_types(constructor_types("tcae"), constructor_types("dcae")))
 
 
 class AutoencoderModule(L.LightningModule):
@@ -101,6 +101,7 @@ class AutoencoderModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "disc_optimizer"])
         self.automatic_optimization = False
+        check_keywords(net_args, NetArgs, "model.net_args")
         if ssl is not None and phase == "decoder_finetune":
             raise ValueError("decoder_finetune trains the decoder only: set model.ssl to null")
         family = autoencoder_family(net)
@@ -156,8 +157,9 @@ class AutoencoderModule(L.LightningModule):
         return ckpt
 
     def configure_callbacks(self):
-        # atomic checkpoints, metrics history and LR changes across resumes; a checkpoint and exit status on SIGTERM
-        return [SafeResume(), Preemption()]
+        # atomic checkpoints, metrics history and LR changes across resumes; a checkpoint and exit status on
+        # SIGTERM; a failed write names what to resume from
+        return [SafeResume(), Preemption(), WriteFailureNote()]
 
     def prepare_data(self) -> None:
         preflight(self.trainer)  # everything a long run needs, checked before its first step

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from tcae_ldm.data.transforms import to_uint8
-from tcae_ldm.diffusion import DDPM, create_objective
+from tcae_ldm.diffusion import DDPM, OBJECTIVES, create_objective
 from tcae_ldm.diffusion.ddpm import DDPM_SAMPLERS
 from tcae_ldm.diffusion.flow import FLOW_SAMPLERS
 from tcae_ldm.latents.cache import LatentNormalizer, read_metadata
@@ -31,7 +31,7 @@ from tcae_ldm.latents.frozen import (
 )
 from tcae_ldm.lit.compiling import CompileSpec, compile_in_place
 from tcae_ldm.lit.compute import dit_step_gmacs, log_value
-from tcae_ldm.lit.guards import check_loss
+from tcae_ldm.lit.guards import WriteFailureNote, check_loss
 from tcae_ldm.lit.outputs import grad_norm, save_grid
 from tcae_ldm.lit.preemption import Preemption
 from tcae_ldm.lit.preflight import preflight
@@ -41,11 +41,13 @@ from tcae_ldm.metrics.convergence import TRAIN_COMPUTE_COLUMN
 from tcae_ldm.models.dit import DiT, create_dit, dit_from_official
 from tcae_ldm.models.ema import EMA
 from tcae_ldm.models.sdvae import SD_VAE_DEFAULT, SD_VAE_SCALE
-from tcae_ldm.utils.kwargs import keyword_dict, parameter_names
+from tcae_ldm.utils.kwargs import check_keywords, keyword_dict, parameter_types
 from tcae_ldm.utils.seeding import default_seed, seed_of
 
 LINKED = ("input_size", "in_channels", "num_classes")
-DiTArgs = keyword_dict("DiTArgs", parameter_names(DiT))  # model.dit_args: DiT constructor arguments
+DiTArgs = keyword_dict("DiTArgs", parameter_types(DiT))  # model.dit_args: DiT constructor arguments
+# model.objective_args: the arguments of any objective (create_objective refuses those of another one)
+ObjectiveArgs = keyword_dict("ObjectiveArgs", parameter_types(*OBJECTIVES.values()))
 DEFAULT_SAMPLER = {"flow": "euler", "ddpm": "ddpm"}
 
 
@@ -83,7 +85,7 @@ class DiffusionModule(L.LightningModule):
     """
 
     def __init__(self, dit: str = "DiT-XL/1", dit_args: DiTArgs | None = None, objective: str = "flow",
-                 objective_args: dict | None = None, optimizer: OptimizerCallable = torch.optim.AdamW,
+                 objective_args: ObjectiveArgs | None = None, optimizer: OptimizerCallable = torch.optim.AdamW,
                  warmup_steps: int = 0, ema_decay: float | None = 0.9999, ema_warmup: bool = False,
                  grad_clip: float | None = None, sample_steps: int = 50, sampler: str | None = None,
                  cfg_scale: float = 1.0, cfg_interval: tuple[float, float] | None = None,
@@ -94,6 +96,8 @@ class DiffusionModule(L.LightningModule):
                  compile_decoder: CompileSpec = False):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
+        check_keywords(dit_args, DiTArgs, "model.dit_args")
+        check_keywords(objective_args, ObjectiveArgs, "model.objective_args")
         linked = sorted(set(dit_args or {}) & set(LINKED))
         if linked:
             raise ValueError(f"dit_args {linked} come from the latent cache (latent shape, classes); remove them")
@@ -149,8 +153,9 @@ class DiffusionModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def configure_callbacks(self):
-        # atomic checkpoints, metrics history and LR changes across resumes; a checkpoint and exit status on SIGTERM
-        return [SafeResume(), Preemption()]
+        # atomic checkpoints, metrics history and LR changes across resumes; a checkpoint and exit status on
+        # SIGTERM; a failed write names what to resume from
+        return [SafeResume(), Preemption(), WriteFailureNote()]
 
     def prepare_data(self) -> None:
         preflight(self.trainer)  # everything a long run needs, checked before its first step

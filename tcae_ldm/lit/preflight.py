@@ -3,8 +3,8 @@ in one message, instead of one failure per restart (some of them hours into the 
 
 Checked: pretrained weight files (LPIPS' VGG16, the FID networks of validation and of the generation callback,
 DC-AE), the generation callback's reference statistics, init_from, the data root or the latent cache (metadata
-and shards), the autoencoder a DiT run decodes with or expects, and free disk for the checkpoints the run will
-keep at its configured frequency. The modules call preflight() from prepare_data, which Lightning runs before
+and shards), the autoencoder a DiT run decodes with or expects, that the run's folder and its checkpoint folders
+can be written, and free disk for the checkpoints the run will keep at its configured frequency. The modules call preflight() from prepare_data, which Lightning runs before
 any datamodule or module setup.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import os
 import shutil
+import tempfile
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -107,9 +108,10 @@ def _module_problems(module) -> list[str]:
     hp = getattr(module, "hparams", {})
     problems = []
     if "metrics_lpips" in hp:  # AutoencoderModule
-        loss = hp.get("loss")
-        if loss is not None and getattr(loss, "lpips_weight", 0) > 0:
-            problems += _lpips_problem(loss.lpips_trunk, "model.loss.lpips_trunk")
+        # The built loss, not hparams["loss"]: from a config that is a dict, and absent it means the defaults.
+        loss = getattr(module, "loss", None)
+        if getattr(loss, "lpips_weight", 0) > 0:
+            problems += _lpips_problem(loss.cfg.lpips_trunk, "model.loss.lpips_trunk")
         problems += _lpips_problem(hp.get("metrics_lpips"), "model.metrics_lpips")
         problems += _feature_problem(hp.get("metrics_fid"), hp.get("metrics_fid_weights"), "model.metrics_fid_weights")
         if hp.get("init_from"):
@@ -188,15 +190,47 @@ def _existing_folder(path: str) -> str:
     return path
 
 
+def _unwritable(path: str) -> str | None:
+    """Why files cannot be created in the folder `path` (made later, if need be), or None. A real write, not
+    os.access: permission bits do not show a read-only mount or a full disk, and root passes every access test."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".tcae-ldm-write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        return f"{existing}: {e.strerror or e}"
+    return None
+
+
+def _folder_problems(trainer) -> list[str]:
+    folders = {"the run's folder": os.path.normpath(log_dir(trainer))}
+    for cb in trainer.callbacks:
+        if isinstance(cb, ModelCheckpoint):
+            folder = cb.dirpath or os.path.join(log_dir(trainer), "checkpoints")
+            folders.setdefault(f"checkpoints in {folder}", folder)
+    problems = []
+    for what, folder in folders.items():
+        why = _unwritable(folder) if folder and "://" not in str(folder) else None
+        if why is not None:
+            name = what if what.startswith("checkpoints") else f"{what} {folder}"
+            problems.append(f"{name} cannot be written: {why}")
+    return problems
+
+
 def _disk_problems(trainer, module, dm) -> list[str]:
+    problems = _folder_problems(trainer)
     callbacks = [cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)]
-    if not callbacks:
-        return []
+    if problems or not callbacks:
+        return problems
     size = estimate_checkpoint_bytes(module, dm)
     if not size:
         return []
     max_steps = getattr(module, "max_steps", None) or trainer.max_steps
-    problems = []
     for cb in callbacks:
         folder = cb.dirpath or os.path.join(log_dir(trainer), "checkpoints")
         slots = _checkpoint_slots(cb, max_steps)

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from tcae_ldm.models.dcae import DCAE_PRESETS, create_dcae
 from tcae_ldm.models.tcae import TCAE_PRESETS, AutoencoderTC, create_tcae
-from tcae_ldm.utils.kwargs import parameter_names
+from tcae_ldm.utils.kwargs import parameter_types
 
 
 def autoencoder_family(name: str) -> str:
@@ -23,13 +23,18 @@ def autoencoder_family(name: str) -> str:
                    f"patch 4/8/16/32, channels 16-256); DC-AE presets are {sorted(DCAE_PRESETS)}")
 
 
-def constructor_args(family: str) -> set[str]:
-    """The keyword arguments a family's presets take as overrides."""
+def constructor_types(family: str) -> dict:
+    """The keyword arguments a family's presets take as overrides, with the types of their values."""
     if family == "tcae":
-        return parameter_names(AutoencoderTC)
+        return parameter_types(AutoencoderTC)
     from diffusers import AutoencoderDC
 
-    return parameter_names(AutoencoderDC) | {"pretrained"}
+    return {**parameter_types(AutoencoderDC), "pretrained": str}
+
+
+def constructor_args(family: str) -> set[str]:
+    """The keyword arguments a family's presets take as overrides."""
+    return set(constructor_types(family))
 
 
 def create_autoencoder(name: str, **args) -> nn.Module:

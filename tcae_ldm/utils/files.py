@@ -72,3 +72,16 @@ def read_lenient_yaml(path: str) -> dict:
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not readable YAML ({type(e).__name__}): is this a run folder?") from None
     return data if isinstance(data, dict) else {}
+
+
+def load_config_file(path: str) -> dict:
+    """load_yaml of a config file that must be a mapping of keys to values: an empty file or one that holds a
+    list or a scalar is one error naming the file (jsonargparse says only "Unexpected config")."""
+    content = load_yaml(path)
+    if content is None:
+        raise ValueError(f"config file {path} is empty: a config is a mapping of keys to values (trainer:, model:, "
+                         f"data:, ...)")
+    if not isinstance(content, dict):
+        raise ValueError(f"config file {path} holds a {type(content).__name__}, not a mapping of keys to values "
+                         f"(trainer:, model:, data:, ...)")
+    return content

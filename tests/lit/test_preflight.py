@@ -1,5 +1,6 @@
 """Preflight: everything a long run lacks is reported at once, in one message, before the first step."""
 import collections
+import errno
 import os
 
 import pytest
@@ -9,6 +10,8 @@ from tcae_ldm.cli import main
 from tcae_ldm.data.images import ImageFolderDataModule
 from tcae_ldm.lit.preflight import PreflightError, estimate_checkpoint_bytes
 from tests.tiny import (
+    REPO,
+    TINY,
     callbacks_arg,
     dit_argv,
     tiny_latent_cache,
@@ -69,3 +72,41 @@ def test_checkpoint_size_estimate_counts_weights_and_adam_moments():
     path = "/tmp/tcae_preflight_size/ckpt/last.ckpt"
     assert 0.9 < os.path.getsize(path) / estimate_checkpoint_bytes(module) < 1.2  # against a real checkpoint
     torch.load(path, weights_only=False)
+
+
+def test_the_command_line_lists_the_lpips_trunk_with_every_other_missing_file(tmp_path, monkeypatch):
+    """model.loss reaches the module as a dict from a config: the LPIPS file is still in the one message."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.chdir(tmp_path)
+    argv = ["fit", "--config", os.path.join(REPO, "configs", "demo", "tcae.yaml"), *TINY,
+            "--model.init_args.loss.lpips_weight=0.5", "--model.init_args.metrics_fid=inception",
+            f"--model.init_args.metrics_fid_weights={tmp_path / 'inception.pth'}"]
+    with pytest.raises(PreflightError) as err:
+        main(argv)
+    vgg = tmp_path / "torch" / "hub" / "checkpoints" / "vgg16-397923af.pth"
+    assert str(err.value) == (
+        f"this run cannot start, 2 problem(s) found before the first step: (1) LPIPS (model.loss.lpips_trunk) needs "
+        f"the weight file {vgg}, which does not exist; (2) the inception FID network (model.metrics_fid_weights) "
+        f"needs the weight file {tmp_path / 'inception.pth'}, which does not exist")
+    assert not (tmp_path / "runs").exists()  # found before anything was written
+
+
+def test_an_output_folder_that_cannot_be_written_is_named_before_the_first_step(tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("in the way of the run's folder")
+    data = ImageFolderDataModule(str(tmp_path), image_size=32, num_workers=0)
+    os.makedirs(tmp_path / "train" / "a")
+    with pytest.raises(PreflightError) as err:  # a file where the folder should be
+        tiny_trainer(str(tmp_path / "a_file" / "run")).fit(tiny_module(), data)
+    assert str(err.value) == (
+        f"this run cannot start, 2 problem(s) found before the first step: (1) the run's folder "
+        f"{tmp_path / 'a_file' / 'run'} cannot be written: {tmp_path / 'a_file'} is a file, not a folder; "
+        f"(2) checkpoints in {tmp_path / 'a_file' / 'run' / 'ckpt'} cannot be written: {tmp_path / 'a_file'} is a "
+        f"file, not a folder")
+
+    def read_only(dir, prefix):  # what a read-only mount answers (root passes every permission check)
+        raise OSError(errno.EROFS, "Read-only file system", dir)
+
+    monkeypatch.setattr("tcae_ldm.lit.preflight.tempfile.mkstemp", read_only)
+    with pytest.raises(PreflightError) as err:
+        tiny_trainer(str(tmp_path / "ro")).fit(tiny_module(), data)
+    assert f"(1) the run's folder {tmp_path / 'ro'} cannot be written: {tmp_path}: Read-only file system" in str(err.value)

@@ -13,6 +13,7 @@ import time
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from tcae_ldm.cli import main
 from tcae_ldm.commands.fid_stats import main as fid_stats_main
@@ -216,7 +217,7 @@ def test_a_learning_rate_changed_on_resume_is_applied_and_said(tmp_path, caplog)
 
 
 @pytest.mark.parametrize("bad_from", [3, 0])
-def test_a_divergence_stops_like_a_nan_and_promises_only_an_existing_checkpoint(tmp_path, monkeypatch, bad_from):
+def test_a_divergence_stops_like_a_nan_and_names_a_checkpoint_saved_before_it(tmp_path, monkeypatch, bad_from):
     module = tiny_module(max_steps=10)
     real = module.loss.generator_loss
 
@@ -225,12 +226,18 @@ def test_a_divergence_stops_like_a_nan_and_promises_only_an_existing_checkpoint(
         return (loss * 1e29 if step >= bad_from else loss), logs  # finite, so isfinite alone lets it through
 
     monkeypatch.setattr(module.loss, "generator_loss", diverged)
+    keep_all = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_top_k=-1, save_last=True,
+                               enable_version_counter=False, save_on_train_epoch_end=True)
     with pytest.raises(NonFiniteLossError, match=f"loss above the divergence bound max_loss=10000 at step {bad_from} "
                                                  r"\(\d\.\d+e\+2\d; terms") as err:
-        tiny_trainer(str(tmp_path)).fit(module, tiny_data())
+        tiny_trainer(str(tmp_path), callbacks=[keep_all]).fit(module, tiny_data())
     if bad_from:
-        assert f"the last good checkpoint is {tmp_path / 'ckpt' / 'last.ckpt'} (global step" in str(err.value)
+        # last.ckpt and the step-6 file hold the weights whose loss diverged (2 optimizer steps per update)
         assert read_checkpoint(str(tmp_path / "ckpt" / "last.ckpt"))["step_count"] == bad_from
+        good = tmp_path / "ckpt" / "epoch=1-step=4.ckpt"
+        assert str(err.value).endswith(f"the newest checkpoint saved before the divergence with finite weights is "
+                                       f"{good} (global step 4): resume with --ckpt_path {good}")
+        assert read_checkpoint(str(good))["step_count"] == bad_from - 1
     else:
-        assert str(err.value).endswith("no checkpoint of this run has been saved yet")
+        assert str(err.value).endswith("no checkpoint of this run was saved before the divergence with finite weights")
         assert not list(tmp_path.glob("ckpt/*.ckpt"))
