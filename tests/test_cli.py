@@ -227,7 +227,7 @@ def test_a_dit_args_typo_and_a_bad_value_are_one_line(capsys):
 def test_net_args_of_the_other_family_are_refused_naming_them(capsys):
     line = _error_line(_fails(["fit", "--config", DEMO_DCAE, "--model.init_args.net_args={latent_size: 4}",
                                "--trainer.max_steps=1"], capsys, code=1))
-    assert line.startswith("tcae-ldm fit: error: DC-AE-S/f16c32 does not take ['latent_size'] (net_args of a DC-AE")
+    assert line.startswith("tcae-ldm fit: error: DC-AE-XS/f16c32 does not take ['latent_size'] (net_args of a DC-AE")
 
 
 @pytest.mark.parametrize("case", ["vgg16", "inception", "dcae"])

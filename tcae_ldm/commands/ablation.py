@@ -20,13 +20,9 @@ import glob
 import json
 import os
 
-import torch
-
 from tcae_ldm.commands import CommandParser, fail
 from tcae_ldm.commands.compare import CONFIG_FILE, load_run
 from tcae_ldm.metrics.convergence import METRICS_FILE, find_metrics, read_metrics, run_training_gmacs
-from tcae_ldm.metrics.flops import count_gmacs, count_params
-from tcae_ldm.models.zoo import create_autoencoder
 from tcae_ldm.utils.files import lookup, read_lenient_yaml
 
 TEST_FOLDER, DIAGNOSTICS_FILE = "test", "diagnostics.json"
@@ -51,6 +47,11 @@ def _last(metrics: dict, prefix: str) -> dict[str, float]:
 
 def cost(config: dict) -> tuple[float | None, float | None]:
     """(parameters in millions, encode + decode GMACs per image) of the run's autoencoder, on the meta device."""
+    import torch  # here, not at import: `tcae-ldm ablation --help` stays free of torch's import time
+
+    from tcae_ldm.metrics.flops import count_gmacs, count_params
+    from tcae_ldm.models.zoo import create_autoencoder
+
     model = lookup(config, "model.init_args") or {}
     size = lookup(config, "data.init_args.image_size") or (model.get("net_args") or {}).get("image_size")
     if not model.get("net") or not size:

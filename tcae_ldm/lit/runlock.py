@@ -65,9 +65,22 @@ class RunLock:
         self.folder = os.path.normpath(os.fspath(folder))
         self.path = os.path.join(self.folder, LOCK_FILE)
         self._fd: int | None = None
+        self._created: str | None = None  # the topmost folder this lock created, removed again if left empty
 
     def acquire(self) -> RunLock:
-        os.makedirs(self.folder, exist_ok=True)
+        existing = os.path.abspath(self.folder)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+        except OSError as e:
+            why = f"{existing} is a file, not a folder" if not os.path.isdir(existing) else f"{existing}: {e.strerror}"
+            raise RunFolderError(f"the run's folder {self.folder} cannot be written: {why}") from None
+        if existing != os.path.abspath(self.folder):
+            created = os.path.abspath(self.folder)
+            while os.path.dirname(created) != existing:
+                created = os.path.dirname(created)
+            self._created = created
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -102,6 +115,18 @@ class RunLock:
             os.ftruncate(fd, 0)
         finally:
             os.close(fd)  # drops the flock
+        if self._created and os.listdir(self.folder) == [LOCK_FILE]:
+            # a run that stopped before writing anything (a preflight error) leaves no folder behind
+            os.remove(self.path)
+            folder = os.path.abspath(self.folder)
+            while True:
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break
+                if folder == self._created:
+                    break
+                folder = os.path.dirname(folder)
 
     def __enter__(self) -> RunLock:
         return self.acquire()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 import yaml
 
 
@@ -13,6 +12,8 @@ class MissingWeightsError(FileNotFoundError):
 
 def torch_hub_file(file_name: str) -> str:
     """Where torch.hub (torchvision, torch-fidelity) caches a file: $TORCH_HOME/hub/checkpoints/<file>."""
+    import torch  # here: the commands that read YAML through this module print --help without torch
+
     return os.path.join(torch.hub.get_dir(), "checkpoints", file_name)
 
 
