@@ -82,13 +82,15 @@ def test_mim_ignores_unmasked_positions():
     assert torch.allclose(base["mim"], expected, atol=1e-6)
 
 
-def _reference_loss(s_cls, s_patch, t_cls, t_patch, masks, G, temp, temp2, student_temp=0.1):
-    """iBOT's iBOTLoss.forward arithmetic (bytedance/ibot main_ibot.py), loop for loop: per view pair, the
-    [CLS] cross-entropy's batch mean; for the same view, per image the masked tokens' mean (clamped count),
-    then the batch mean; each sum divided by its number of terms. Zero centers."""
+def _reference_loss(s_cls, s_patch, t_cls, t_patch, masks, G, temp, temp2, student_temp=0.1, center=0.0,
+                    center2=0.0):
+    """iBOT's iBOTLoss.forward arithmetic (bytedance/ibot main_ibot.py), loop for loop: the teacher's outputs
+    centered then sharpened; per view pair, the [CLS] cross-entropy's batch mean; for the same view, per image
+    the masked tokens' mean (clamped count), then the batch mean; each sum divided by its number of terms."""
     s_cls_c, s_patch_c = (s_cls / student_temp).chunk(s_cls.shape[0] // (t_cls.shape[0] // G)), \
         (s_patch / student_temp).chunk(G)
-    t_cls_c, t_patch_c = F.softmax(t_cls / temp, -1).chunk(G), F.softmax(t_patch / temp2, -1).chunk(G)
+    t_cls_c = F.softmax((t_cls - center) / temp, -1).chunk(G)
+    t_patch_c = F.softmax((t_patch - center2) / temp2, -1).chunk(G)
     m_c = masks.flatten(1).float().chunk(G)
     cls, n_cls, mim, n_mim = 0.0, 0, 0.0, 0
     for q in range(G):
@@ -117,6 +119,38 @@ def test_loss_matches_the_reference_arithmetic_when_half_the_views_are_unmasked(
                    warmup_steps=10)(**x, masks=masks, step=0, update_center=False)
     cls, mim = _reference_loss(*x.values(), masks, G, temp=0.04, temp2=0.05)
     assert torch.allclose(out["cls"], cls, atol=1e-6) and torch.allclose(out["mim"], mim, atol=1e-6)
+
+
+@pytest.mark.parametrize("V", [2, 5])
+def test_loss_matches_the_reference_with_centers_mid_warm_up_and_mixed_masks(V):
+    """Non-zero centers (the [CLS] and patch centers differ), both teacher temperatures mid-warm-up with their
+    own end points, some global views masked and some not: every term of the reference is exercised, and the
+    centers then move by iBOT's EMA of the teacher's batch means."""
+    G, B, N, K, Kp = 2, 3, 8, 6, 4
+    g = torch.Generator().manual_seed(10 + V)
+    x = dict(student_cls=torch.randn(V * B, K, generator=g), student_patch=torch.randn(G * B, N, Kp, generator=g),
+             teacher_cls=torch.randn(G * B, K, generator=g), teacher_patch=torch.randn(G * B, N, Kp, generator=g))
+    masks = torch.rand(G * B, N, generator=g) < 0.5
+    masks[[0, 4]] = False                                # two images unmasked, the rest masked
+    masks[[1, 2, 3, 5], 0] = True
+    crit = iBOTLoss(K, Kp, student_temp=0.1, warmup_teacher_temp=0.04, teacher_temp=0.07,
+                    warmup_teacher_patch_temp=0.03, teacher_patch_temp=0.09, warmup_steps=10,
+                    center_momentum=0.8, lambda_cls=0.7, lambda_mim=1.3)
+    center, center2 = 3 * torch.randn(1, K, generator=g), 3 * torch.randn(1, 1, Kp, generator=g)
+    crit.center.copy_(center)
+    crit.center_patch.copy_(center2)
+    out = crit(**x, masks=masks, step=3)
+    temp, temp2 = 0.04 + 0.3 * (0.07 - 0.04), 0.03 + 0.3 * (0.09 - 0.03)
+    cls, mim = _reference_loss(*x.values(), masks, G, temp=temp, temp2=temp2, center=center, center2=center2)
+    assert torch.allclose(out["cls"], cls, atol=1e-6) and torch.allclose(out["mim"], mim, atol=1e-6)
+    assert torch.allclose(out["loss"], 0.7 * cls + 1.3 * mim, atol=1e-6)
+    # Centering matters on these inputs: the loss without it differs.
+    cls0, mim0 = _reference_loss(*x.values(), masks, G, temp=temp, temp2=temp2)
+    assert not torch.allclose(cls0, cls, atol=1e-3) and not torch.allclose(mim0, mim, atol=1e-3)
+    # iBOT's update_center: center * m + batch mean * (1 - m), the patch center over images and tokens.
+    assert torch.allclose(crit.center, 0.8 * center + 0.2 * x["teacher_cls"].mean(0, keepdim=True), atol=1e-6)
+    assert torch.allclose(crit.center_patch, 0.8 * center2 + 0.2 * x["teacher_patch"].mean((0, 1), keepdim=True),
+                          atol=1e-6)
 
 
 def test_center_update_single_process():
