@@ -4,6 +4,7 @@ resume, and the divergence bound."""
 import csv
 import errno
 import io
+import json
 import logging
 import os
 import subprocess
@@ -20,6 +21,8 @@ from tcae_ldm.lit.guards import NonFiniteLossError
 from tcae_ldm.utils.atomic import TMP_SUFFIX
 from tcae_ldm.utils.checkpoints import CorruptCheckpointError, read_checkpoint
 from tests.tiny import (
+    REPO,
+    TINY,
     callbacks_arg,
     dit_argv,
     isolated_env,
@@ -120,6 +123,41 @@ def test_kill_9_during_checkpoint_writes_resumes_exactly_with_the_whole_history(
     assert [r["step"] for r in straight if r["train/loss"]] == [str(s) for s in range(8)]
     assert len([r for r in straight if r["gen/gfid_random"]]) == 3  # steps 3, 6 and the end, 8
     assert resumed == straight  # every row once, equal values: nothing lost, nothing doubled
+
+
+def _ae_argv(out):
+    """configs/demo/tcae.yaml (iBOT views, the critic from step 2) shrunk: 16 crops / 8 = 2 batches per epoch, 5
+    steps, last.ckpt after every step, validation after every epoch, the run's folder `out`."""
+    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"dirpath": f"{out}/ckpt", "every_n_train_steps": 1, "save_top_k": 0, "save_last": True,
+                                "monitor": None}}]
+    return ["fit", "--config", os.path.join(REPO, "configs", "demo", "tcae.yaml"), *TINY,
+            "--model.init_args.max_steps=5", "--model.init_args.loss.disc_start=2",
+            "--model.init_args.ssl.teacher_temp_warmup_steps=4", f"--trainer.logger.init_args.save_dir={out}",
+            f"--trainer.callbacks={json.dumps(callbacks)}"]
+
+
+@pytest.mark.slow
+def test_kill_9_of_an_autoencoder_fit_mid_checkpoint_write_resumes_exactly(tmp_path):
+    """SIGKILL while the joint TC-AE + iBOT run writes its 3rd checkpoint (after step 3, mid-epoch): last.ckpt is
+    still step 2's, whole; `--ckpt_path last` then ends bit for bit where an uninterrupted run ends."""
+    for name in ("straight", "chain"):
+        os.makedirs(tmp_path / name)
+    run_child(_ae_argv(tmp_path / "straight"), str(tmp_path / "straight"))
+    chain = tmp_path / "chain"
+    run_child(_ae_argv(chain), str(chain), hang_at=3)
+    killed = read_checkpoint(str(chain / "ckpt" / "last.ckpt"))
+    assert killed["step_count"] == 2
+    assert len([f for f in os.listdir(chain / "ckpt") if f.endswith(TMP_SUFFIX)]) == 1
+    run_child(_ae_argv(chain) + ["--ckpt_path=last"], str(chain))
+    a, b = (read_checkpoint(str(tmp_path / n / "ckpt" / "last.ckpt")) for n in ("straight", "chain"))
+    assert a["step_count"] == b["step_count"] == 5
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    for oa, ob in zip(a["optimizer_states"], b["optimizer_states"]):
+        for sa, sb in zip(oa["state"].values(), ob["state"].values()):
+            assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    assert [f for f in os.listdir(chain / "ckpt") if f.endswith(TMP_SUFFIX)] == []
 
 
 def _state(module):
