@@ -214,3 +214,59 @@ def test_momentum_schedule():
     assert all(a <= b for a, b in zip(ms, ms[1:]))
     assert cosine_momentum(500, 100) == 1.0 and cosine_momentum(50, 100, base=0.99) == pytest.approx(0.995)
 
+
+
+def test_defaults_are_ibots_and_the_centers_keep_their_checkpoint_shapes():
+    crit = iBOTLoss()
+    assert (crit.student_temp, crit.cls_temps, crit.patch_temps) == (0.1, (0.04, 0.07), (0.04, 0.07))
+    assert (crit.center_momentum, crit.lambda_cls, crit.lambda_mim, crit.warmup_steps) == (0.9, 1.0, 1.0, 0)
+    assert crit.center.shape == (1, 8192) and crit.center_patch.shape == (1, 1, 8192)  # what checkpoints hold
+    assert iBOTLoss(16, 4).center_patch.shape == (1, 1, 4)
+
+
+def test_one_step_warm_up_and_momentum_edges():
+    crit = iBOTLoss(3, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_steps=1)
+    assert crit.teacher_temps(0) == (0.04, 0.04) and crit.teacher_temps(1) == pytest.approx((0.07, 0.07))
+    assert iBOTLoss(3, warmup_steps=0).teacher_temps(0) == pytest.approx((0.07, 0.07))
+    assert cosine_momentum(0, 0) == 1.0 and cosine_momentum(0, 1) == pytest.approx(0.996)
+
+
+def test_gathered_student_patches_give_the_full_tensors_loss():
+    """The student's patch logits of the masked tokens only ((M, Kp) in masks.nonzero() order), with N != Kp."""
+    x = _loss_inputs(N=6, K=5)
+    full = iBOTLoss(5)(**x, step=0, update_center=False)
+    img, tok = x["masks"].nonzero(as_tuple=True)
+    gathered = iBOTLoss(5)(**{**x, "student_patch": x["student_patch"][img, tok]}, step=0, update_center=False)
+    assert torch.equal(full["mim"], gathered["mim"]) and torch.equal(full["cls"], gathered["cls"])
+
+
+@pytest.mark.parametrize("G, t_rows, s_rows", [
+    (2, 1, 4),   # fewer teacher rows than global views: B = 0
+    (2, 3, 4),   # teacher rows not G x B
+    (2, 4, 5),   # student rows not V x B
+    (3, 6, 4),   # fewer student views than global views
+    (1, 2, 2),   # a single view: nothing to distil across
+])
+def test_cls_shapes_that_do_not_fit_are_refused(G, t_rows, s_rows):
+    crit = iBOTLoss(5, n_global_views=G)
+    x = dict(student_cls=torch.randn(s_rows, 5), teacher_cls=torch.randn(t_rows, 5),
+             student_patch=torch.randn(t_rows, 3, 5), teacher_patch=torch.randn(t_rows, 3, 5),
+             masks=torch.ones(t_rows, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=rf"expected teacher_cls with {G}\*B rows and student_cls with V\*B rows "
+                                         rf"\(V >= {G}, V >= 2\); got \({t_rows}, 5\) and \({s_rows}, 5\)"):
+        crit(**x, step=0)
+
+
+@pytest.mark.parametrize("what", ["masks tokens", "teacher rows", "student tokens", "gathered count", "gathered dim"])
+def test_patch_shapes_that_do_not_fit_are_refused(what):
+    x = _loss_inputs(B=2, V=4, G=2, N=6, K=5)
+    M = int(x["masks"].sum())
+    bad = {"masks tokens": {"masks": torch.zeros(4, 7, dtype=torch.bool)},
+           "teacher rows": {"teacher_patch": torch.randn(5, 6, 5)},
+           "student tokens": {"student_patch": torch.randn(4, 7, 5)},
+           "gathered count": {"student_patch": torch.randn(M + 1, 5)},
+           "gathered dim": {"student_patch": torch.randn(M, 6)}}[what]
+    x.update(bad)
+    with pytest.raises(ValueError, match=r"patch shapes disagree: student \(.*\), teacher \(.*\), masks \(.*\) with "
+                                         r"\d+ masked, 2 global views x B=2"):
+        iBOTLoss(5)(**x, step=0)
