@@ -14,6 +14,7 @@ import time
 import lightning as L
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tcae_ldm.cli import main
 from tcae_ldm.commands.fid_stats import main as fid_stats_main
@@ -158,6 +159,79 @@ def test_kill_9_of_an_autoencoder_fit_mid_checkpoint_write_resumes_exactly(tmp_p
         for sa, sb in zip(oa["state"].values(), ob["state"].values()):
             assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
     assert [f for f in os.listdir(chain / "ckpt") if f.endswith(TMP_SUFFIX)] == []
+
+
+# A child `tcae-ldm` whose n-th cache shard write ($HANG_AT_SHARD) writes half the shard's temporary, signals the
+# parent ($HANG_MARKER) and hangs until it is killed.
+CACHE_CHILD = r"""
+import os, sys, time
+import tcae_ldm.latents.shards as shards
+from tcae_ldm.utils.atomic import atomic_write
+real, hang_at, seen = shards.write_bytes_atomic, int(os.environ["HANG_AT_SHARD"]), [0]
+def write(path, data, group_readable=False):
+    seen[0] += 1
+    if seen[0] == hang_at:
+        with atomic_write(path, "wb", group_readable) as f:
+            f.write(data[: len(data) // 2])
+            f.flush()
+            open(os.environ["HANG_MARKER"], "w").close()
+            time.sleep(600)
+    return real(path, data, group_readable)
+shards.write_bytes_atomic = write
+from tcae_ldm.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_cache_run_mid_shard_write_is_refused_until_overwritten(tiny_cache, tmp_path):
+    """SIGKILL while the 2nd shard of a latent cache is written: the folder holds one whole shard and the half
+    temporary, no metadata. The DiT refuses it as unfinished, a rerun refuses to mix into it, and a rerun with
+    overwrite: true replaces it with the cache an uninterrupted run makes."""
+    from tcae_ldm.latents.cache import read_metadata
+    from tcae_ldm.latents.stream import LatentDataModule
+
+    out = tmp_path / "latents"
+    argv = ["predict", "--config", os.path.join(REPO, "configs", "demo", "cache_latents_tcae.yaml"),
+            f"--model.init_args.autoencoder.path={tiny_cache['ae']}",
+            "--data.init_args.images.init_args.image_size=32", "--data.init_args.images.init_args.train_per_class=2",
+            "--data.init_args.images.init_args.val_per_class=1", "--data.init_args.batch_size=4",
+            f"--trainer.default_root_dir={tmp_path / 'run'}", f"--trainer.callbacks.init_args.output_dir={out}",
+            "--trainer.callbacks.init_args.shard_size=8"]
+    marker = tmp_path / "hanging"
+    env = isolated_env(HANG_AT_SHARD="2", HANG_MARKER=str(marker))
+    with open(tmp_path / "child.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", CACHE_CHILD, *argv, "--trainer.callbacks.init_args.overwrite="
+                                 "false"], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 300
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        proc.kill()  # SIGKILL
+        proc.wait()
+    assert marker.exists(), (tmp_path / "child.log").read_text()[-3000:]
+    files = sorted(os.listdir(out))
+    assert [f for f in files if f.endswith(".safetensors")] == ["shard-r0-00000.safetensors"]
+    assert len([f for f in files if f.endswith(TMP_SUFFIX)]) == 1 and "metadata.json" not in files
+    with pytest.raises(FileNotFoundError, match="unfinished caching run"):
+        LatentDataModule(str(out)).setup("fit")
+
+    refused = subprocess.run([sys.executable, "-m", "tcae_ldm.cli", *argv, "--trainer.callbacks.init_args.overwrite="
+                              "false"], cwd=tmp_path, capture_output=True, text=True, env=isolated_env())
+    assert refused.returncode == 1 and "unfinished caching run; choose another output_dir or set overwrite: true" \
+        in refused.stderr, refused.stderr[-2000:]
+    assert sorted(os.listdir(out)) == files  # nothing touched
+
+    run_child(argv, str(tmp_path))  # the config's overwrite: true
+    assert read_metadata(str(out))["count"] == 16
+    dm = LatentDataModule(str(out))
+    dm.setup("fit")  # every shard whole, the stats written: the stream starts
+    made = {k: torch.cat([load_file(os.path.join(out, f))[k] for f in sorted(os.listdir(out))
+                          if f.endswith(".safetensors")]) for k in ("latents", "indices")}
+    ref = {k: torch.cat([load_file(os.path.join(tiny_cache["cache"], f))[k]
+                         for f in sorted(os.listdir(tiny_cache["cache"])) if f.endswith(".safetensors")])
+           for k in ("latents", "indices")}
+    assert torch.allclose(made["latents"][made["indices"].argsort()], ref["latents"][ref["indices"].argsort()],
+                          atol=1e-5)
 
 
 def _state(module):
