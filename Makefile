@@ -103,4 +103,4 @@ clean:
 	rm -rf $(RUNS)
 
 distclean: clean
-	rm -rf $(VENV) .pytest_cache mutants
+	rm -rf $(VENV) .pytest_cache
