@@ -27,6 +27,7 @@ def test_warmup_cosine_without_warm_up_or_floor():
     assert warmup_cosine(5, 0, 10) == pytest.approx(0.5)
     assert warmup_cosine(10, 0, 10) == pytest.approx(0.0, abs=1e-12)
     assert warmup_cosine(3, 3, 3) == pytest.approx(1.0)  # warm-up as long as the run: no division by zero
+    assert warmup_cosine(3, 2, 3) == pytest.approx(0.0, abs=1e-12)  # one cosine step: straight to the floor
 
 
 def test_set_lr_scales_the_remembered_base_lr():

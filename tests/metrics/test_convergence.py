@@ -31,6 +31,7 @@ def test_read_metrics_merges_the_rows_of_a_step_and_keeps_the_last_value(tmp_pat
     ([10, 25, 50, 75, 100], [50.0, 40.004, 45.0, 30.0, 31.0], [40.01, 30.0]),  # best so far, rounded up
     ([50, 100], [20.001, 10.0], [20.01, 10.0]),                                 # no point by 25%: no level
     ([0, 100], [7.0, 7.5], [7.0]),                                              # levels are distinct
+    ([25, 50, 100], [9.0, 8.0, 7.0], [9.0, 8.0, 7.0]),                           # a level from each fraction
 ])
 def test_auto_levels_are_the_baselines_best_at_a_quarter_half_and_end(steps, gfid, levels):
     got = auto_levels(np.array(steps, dtype=float), np.array(gfid))
