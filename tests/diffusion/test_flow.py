@@ -126,6 +126,7 @@ def test_timestep_shift():
     plain, shifted = RectifiedFlow.timesteps(10), RectifiedFlow.timesteps(10, shift=3.0)
     assert plain[0] == shifted[0] == 1 and plain[-1] == shifted[-1] == 0
     assert torch.all(shifted[1:-1] > plain[1:-1]) and torch.all(shifted[1:] < shifted[:-1])
+    assert torch.allclose(plain, torch.linspace(1, 0, 11))  # no shift by default: evenly spaced
 
 
 def test_flow_sample_cfg_interval_and_errors():
