@@ -222,3 +222,33 @@ def test_the_dcae_route_is_tcae_with_another_network():
     assert dcae["model"]["init_args"]["net"] == "DC-AE/f32c32"
     assert [lg["init_args"]["name"] for lg in dcae["trainer"]["logger"]] == ["dcae", "dcae"]
     assert dcae["model"]["init_args"]["ssl"] is None and dcae["data"]["init_args"]["views"] is None
+
+
+# What configs/demo/dcae.yaml may change from configs/demo/tcae.yaml: the network and its arguments, iBOT and its
+# views (DC-AE has no token sequence to train them on), and the run's name. Every other key (losses, optimisers,
+# schedule, budget, data, trainer, metrics) must be the same, or the comparison compares more than the tokenizer.
+DEMO_AE_DIFFERENCES = ("model.init_args.net", "model.init_args.net_args", "model.init_args.ssl",
+                       "data.init_args.views", "trainer.logger.init_args.name")
+
+
+def test_demo_dcae_has_the_losses_optimisers_schedule_and_data_of_the_demo_tcae(capsys):
+    resolved = []
+    for name in ("tcae", "dcae"):
+        with pytest.raises(SystemExit):
+            lightning_main(["fit", "--config", os.path.join(REPO, "configs", "demo", f"{name}.yaml"),
+                            "--print_config"])
+        resolved.append(_flatten(yaml.safe_load(capsys.readouterr().out)))
+    tcae, dcae = resolved
+    may_differ = lambda key: key.startswith(DEMO_AE_DIFFERENCES)  # noqa: E731
+    shared = {k for k in tcae.keys() | dcae.keys() if not may_differ(k)}
+    differ = {k: (tcae.get(k, "<missing>"), dcae.get(k, "<missing>")) for k in shared if tcae.get(k) != dcae.get(k)}
+    assert not differ, differ
+    # The keys the claim is about are among those compared (the comparison cannot pass by comparing nothing).
+    for key in ("model.init_args.loss.gan_weight", "model.init_args.loss.lpips_weight",
+                "model.init_args.loss.disc_start",
+                "model.init_args.optimizer.init_args.lr", "model.init_args.disc_optimizer.init_args.betas.0",
+                "model.init_args.max_steps", "model.init_args.warmup_steps", "model.init_args.min_lr_ratio",
+                "model.init_args.grad_clip", "model.init_args.ema_decay", "data.init_args.image_size",
+                "data.init_args.global_batch_size", "data.init_args.train_per_class", "seed_everything"):
+        assert key in shared and key in tcae, key
+    assert tcae["model.init_args.net"] != dcae["model.init_args.net"] and dcae["model.init_args.ssl"] is None

@@ -45,7 +45,7 @@ def test_tiny_bench_json(tiny_run):
     assert lat["source"].startswith("LatentDataModule")  # the real reader, not the fallback
     for d in (img, lat):
         assert d["loader_over_step"] == pytest.approx(d["items_per_s"] / d["step_items_per_s"])
-        assert d["verdict"] in ("ok", "INPUT-BOUND")
+        assert d["verdict"] == ("ok" if d["loader_over_step"] >= bench.INPUT_TARGET else "INPUT-BOUND")
 
 
 def test_tiny_bench_table(tiny_run):
@@ -197,7 +197,11 @@ def test_jpeg_pipelines_section(tiny_run):
     ae = cases.autoencoder_cost("TC-AE-B/p8-c128", 256, 32)["gmacs"]["total"]
     assert cost["passes"][0]["fwd_gmacs"] == pytest.approx(ae, rel=0.01)  # the cls token adds one token
     assert cost["gmacs_per_image"] == pytest.approx(sum(p["fwd_gmacs"] * p["times"] for p in cost["passes"]))
-    assert section["feed"]["verdict"] in ("ok", "INPUT-BOUND")
+    from tcae_ldm.commands.bench.pipelines import CORES_PER_GPU, TARGET_MARGIN
+
+    feed = section["feed"]
+    assert feed["verdict"] == ("ok" if feed["margin"] >= TARGET_MARGIN and feed["num_workers"] <= CORES_PER_GPU
+                               else "INPUT-BOUND")
     for title in ("JPEG input pipelines, images/s of one loader worker", "joint training step, GMACs per image",
                   "GPU feed: NVIDIA H100"):
         assert title in text
@@ -211,6 +215,31 @@ def test_gpu_feed_arithmetic():
     assert fed["gpu_images_per_s"] == pytest.approx(197.8) and fed["workers_needed"] == pytest.approx(3.956)
     assert fed["margin"] == pytest.approx(500 / 197.8) and fed["verdict"] == "ok"
     assert feed_verdict(cost, 50.0, 7, 0.4)["verdict"] == "INPUT-BOUND"  # 350 images/s < 2 x 197.8
+
+
+@pytest.mark.parametrize("loader_over_step, verdict", [(3.0, "ok"), (2.99, "INPUT-BOUND"), (12.0, "ok"),
+                                                       (0.5, "INPUT-BOUND")])
+def test_loader_verdict_threshold(monkeypatch, loader_over_step, verdict):
+    """A loader is INPUT-BOUND below 3x the fastest training step it feeds (over precisions and networks), ok from
+    3x on; the image loader is measured against the TC-AEs only, each latent loader against its DiTs."""
+    from types import SimpleNamespace
+
+    assert bench.INPUT_TARGET == 3.0
+    train = lambda *v: {p: {"train": {"items_per_s": x}} for p, x in zip(("fp32", "bf16"), v)}  # noqa: E731
+    report = {"autoencoders": {"TC-AE-T/p4-c16": {"throughput": train(40.0, 100.0)},  # fastest: bf16, 100/s
+                               "DC-AE-T/f16c16": {"throughput": train(1000.0)}},       # not fed by this loader
+              "dits": {"DiT-T/1@16x2x2": {"throughput": train(200.0)}, "DiT-T/1@4x4x4": {"throughput": train(9.0)}},
+              "dit_latents": {"16x2x2": {"latent_shape": [16, 2, 2]}}, "data": {}}
+    monkeypatch.setattr(cases, "image_loader_throughput",
+                        lambda *a: {"items_per_s": 100.0 * loader_over_step, "source": "stub"})
+    monkeypatch.setattr(cases, "latent_loader_throughput",
+                        lambda *a: {"items_per_s": 200.0 * loader_over_step, "source": "stub"})
+    args = SimpleNamespace(image_size=32, batch_size=4, repeats=1, num_workers=0, dit_batch_size=8)
+    bench.bench_data(args, report)
+    img, lat = report["data"]["images"], report["data"]["latents 16x2x2"]
+    assert img["feeds"] == "TC-AE-T/p4-c16 train bf16" and lat["feeds"] == "DiT-T/1@16x2x2 train fp32"
+    for row in (img, lat):
+        assert row["loader_over_step"] == pytest.approx(loader_over_step) and row["verdict"] == verdict
 
 
 def test_timing_reports_progress_after_the_warm_up_and_each_round():
@@ -254,18 +283,55 @@ def test_profile_ratio_spread_and_threads(tmp_path):
     assert profiling.category("aten::native_layer_norm") == "normalisation"
 
 
-def test_the_gpu_check_script_parses_and_runs_every_step():
-    """scripts/gpu_check.sh is valid bash; its steps are the bench (with profiles), the joint step, both modules'
-    DDP training, the cache, sample, export and the compiled bench (its --tiny mode runs them all on a CPU)."""
+_STUB = """#!{python}
+# Stands in for the interpreter: records each command line, plays the run files the script checks for.
+import json, os, sys
+out = os.environ["STUB_OUT"]
+with open(os.environ["STUB_LOG"], "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+if sys.argv[1:4] == ["-m", "tcae_ldm.cli", "fit"]:
+    for run in ("tcae", "dit_tcae"):
+        os.makedirs(os.path.join(out, "fit", run, "checkpoints"), exist_ok=True)
+        open(os.path.join(out, "fit", run, "checkpoints", "last.ckpt"), "w").close()
+"""
+
+
+@pytest.mark.slow
+def test_the_gpu_check_script_issues_every_step_and_its_commands_parse(tmp_path, capsys, monkeypatch):
+    """scripts/gpu_check.sh --tiny with a recording interpreter: every step runs in order with rc 0 (the bench with
+    profiles, the joint step, both modules' DDP training, the cache, sample, both exports, the compiled bench), and
+    each command line it issues parses with the real command's parser (LightningCLI's --print_config for fit and
+    predict). The commands' own behaviour is tested in their own test files."""
     import os
     import subprocess
+    import sys
 
+    from tcae_ldm.cli import lightning_main
+    from tcae_ldm.commands import export, sample
     from tests.tiny import REPO
 
-    script = os.path.join(REPO, "scripts", "gpu_check.sh")
-    assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
-    text = open(script).read()
-    for needle in ("bench \"${BENCH[@]}\" --profile", "--joint-step", "configs/demo/tcae.yaml", "cache_latents_tcae",
-                   "configs/demo/dit_on_tcae.yaml", "\"${TCAE[@]}\" sample", "export --ckpt", "--compile", "--tiny",
-                   "color_on_device=true", "--trainer.precision=bf16-mixed"):
-        assert needle in text, needle
+    stub, log, out = tmp_path / "python", tmp_path / "argv.jsonl", tmp_path / "out"
+    stub.write_text(_STUB.format(python=sys.executable))
+    stub.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stub), "STUB_LOG": str(log), "STUB_OUT": str(out)}
+    done = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_check.sh"), "--tiny", str(out)], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "done: bench=0 joint=0 fit=0 cache=0 dit=0 sample=0 export=0 compile=0" in done.stdout, done.stdout
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert calls[-1][0] == "-" and all(c[:2] == ["-m", "tcae_ldm.cli"] for c in calls[:-1])  # then the figures
+    commands = [c[2:] for c in calls[:-1]]
+    assert [c[0] for c in commands] == ["bench", "bench", "fit", "predict", "fit", "sample", "export", "export",
+                                        "bench"]
+    monkeypatch.chdir(REPO)  # the script runs from the repository root: its config paths are relative to it
+    first, joint, compiled = (bench.parse_args(c[1:]) for i, c in enumerate(commands) if c[0] == "bench")
+    assert first.tiny and first.profile and joint.joint_step and compiled.skip_jpeg
+    for c in commands:
+        if c[0] in ("fit", "predict"):
+            with pytest.raises(SystemExit) as exit_:
+                lightning_main([*c, "--print_config"])
+            assert exit_.value.code in (0, None), c
+    capsys.readouterr()
+    sample.build_parser().parse_args(commands[5][1:])
+    for c in commands[6:8]:
+        export.build_parser().parse_args(c[1:])

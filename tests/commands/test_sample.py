@@ -89,6 +89,21 @@ def test_balanced_labels_by_default(runs, tmp_path):
     assert np.load(tmp_path / "samples_10x32x32x3.npz")["labels"].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1]
 
 
+def test_uniform_labels_are_seeded_draws(runs, tmp_path):
+    """--labels uniform: the classes drawn uniformly from --seed (as DiT's sample_ddp.py draws them), the same for
+    the same seed, others for another; the written labels are the ones the samples were conditioned on."""
+    ckpt = str(runs["straight"] / "checkpoints" / "last.ckpt")
+    got = {}
+    for seed in (3, 3, 4):
+        out = tmp_path / f"s{seed}-{len(got)}"
+        main(["sample", "--ckpt", ckpt, "--num", "12", "--steps", "1", "--batch-size", "6", "--labels", "uniform",
+              "--seed", str(seed), "--out", str(out)])
+        got[len(got)] = np.load(out / "samples_12x32x32x3.npz")["labels"].tolist()
+    expected = torch.randint(8, (12,), generator=torch.Generator().manual_seed(3)).tolist()
+    assert got[0] == got[1] == expected and got[2] != got[0]
+    assert expected != [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3] and all(0 <= y < 8 for y in got[2])
+
+
 class Opaque:
     """A pickled object of a type no checkpoint holds."""
 

@@ -4,16 +4,15 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms as T
-from PIL import Image
+from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import v2
 
-from tcae_ldm.data.color import BLUR, GRAY, JITTER, SOLARIZE, color_pil
+from tcae_ldm.data.color import BLUR, GRAY, JITTER, SOLARIZE
 from tcae_ldm.data.demo import load_demo_photos
-from tcae_ldm.data.transforms import ImageTransform, flip_draw
+from tcae_ldm.data.transforms import ImageTransform, to_unit
 from tcae_ldm.data.views import (
     MultiCropConfig,
     MultiCropTransform,
-    draw_color,
     resized_crop_box,
     views_to_unit,
 )
@@ -39,27 +38,68 @@ def test_crop_boxes_are_torchvisions_draws(size):
                                                                               p["width"])
 
 
-def test_a_view_is_ibots_torchvision_pipeline_pixel_for_pixel(photo):
-    """Crop, flip, ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8 and RandomGrayscale(0.2) as main_ibot.py composes them
-    (torchvision's v1 transforms on PIL), against our draws from the same seed and our PIL colour path."""
-    ibot = T.Compose([T.RandomResizedCrop(48, scale=(0.25, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(p=0.5),
-                      T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-                      T.RandomGrayscale(p=0.2)])
-    cfg = MultiCropConfig()
-    jittered = 0
+class _GaussianBlur:
+    """main_ibot.py's GaussianBlur (PIL filter, radius uniform in [0.1, 2.0], applied when the draw is <= p), drawing
+    from torch's global generator instead of Python's `random`: the one stream the project replays."""
+
+    def __init__(self, p):
+        self.p = p
+
+    def __call__(self, img):
+        if not torch.rand(1) < self.p:
+            return img
+        return img.filter(ImageFilter.GaussianBlur(radius=torch.empty(1).uniform_(0.1, 2.0).item()))
+
+
+class _Solarization:
+    """main_ibot.py's Solarization (ImageOps.solarize with probability p), on torch's global generator."""
+
+    def __init__(self, p):
+        self.p = p
+
+    def __call__(self, img):
+        return ImageOps.solarize(img) if torch.rand(1) < self.p else img
+
+
+def _ibot_pipeline(global_size, local_size, global_scale, local_scale):
+    """DataAugmentationiBOT's three transforms (first global, second global, local) from torchvision's v1
+    transforms on PIL, without the final ToTensor/Normalize (the project converts on the device). The project
+    draws a solarization coin for every view (p = 0 where iBOT has no Solarization), so the replay does too: the
+    same distribution, one stream."""
+    flip_and_color_jitter = T.Compose([
+        T.RandomHorizontalFlip(p=0.5),
+        T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2)])
+    crop = lambda size, scale: T.RandomResizedCrop(size, scale=scale,  # noqa: E731
+                                                    interpolation=T.InterpolationMode.BICUBIC)
+    return (T.Compose([crop(global_size, global_scale), flip_and_color_jitter, _GaussianBlur(1.0), _Solarization(0.0)]),
+            T.Compose([crop(global_size, global_scale), flip_and_color_jitter, _GaussianBlur(0.1), _Solarization(0.2)]),
+            T.Compose([crop(local_size, local_scale), flip_and_color_jitter, _GaussianBlur(0.5), _Solarization(0.0)]))
+
+
+@pytest.mark.parametrize("color_on_device", [False, True])
+def test_the_composed_transform_is_ibots_torchvision_pipeline_pixel_for_pixel(photo, color_on_device):
+    """MultiCropTransform as a whole (its draws in its own order) against DataAugmentationiBOT composed from
+    torchvision with the same seed: the reconstruction view's flip first, then every view's crop, flip, jitter,
+    grey, blur and solarization. Every view of every seed equal, on both colour paths."""
+    cfg = _views(color_on_device=color_on_device)
+    first, second, local = _ibot_pipeline(48, 24, cfg.global_scale, cfg.local_scale)
+    t = MultiCropTransform(64, True, cfg)
+    seen = torch.zeros(4)
     for seed in range(24):
         torch.manual_seed(seed)
-        expected = np.asarray(ibot(photo))
-        rng = _rng(seed)
-        top, left, h, w = resized_crop_box(*photo.size, (0.25, 1.0), rng)
-        view = photo.crop((left, top, left + w, top + h)).resize((48, 48), Image.BICUBIC)
-        if flip_draw(rng):
-            view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        params = draw_color(cfg, blur_p=0.0, solarize_p=0.0, rng=rng)
-        jittered += int(params[JITTER])
-        assert np.array_equal(np.asarray(color_pil(view, params)), expected), seed
-    assert 12 <= jittered < 24  # both branches of the p = 0.8 draw were compared
+        torch.rand(1)                                    # the reconstruction view's flip, drawn first
+        expected = [first(photo), second(photo)] + [local(photo) for _ in range(cfg.num_local)]
+        expected = [torch.from_numpy(np.asarray(x).copy()).permute(2, 0, 1) for x in expected]
+        out = t(photo, _rng(seed))
+        if color_on_device:
+            colors = torch.cat([out["global_color"], out["local_color"]])
+            seen += torch.stack([colors[:, k].gt(0).float().mean() for k in (JITTER, GRAY, BLUR, SOLARIZE)])
+        batch = views_to_unit({k: v[None] for k, v in out.items()})
+        for key, views in (("global", expected[:2]), ("local", expected[2:])):
+            assert torch.equal(batch[key][0], to_unit(torch.stack(views))), (seed, key)
+    if color_on_device:
+        assert (seen > 0).all() and (seen < 24).all()    # every random branch went both ways
 
 
 def _views(**kw):

@@ -126,6 +126,7 @@ def test_timestep_shift():
     plain, shifted = RectifiedFlow.timesteps(10), RectifiedFlow.timesteps(10, shift=3.0)
     assert plain[0] == shifted[0] == 1 and plain[-1] == shifted[-1] == 0
     assert torch.all(shifted[1:-1] > plain[1:-1]) and torch.all(shifted[1:] < shifted[:-1])
+    assert torch.allclose(plain, torch.linspace(1, 0, 11))  # no shift by default: evenly spaced
 
 
 def test_flow_sample_cfg_interval_and_errors():
@@ -153,3 +154,33 @@ def test_create_objective():
     with pytest.raises(KeyError, match="ddpm"):
         create_objective("edm")
 
+
+
+def test_flow_loss_draws_noise_and_time_from_the_seed_and_conditions_on_the_label():
+    """Without given noise and t: noise ~ N(0, 1) of x's shape, then t of sample_t(batch), in that order; the model
+    sees the labels; extra (learned-sigma) output channels are dropped by channel, with C != H."""
+    flow = RectifiedFlow("logit_normal", logit_mean=0.5, logit_std=2.0)
+    x, y = torch.randn(3, 2, 5, 5), torch.tensor([4, 0, 2])
+    seen = {}
+
+    def model_fn(xt, t, yy):
+        seen.update(xt=xt, t=t, y=yy)
+        out = torch.zeros(xt.shape[0], 4, *xt.shape[2:])
+        out[:, :2] = yy.float().view(-1, 1, 1, 1)        # the velocity channels depend on the label
+        out[:, 2:] = 100.0                               # sigma channels: never part of the loss
+        return out
+
+    torch.manual_seed(3)
+    loss = flow.loss(model_fn, x, y)
+    torch.manual_seed(3)
+    noise = torch.randn_like(x)
+    t = torch.sigmoid(0.5 + 2.0 * torch.randn(3))
+    assert torch.allclose(seen["t"], t) and torch.equal(seen["y"], y)
+    assert torch.allclose(seen["xt"], flow.interpolate(x, noise, t))
+    expected = (y.float().view(-1, 1, 1, 1) - (noise - x)).square().mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_interpolation_keeps_the_latents_dtype():
+    x, noise = torch.randn(2, 3, 2, 2).bfloat16(), torch.randn(2, 3, 2, 2).bfloat16()
+    assert RectifiedFlow.interpolate(x, noise, torch.tensor([0.3, 0.6])).dtype == torch.bfloat16

@@ -64,6 +64,39 @@ def test_missing_and_truncated_shards_are_refused_at_start(good, tmp_path):
         _start(cache)
 
 
+def _with_header(data: bytes, header: bytes, claimed: int | None = None) -> bytes:
+    """The shard's bytes with another header (and header length field), its tensor data unchanged."""
+    n = struct.unpack("<Q", data[:8])[0]
+    return struct.pack("<Q", len(header) if claimed is None else claimed) + header + data[8 + n:]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("claims", "is garbled \\(its header claims 1099511627776 bytes; the file has"),
+    ("not json", "is garbled or truncated \\(unreadable header: "),
+    ("not utf-8", "is garbled or truncated \\(unreadable header: "),
+    ("no offsets", f"cache shard {SHARD} \\(.*{SHARD}\\) has a malformed header"),
+    ("offsets not a list", f"cache shard {SHARD} \\(.*{SHARD}\\) has a malformed header"),
+])
+def test_malformed_shard_headers_are_refused_at_start_naming_the_shard(good, tmp_path, case, message):
+    cache = _copy(good, tmp_path)
+    data = (cache / SHARD).read_bytes()
+    header = json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]])
+    broken = {
+        "claims": lambda: _with_header(data, b"{}", claimed=1 << 40),
+        "not json": lambda: _with_header(data, b'{"latents": {"dtype": "F32",'),
+        "not utf-8": lambda: _with_header(data, b"\xff\xfe{}"),
+        "no offsets": lambda: _with_header(data, json.dumps(
+            {k: ({kk: vv for kk, vv in v.items() if kk != "data_offsets"} if k == "latents" else v)
+             for k, v in header.items()}).encode()),
+        "offsets not a list": lambda: _with_header(data, json.dumps(
+            {k: ({**v, "data_offsets": 7} if k == "latents" else v) for k, v in header.items()}).encode()),
+    }[case]()
+    (cache / SHARD).write_bytes(broken)
+    with pytest.raises(ShardError, match=message) as err:
+        _start(cache)
+    assert str(cache / SHARD) in str(err.value) and "\n" not in str(err.value)
+
+
 def test_metadata_that_disagrees_with_the_shards_is_refused(good, tmp_path):
     cache = _copy(good, tmp_path)
     meta = json.loads((cache / "metadata.json").read_text())

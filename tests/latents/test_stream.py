@@ -94,3 +94,26 @@ def test_stream_flips_passes_ranks_and_resume(cache):
     ranks = [batches(2, rank=r, world=2) for r in (0, 1)]  # two ranks split a pass without overlap
     assert sorted(i for r in ranks for idx, _ in r for i in idx) == list(range(16))
 
+
+
+def test_overwrite_replaces_a_cache_whole(cache, tmp_path):
+    """overwrite: true on a complete cache made by another autoencoder with another shard size: the old shards are
+    removed, not mixed in; the new cache holds each image once, its stats and its autoencoder."""
+    import shutil
+
+    out = tmp_path / "latents"
+    shutil.copytree(cache["dir"], out)
+    old = sorted(os.listdir(out))
+    assert len([f for f in old if f.startswith("shard-")]) == 3  # 16 latents in shards of 6
+    other = tiny_tcae_checkpoint(tmp_path / "other.ckpt", seed=1)
+    cache_latents({"kind": "tcae", "path": other}, cache["images"], str(out), batch_size=8, shard_size=16,
+                  overwrite=True, accelerator="cpu")
+    assert [f for f in os.listdir(out) if f.startswith("shard-")] == ["shard-r0-00000.safetensors"]
+    meta = read_metadata(str(out))
+    assert meta["count"] == 16 and meta["autoencoder"]["path"] == str(other)
+    data = load_shards(str(out))
+    assert sorted(data["indices"].tolist()) == list(range(16))
+    before = load_shards(cache["dir"])
+    assert not torch.equal(data["latents"][data["indices"].argsort()], before["latents"][before["indices"].argsort()])
+    dm = LatentDataModule(str(out), expect_autoencoder={"kind": "tcae", "path": str(other)})
+    dm.setup("fit")  # the stats and shards agree: the stream starts

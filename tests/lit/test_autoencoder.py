@@ -48,11 +48,11 @@ def _ssl_data():
                                 views=views)
 
 
-def test_one_step_updates_generator_critic_and_ema():
+def test_one_step_updates_generator_critic_and_ema(tmp_path):
     torch.manual_seed(0)
     module = tiny_module(max_steps=1)
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    tiny_trainer("/tmp/tcae_one_step").fit(module, tiny_data())
+    tiny_trainer(str(tmp_path)).fit(module, tiny_data())
     after = module.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert module.step_count == 1
@@ -226,14 +226,14 @@ def test_ddp_with_two_cpu_processes(tmp_path):
     assert "val/psnr" in open(os.path.join(out, "tcae", "metrics.csv")).readline()
 
 
-def test_joint_ibot_step_trains_student_and_moves_teacher_by_ema():
+def test_joint_ibot_step_trains_student_and_moves_teacher_by_ema(tmp_path):
     torch.manual_seed(0)
     module = _ssl_module(max_steps=1)
     assert module.net.encoder.cls_token is not None
     teacher0 = {k: v.clone() for k, v in module.ssl.teacher.state_dict().items()}
     enc0 = {k: v.clone() for k, v in module.net.encoder.state_dict().items()}
     heads0 = {k: v.clone() for k, v in module.ssl.heads.state_dict().items()}
-    tiny_trainer("/tmp/tcae_ssl_step").fit(module, _ssl_data())
+    tiny_trainer(str(tmp_path)).fit(module, _ssl_data())
     assert not any(p.requires_grad for p in module.ssl.teacher.parameters())
     assert all(p.grad is None for p in module.ssl.teacher.parameters())
     assert any(not torch.equal(v, module.ssl.heads.state_dict()[k]) for k, v in heads0.items())
@@ -259,11 +259,11 @@ def test_module_with_ibot_heads_pickles():
         assert torch.equal(a, b)
 
 
-def test_freeze_last_layer_keeps_the_prototypes_for_its_steps():
+def test_freeze_last_layer_keeps_the_prototypes_for_its_steps(tmp_path):
     torch.manual_seed(0)
     module = _ssl_module(max_steps=1, ssl_args={"freeze_last_layer_steps": 1})
     heads0 = {k: v.clone() for k, v in module.ssl.heads.state_dict().items()}
-    tiny_trainer("/tmp/tcae_ssl_freeze").fit(module, _ssl_data())
+    tiny_trainer(str(tmp_path)).fit(module, _ssl_data())
     changed = {k for k, v in module.ssl.heads.state_dict().items() if not torch.equal(v, heads0[k])}
     assert changed and not any("last_layer" in k for k in changed)  # the MLP learned, the prototypes did not
 
@@ -305,11 +305,11 @@ def test_init_from_initialises_the_teacher(tmp_path):
     assert all(torch.equal(v, joint.eval_net.encoder.state_dict()[k]) for k, v in teacher.items())  # EMA weights
 
 
-def test_ssl_without_views_and_ssl_in_decoder_finetune_are_refused():
+def test_ssl_without_views_and_ssl_in_decoder_finetune_are_refused(tmp_path):
     with pytest.raises(ValueError, match="set model.ssl to null"):
         _ssl_module(phase="decoder_finetune")
     with pytest.raises(KeyError, match="data.init_args.views"):
-        tiny_trainer("/tmp/tcae_ssl_noviews").fit(_ssl_module(max_steps=1), tiny_data())
+        tiny_trainer(str(tmp_path)).fit(_ssl_module(max_steps=1), tiny_data())
 
 
 def test_joint_checkpoint_rebuilds_its_encoder_with_the_cls_token(tmp_path):

@@ -5,10 +5,12 @@ import os
 import pytest
 import torch
 
-from tcae_ldm.cli import main
+from tcae_ldm.cli import main, run
 from tcae_ldm.data.demo import DemoPhotosDataModule
 from tcae_ldm.lit.caching import cache_latents
+from tcae_ldm.diffusion.flow import RectifiedFlow
 from tcae_ldm.lit.diffusion import DiffusionModule
+from tcae_ldm.lit.guards import NonFiniteLossError
 from tests.tiny import REPO, callbacks_arg, tiny_tcae_checkpoint
 
 DEMO = os.path.join(REPO, "configs", "demo", "dit_on_tcae.yaml")
@@ -148,3 +150,41 @@ def test_training_compute_is_logged_and_survives_the_resume(runs):
     with open(runs["straight"] / "metrics.csv") as f:
         logged = [float(r["train/compute_gmacs"]) for r in csv.DictReader(f) if r.get("train/compute_gmacs")]
     assert logged == pytest.approx([k * 8 * per_latent for k in range(1, 6)], rel=1e-12)
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_nan_loss_stops_the_dit_with_its_step_and_keeps_the_last_checkpoint_good(runs, tmp_path, monkeypatch,
+                                                                                    capsys, debug):
+    """The DiT's loss turns NaN at step 3: the run stops before that update, says the step and the last good
+    checkpoint in one line (the traceback only with TCAE_LDM_DEBUG=1), and last.ckpt holds step 3's finite weights."""
+    monkeypatch.chdir(tmp_path)
+    if debug:
+        monkeypatch.setenv("TCAE_LDM_DEBUG", "1")
+    else:
+        monkeypatch.delenv("TCAE_LDM_DEBUG", raising=False)
+    real, calls = RectifiedFlow.loss, []
+
+    def poisoned(self, *args, **kwargs):
+        calls.append(1)
+        loss = real(self, *args, **kwargs)
+        return loss * float("nan") if len(calls) > 3 else loss
+
+    monkeypatch.setattr(RectifiedFlow, "loss", poisoned)
+    argv = ["fit", "--config", DEMO, f"--data.cache_dir={runs['cache']}", "--data.expect_image_size=32",
+            "--data.expect_autoencoder.name=TC-AE-T/p4-c16", f"--data.expect_autoencoder.path={runs['ae']}",
+            "--data.global_batch_size=8", "--model.dit=DiT-T/1", "--model.sample_every_n_steps=0", callbacks_arg(),
+            "--trainer.max_steps=6"]
+    last = tmp_path / "runs" / "demo" / "dit_tcae" / "checkpoints" / "last.ckpt"
+    if debug:
+        with pytest.raises(NonFiniteLossError, match="non-finite loss at step 3 "):
+            run(argv)
+    else:
+        with pytest.raises(SystemExit) as exit_:
+            run(argv)
+        assert exit_.value.code == 1
+        err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+        assert err == [f"tcae-ldm fit: error: non-finite loss at step 3 (nan); stopping before the update, so nothing "
+                       f"bad is saved: the last good checkpoint is {last} (global step 3)"], err
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["global_step"] == 3 and len(calls) == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())

@@ -1,11 +1,13 @@
 """The gFID callback logs at the right steps, under the names `tcae-ldm compare` reads."""
 import csv
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
+from tcae_ldm.lit import generation
 from tcae_ldm.lit.generation import GenerationEvalCallback
 from tcae_ldm.lit.progress import ProgressLine
 from tcae_ldm.metrics.features import RandomFeatures
@@ -67,6 +69,35 @@ def test_gfid_is_logged_every_k_steps_with_named_columns(tmp_path):
     assert fids[-1] < fids[0]  # samples approach the reference as w -> 1
     # the same 3 chunk seeds at every evaluation: only the weights change between evaluations
     assert module.sampled_seeds == [100, 101, 102] * 3
+
+
+def test_wall_time_counts_training_steps_and_excludes_evaluation(tmp_path, monkeypatch):
+    """On a clock that a training step moves by 1 s and every sampled chunk by 100 s, gen/wall_time_s is exactly the
+    training time: 3, 6 and 7 s at the evaluations of steps 3, 6 and the end."""
+    clock = [0.0]
+    monkeypatch.setattr(generation, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    extractor = RandomFeatures()
+    stats = FrechetStats(extractor.dim)
+    stats.update(extractor(torch.rand(16, 3, 16, 16) * 2 - 1))
+    save_stats(str(tmp_path / "ref.npz"), *stats.mean_cov(), features="random", count=16)
+
+    class SlowToEvaluate(TinyGenerator):
+        def training_step(self, batch, batch_idx):
+            clock[0] += 1.0
+            return super().training_step(batch, batch_idx)
+
+        def sample(self, labels, seed, steps=None, sampler=None, cfg_scale=1.0):
+            clock[0] += 100.0
+            return super().sample(labels, seed, steps, sampler, cfg_scale)
+
+    cb = GenerationEvalCallback(str(tmp_path / "ref.npz"), every_n_steps=3, num_samples=4, features="random",
+                                batch_size=2)
+    L.Trainer(max_steps=7, logger=CSVLogger(str(tmp_path), name="run", version=""), callbacks=[cb],
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(SlowToEvaluate())
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("gen/gfid_random")]
+    assert [float(r["gen/wall_time_s"]) for r in rows] == [3.0, 6.0, 7.0]
+    assert clock[0] == 7 + 3 * 2 * 100  # the evaluations did take (fake) time: 2 chunks each
 
 
 def test_labels_are_balanced_and_fixed():

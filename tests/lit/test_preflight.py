@@ -63,13 +63,13 @@ def test_an_autoencoder_run_reports_its_data_root_init_checkpoint_and_disk(tmp_p
     assert f"(3) checkpoints in {tmp_path / 'ckpt'} need about" in msg and "only 0.00 GB are free" in msg
 
 
-def test_checkpoint_size_estimate_counts_weights_and_adam_moments():
+def test_checkpoint_size_estimate_counts_weights_and_adam_moments(tmp_path):
     module = tiny_module()
     state = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     trainable = sum(p.numel() * 4 for p in module.parameters() if p.requires_grad)
     assert estimate_checkpoint_bytes(module) == state + 2 * trainable
-    tiny_trainer("/tmp/tcae_preflight_size").fit(module, __import__("tests.tiny").tiny.tiny_data())
-    path = "/tmp/tcae_preflight_size/ckpt/last.ckpt"
+    tiny_trainer(str(tmp_path)).fit(module, __import__("tests.tiny").tiny.tiny_data())
+    path = tmp_path / "ckpt" / "last.ckpt"
     assert 0.9 < os.path.getsize(path) / estimate_checkpoint_bytes(module) < 1.2  # against a real checkpoint
     torch.load(path, weights_only=False)
 

@@ -4,6 +4,7 @@ resume, and the divergence bound."""
 import csv
 import errno
 import io
+import json
 import logging
 import os
 import subprocess
@@ -14,6 +15,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from safetensors.torch import load_file
 
 from tcae_ldm.cli import main
 from tcae_ldm.commands.fid_stats import main as fid_stats_main
@@ -21,6 +23,8 @@ from tcae_ldm.lit.guards import NonFiniteLossError
 from tcae_ldm.utils.atomic import TMP_SUFFIX
 from tcae_ldm.utils.checkpoints import CorruptCheckpointError, read_checkpoint
 from tests.tiny import (
+    REPO,
+    TINY,
     callbacks_arg,
     dit_argv,
     isolated_env,
@@ -121,6 +125,114 @@ def test_kill_9_during_checkpoint_writes_resumes_exactly_with_the_whole_history(
     assert [r["step"] for r in straight if r["train/loss"]] == [str(s) for s in range(8)]
     assert len([r for r in straight if r["gen/gfid_random"]]) == 3  # steps 3, 6 and the end, 8
     assert resumed == straight  # every row once, equal values: nothing lost, nothing doubled
+
+
+def _ae_argv(out):
+    """configs/demo/tcae.yaml (iBOT views, the critic from step 2) shrunk: 16 crops / 8 = 2 batches per epoch, 5
+    steps, last.ckpt after every step, validation after every epoch, the run's folder `out`."""
+    callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"dirpath": f"{out}/ckpt", "every_n_train_steps": 1, "save_top_k": 0, "save_last": True,
+                                "monitor": None}}]
+    return ["fit", "--config", os.path.join(REPO, "configs", "demo", "tcae.yaml"), *TINY,
+            "--model.init_args.max_steps=5", "--model.init_args.loss.disc_start=2",
+            "--model.init_args.ssl.teacher_temp_warmup_steps=4", f"--trainer.logger.init_args.save_dir={out}",
+            f"--trainer.callbacks={json.dumps(callbacks)}"]
+
+
+@pytest.mark.slow
+def test_kill_9_of_an_autoencoder_fit_mid_checkpoint_write_resumes_exactly(tmp_path):
+    """SIGKILL while the joint TC-AE + iBOT run writes its 3rd checkpoint (after step 3, mid-epoch): last.ckpt is
+    still step 2's, whole; `--ckpt_path last` then ends bit for bit where an uninterrupted run ends."""
+    for name in ("straight", "chain"):
+        os.makedirs(tmp_path / name)
+    run_child(_ae_argv(tmp_path / "straight"), str(tmp_path / "straight"))
+    chain = tmp_path / "chain"
+    run_child(_ae_argv(chain), str(chain), hang_at=3)
+    killed = read_checkpoint(str(chain / "ckpt" / "last.ckpt"))
+    assert killed["step_count"] == 2
+    assert len([f for f in os.listdir(chain / "ckpt") if f.endswith(TMP_SUFFIX)]) == 1
+    run_child(_ae_argv(chain) + ["--ckpt_path=last"], str(chain))
+    a, b = (read_checkpoint(str(tmp_path / n / "ckpt" / "last.ckpt")) for n in ("straight", "chain"))
+    assert a["step_count"] == b["step_count"] == 5
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    for oa, ob in zip(a["optimizer_states"], b["optimizer_states"]):
+        for sa, sb in zip(oa["state"].values(), ob["state"].values()):
+            assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    assert [f for f in os.listdir(chain / "ckpt") if f.endswith(TMP_SUFFIX)] == []
+
+
+# A child `tcae-ldm` whose n-th cache shard write ($HANG_AT_SHARD) writes half the shard's temporary, signals the
+# parent ($HANG_MARKER) and hangs until it is killed.
+CACHE_CHILD = r"""
+import os, sys, time
+import tcae_ldm.latents.shards as shards
+from tcae_ldm.utils.atomic import atomic_write
+real, hang_at, seen = shards.write_bytes_atomic, int(os.environ["HANG_AT_SHARD"]), [0]
+def write(path, data, group_readable=False):
+    seen[0] += 1
+    if seen[0] == hang_at:
+        with atomic_write(path, "wb", group_readable) as f:
+            f.write(data[: len(data) // 2])
+            f.flush()
+            open(os.environ["HANG_MARKER"], "w").close()
+            time.sleep(600)
+    return real(path, data, group_readable)
+shards.write_bytes_atomic = write
+from tcae_ldm.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_cache_run_mid_shard_write_is_refused_until_overwritten(tiny_cache, tmp_path):
+    """SIGKILL while the 2nd shard of a latent cache is written: the folder holds one whole shard and the half
+    temporary, no metadata. The DiT refuses it as unfinished, a rerun refuses to mix into it, and a rerun with
+    overwrite: true replaces it with the cache an uninterrupted run makes."""
+    from tcae_ldm.latents.cache import read_metadata
+    from tcae_ldm.latents.stream import LatentDataModule
+
+    out = tmp_path / "latents"
+    argv = ["predict", "--config", os.path.join(REPO, "configs", "demo", "cache_latents_tcae.yaml"),
+            f"--model.init_args.autoencoder.path={tiny_cache['ae']}",
+            "--data.init_args.images.init_args.image_size=32", "--data.init_args.images.init_args.train_per_class=2",
+            "--data.init_args.images.init_args.val_per_class=1", "--data.init_args.batch_size=4",
+            f"--trainer.default_root_dir={tmp_path / 'run'}", f"--trainer.callbacks.init_args.output_dir={out}",
+            "--trainer.callbacks.init_args.shard_size=8"]
+    marker = tmp_path / "hanging"
+    env = isolated_env(HANG_AT_SHARD="2", HANG_MARKER=str(marker))
+    with open(tmp_path / "child.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", CACHE_CHILD, *argv, "--trainer.callbacks.init_args.overwrite="
+                                 "false"], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + 300
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        proc.kill()  # SIGKILL
+        proc.wait()
+    assert marker.exists(), (tmp_path / "child.log").read_text()[-3000:]
+    files = sorted(os.listdir(out))
+    assert [f for f in files if f.endswith(".safetensors")] == ["shard-r0-00000.safetensors"]
+    assert len([f for f in files if f.endswith(TMP_SUFFIX)]) == 1 and "metadata.json" not in files
+    with pytest.raises(FileNotFoundError, match="unfinished caching run"):
+        LatentDataModule(str(out)).setup("fit")
+
+    refused = subprocess.run([sys.executable, "-m", "tcae_ldm.cli", *argv, "--trainer.callbacks.init_args.overwrite="
+                              "false"], cwd=tmp_path, capture_output=True, text=True, env=isolated_env())
+    assert refused.returncode == 1 and "unfinished caching run; choose another output_dir or set overwrite: true" \
+        in refused.stderr, refused.stderr[-2000:]
+    assert sorted(os.listdir(out)) == files  # nothing touched
+
+    run_child(argv, str(tmp_path))  # the config's overwrite: true
+    assert read_metadata(str(out))["count"] == 16
+    dm = LatentDataModule(str(out))
+    dm.setup("fit")  # every shard whole, the stats written: the stream starts
+    made = {k: torch.cat([load_file(os.path.join(out, f))[k] for f in sorted(os.listdir(out))
+                          if f.endswith(".safetensors")]) for k in ("latents", "indices")}
+    ref = {k: torch.cat([load_file(os.path.join(tiny_cache["cache"], f))[k]
+                         for f in sorted(os.listdir(tiny_cache["cache"])) if f.endswith(".safetensors")])
+           for k in ("latents", "indices")}
+    assert torch.allclose(made["latents"][made["indices"].argsort()], ref["latents"][ref["indices"].argsort()],
+                          atol=1e-5)
 
 
 def _state(module):

@@ -82,13 +82,15 @@ def test_mim_ignores_unmasked_positions():
     assert torch.allclose(base["mim"], expected, atol=1e-6)
 
 
-def _reference_loss(s_cls, s_patch, t_cls, t_patch, masks, G, temp, temp2, student_temp=0.1):
-    """iBOT's iBOTLoss.forward arithmetic (bytedance/ibot main_ibot.py), loop for loop: per view pair, the
-    [CLS] cross-entropy's batch mean; for the same view, per image the masked tokens' mean (clamped count),
-    then the batch mean; each sum divided by its number of terms. Zero centers."""
+def _reference_loss(s_cls, s_patch, t_cls, t_patch, masks, G, temp, temp2, student_temp=0.1, center=0.0,
+                    center2=0.0):
+    """iBOT's iBOTLoss.forward arithmetic (bytedance/ibot main_ibot.py), loop for loop: the teacher's outputs
+    centered then sharpened; per view pair, the [CLS] cross-entropy's batch mean; for the same view, per image
+    the masked tokens' mean (clamped count), then the batch mean; each sum divided by its number of terms."""
     s_cls_c, s_patch_c = (s_cls / student_temp).chunk(s_cls.shape[0] // (t_cls.shape[0] // G)), \
         (s_patch / student_temp).chunk(G)
-    t_cls_c, t_patch_c = F.softmax(t_cls / temp, -1).chunk(G), F.softmax(t_patch / temp2, -1).chunk(G)
+    t_cls_c = F.softmax((t_cls - center) / temp, -1).chunk(G)
+    t_patch_c = F.softmax((t_patch - center2) / temp2, -1).chunk(G)
     m_c = masks.flatten(1).float().chunk(G)
     cls, n_cls, mim, n_mim = 0.0, 0, 0.0, 0
     for q in range(G):
@@ -117,6 +119,38 @@ def test_loss_matches_the_reference_arithmetic_when_half_the_views_are_unmasked(
                    warmup_steps=10)(**x, masks=masks, step=0, update_center=False)
     cls, mim = _reference_loss(*x.values(), masks, G, temp=0.04, temp2=0.05)
     assert torch.allclose(out["cls"], cls, atol=1e-6) and torch.allclose(out["mim"], mim, atol=1e-6)
+
+
+@pytest.mark.parametrize("V", [2, 5])
+def test_loss_matches_the_reference_with_centers_mid_warm_up_and_mixed_masks(V):
+    """Non-zero centers (the [CLS] and patch centers differ), both teacher temperatures mid-warm-up with their
+    own end points, some global views masked and some not: every term of the reference is exercised, and the
+    centers then move by iBOT's EMA of the teacher's batch means."""
+    G, B, N, K, Kp = 2, 3, 8, 6, 4
+    g = torch.Generator().manual_seed(10 + V)
+    x = dict(student_cls=torch.randn(V * B, K, generator=g), student_patch=torch.randn(G * B, N, Kp, generator=g),
+             teacher_cls=torch.randn(G * B, K, generator=g), teacher_patch=torch.randn(G * B, N, Kp, generator=g))
+    masks = torch.rand(G * B, N, generator=g) < 0.5
+    masks[[0, 4]] = False                                # two images unmasked, the rest masked
+    masks[[1, 2, 3, 5], 0] = True
+    crit = iBOTLoss(K, Kp, student_temp=0.1, warmup_teacher_temp=0.04, teacher_temp=0.07,
+                    warmup_teacher_patch_temp=0.03, teacher_patch_temp=0.09, warmup_steps=10,
+                    center_momentum=0.8, lambda_cls=0.7, lambda_mim=1.3)
+    center, center2 = 3 * torch.randn(1, K, generator=g), 3 * torch.randn(1, 1, Kp, generator=g)
+    crit.center.copy_(center)
+    crit.center_patch.copy_(center2)
+    out = crit(**x, masks=masks, step=3)
+    temp, temp2 = 0.04 + 0.3 * (0.07 - 0.04), 0.03 + 0.3 * (0.09 - 0.03)
+    cls, mim = _reference_loss(*x.values(), masks, G, temp=temp, temp2=temp2, center=center, center2=center2)
+    assert torch.allclose(out["cls"], cls, atol=1e-6) and torch.allclose(out["mim"], mim, atol=1e-6)
+    assert torch.allclose(out["loss"], 0.7 * cls + 1.3 * mim, atol=1e-6)
+    # Centering matters on these inputs: the loss without it differs.
+    cls0, mim0 = _reference_loss(*x.values(), masks, G, temp=temp, temp2=temp2)
+    assert not torch.allclose(cls0, cls, atol=1e-3) and not torch.allclose(mim0, mim, atol=1e-3)
+    # iBOT's update_center: center * m + batch mean * (1 - m), the patch center over images and tokens.
+    assert torch.allclose(crit.center, 0.8 * center + 0.2 * x["teacher_cls"].mean(0, keepdim=True), atol=1e-6)
+    assert torch.allclose(crit.center_patch, 0.8 * center2 + 0.2 * x["teacher_patch"].mean((0, 1), keepdim=True),
+                          atol=1e-6)
 
 
 def test_center_update_single_process():
@@ -180,3 +214,59 @@ def test_momentum_schedule():
     assert all(a <= b for a, b in zip(ms, ms[1:]))
     assert cosine_momentum(500, 100) == 1.0 and cosine_momentum(50, 100, base=0.99) == pytest.approx(0.995)
 
+
+
+def test_defaults_are_ibots_and_the_centers_keep_their_checkpoint_shapes():
+    crit = iBOTLoss()
+    assert (crit.student_temp, crit.cls_temps, crit.patch_temps) == (0.1, (0.04, 0.07), (0.04, 0.07))
+    assert (crit.center_momentum, crit.lambda_cls, crit.lambda_mim, crit.warmup_steps) == (0.9, 1.0, 1.0, 0)
+    assert crit.center.shape == (1, 8192) and crit.center_patch.shape == (1, 1, 8192)  # what checkpoints hold
+    assert iBOTLoss(16, 4).center_patch.shape == (1, 1, 4)
+
+
+def test_one_step_warm_up_and_momentum_edges():
+    crit = iBOTLoss(3, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_steps=1)
+    assert crit.teacher_temps(0) == (0.04, 0.04) and crit.teacher_temps(1) == pytest.approx((0.07, 0.07))
+    assert iBOTLoss(3, warmup_steps=0).teacher_temps(0) == pytest.approx((0.07, 0.07))
+    assert cosine_momentum(0, 0) == 1.0 and cosine_momentum(0, 1) == pytest.approx(0.996)
+
+
+def test_gathered_student_patches_give_the_full_tensors_loss():
+    """The student's patch logits of the masked tokens only ((M, Kp) in masks.nonzero() order), with N != Kp."""
+    x = _loss_inputs(N=6, K=5)
+    full = iBOTLoss(5)(**x, step=0, update_center=False)
+    img, tok = x["masks"].nonzero(as_tuple=True)
+    gathered = iBOTLoss(5)(**{**x, "student_patch": x["student_patch"][img, tok]}, step=0, update_center=False)
+    assert torch.equal(full["mim"], gathered["mim"]) and torch.equal(full["cls"], gathered["cls"])
+
+
+@pytest.mark.parametrize("G, t_rows, s_rows", [
+    (2, 1, 4),   # fewer teacher rows than global views: B = 0
+    (2, 3, 4),   # teacher rows not G x B
+    (2, 4, 5),   # student rows not V x B
+    (3, 6, 4),   # fewer student views than global views
+    (1, 2, 2),   # a single view: nothing to distil across
+])
+def test_cls_shapes_that_do_not_fit_are_refused(G, t_rows, s_rows):
+    crit = iBOTLoss(5, n_global_views=G)
+    x = dict(student_cls=torch.randn(s_rows, 5), teacher_cls=torch.randn(t_rows, 5),
+             student_patch=torch.randn(t_rows, 3, 5), teacher_patch=torch.randn(t_rows, 3, 5),
+             masks=torch.ones(t_rows, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=rf"expected teacher_cls with {G}\*B rows and student_cls with V\*B rows "
+                                         rf"\(V >= {G}, V >= 2\); got \({t_rows}, 5\) and \({s_rows}, 5\)"):
+        crit(**x, step=0)
+
+
+@pytest.mark.parametrize("what", ["masks tokens", "teacher rows", "student tokens", "gathered count", "gathered dim"])
+def test_patch_shapes_that_do_not_fit_are_refused(what):
+    x = _loss_inputs(B=2, V=4, G=2, N=6, K=5)
+    M = int(x["masks"].sum())
+    bad = {"masks tokens": {"masks": torch.zeros(4, 7, dtype=torch.bool)},
+           "teacher rows": {"teacher_patch": torch.randn(5, 6, 5)},
+           "student tokens": {"student_patch": torch.randn(4, 7, 5)},
+           "gathered count": {"student_patch": torch.randn(M + 1, 5)},
+           "gathered dim": {"student_patch": torch.randn(M, 6)}}[what]
+    x.update(bad)
+    with pytest.raises(ValueError, match=r"patch shapes disagree: student \(.*\), teacher \(.*\), masks \(.*\) with "
+                                         r"\d+ masked, 2 global views x B=2"):
+        iBOTLoss(5)(**x, step=0)

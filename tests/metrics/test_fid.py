@@ -1,8 +1,15 @@
-"""FID: Frechet distance against closed forms, exact running statistics, reference files, feature networks."""
+"""FID: Frechet distance against closed forms, exact running statistics (one process and 2 gloo ranks),
+reference files, feature networks."""
+import os
+import socket
+
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from scipy import linalg
+from torch.utils.data.distributed import DistributedSampler
 
 from tcae_ldm.metrics.features import RandomFeatures
 from tcae_ldm.metrics.fid import (
@@ -207,3 +214,48 @@ def test_rfid_is_the_frechet_distance_of_real_and_reconstructed_features():
     metrics.reset()
     assert metrics.fid.real.count == 0
 
+
+
+def _ddp_rfid_worker(rank, world_size, init_method, out_dir, n):
+    """One rank of a DDP evaluation: Lightning's DistributedSampler (no shuffle; it pads the last round by repeating
+    the first indices) in batches of 2, rFID computed on every rank."""
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
+    try:
+        x, x_rec = images(0, n), images(1, n)
+        metric = ReconstructionFID(RandomFeatures(dim=6))
+        rows = list(DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=False))
+        for i in range(0, len(rows), 2):
+            metric.update(x[rows[i:i + 2]], x_rec[rows[i:i + 2]])
+        fid = metric.compute()
+        real = metric.real.reduced()
+        torch.save({"fid": fid, "count": real.count, "sum": real.sum, "outer": real.outer,
+                    "local_count": metric.real.count}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fid_sums_over_two_gloo_ranks_equal_one_process_on_the_same_images(tmp_path):
+    """Sums (count, sum x, sum x x^T) all-reduced over 2 ranks equal one process's sums over the images the ranks
+    saw: 9 images, so the sampler pads rank 1 with image 0 (10 scored). The padding is visible, and counted."""
+    n = 9
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_rfid_worker, args=(2, f"tcp://127.0.0.1:{port}", str(tmp_path), n), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    padded = [i for r in range(2) for i in DistributedSampler(range(n), num_replicas=2, rank=r, shuffle=False)]
+    assert sorted(padded) == [0] + list(range(n))                  # one image twice: what DDP evaluation scores
+    x, x_rec = images(0, n), images(1, n)
+    one = ReconstructionFID(RandomFeatures(dim=6))
+    one.update(x[padded], x_rec[padded])
+    unpadded = ReconstructionFID(RandomFeatures(dim=6))
+    unpadded.update(x, x_rec)
+    assert [r["local_count"] for r in ranks] == [5, 5]
+    for r in ranks:                                                 # every rank holds the same, whole sums
+        assert r["count"] == one.real.count == 10
+        # (float32 features of batches of 2 and of one batch of 10 differ in the last bits; the sums are float64)
+        assert torch.allclose(r["sum"], one.real.sum, rtol=1e-6, atol=0)
+        assert torch.allclose(r["outer"], one.real.outer, rtol=1e-6, atol=0)
+        assert r["fid"] == pytest.approx(one.compute(), rel=1e-5)
+    assert ranks[0]["fid"] != pytest.approx(unpadded.compute(), rel=1e-3)  # the duplicate changes the value
