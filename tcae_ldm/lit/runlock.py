@@ -16,6 +16,8 @@ import os
 import socket
 import time
 
+from tcae_ldm.utils.atomic import process_alive
+
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
@@ -49,13 +51,7 @@ def _alive_elsewhere(holder: dict) -> bool:
         return False
     if holder.get("host") != socket.gethostname():
         return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return process_alive(pid)
 
 
 class RunLock:

@@ -77,7 +77,7 @@ def remove_stale_temporaries(folder: str) -> list[str]:
         m = _TMP_RE.match(name)
         if m is None or m["host"] != _host():
             continue
-        if _alive(int(m["pid"])):
+        if process_alive(int(m["pid"])):
             continue
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(folder, name))
@@ -85,7 +85,8 @@ def remove_stale_temporaries(folder: str) -> list[str]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host has that pid (one of another user counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
