@@ -5,11 +5,6 @@
 set -euo pipefail
 CONFIG=${CONFIG:-configs/cache_latents_tcae.yaml}
 DATA=${DATA:-/data/imagenet}
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-GPUS=${GPUS:-8}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
-torchrun --nnodes="$NNODES" --nproc-per-node="$GPUS" --node-rank="$NODE_RANK" --master-addr="$MASTER_ADDR" \
-  --master-port="$MASTER_PORT" -m tcae_ldm.cli predict --config="$CONFIG" --data.init_args.images.init_args.root="$DATA" \
+source "$(dirname "$0")/../torchrun_common.sh"  # NNODES, NODE_RANK, GPUS, MASTER_ADDR / _PORT
+"${TORCHRUN[@]}" -m tcae_ldm.cli predict --config="$CONFIG" --data.init_args.images.init_args.root="$DATA" \
   --trainer.num_nodes="$NNODES" --trainer.devices="$GPUS"

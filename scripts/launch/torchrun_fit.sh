@@ -8,13 +8,8 @@
 set -euo pipefail
 CONFIG=${CONFIG:-configs/tcae.yaml}
 DATA=${DATA:-/data/imagenet}
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-GPUS=${GPUS:-8}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
+source "$(dirname "$0")/../torchrun_common.sh"  # NNODES, NODE_RANK, GPUS, MASTER_ADDR / _PORT
 DATA_ARGS=()
 case "$CONFIG" in *dit_on_*) ;; *) DATA_ARGS=(--data.init_args.root="$DATA") ;; esac
-torchrun --nnodes="$NNODES" --nproc-per-node="$GPUS" --node-rank="$NODE_RANK" --master-addr="$MASTER_ADDR" \
-  --master-port="$MASTER_PORT" -m tcae_ldm.cli fit --config="$CONFIG" "${DATA_ARGS[@]}" \
+"${TORCHRUN[@]}" -m tcae_ldm.cli fit --config="$CONFIG" "${DATA_ARGS[@]}" \
   --trainer.num_nodes="$NNODES" --trainer.devices="$GPUS" --ckpt_path=last

@@ -4,11 +4,6 @@
 set -euo pipefail
 CKPT=${CKPT:-runs/imagenet/dit_tcae/checkpoints/last.ckpt}
 OUT=${OUT:-samples/dit_tcae}
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-GPUS=${GPUS:-8}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
-torchrun --nnodes="$NNODES" --nproc-per-node="$GPUS" --node-rank="$NODE_RANK" --master-addr="$MASTER_ADDR" \
-  --master-port="$MASTER_PORT" -m tcae_ldm.cli sample --ckpt="$CKPT" --out="$OUT" --num=50000 \
+source "$(dirname "$0")/../torchrun_common.sh"  # NNODES, NODE_RANK, GPUS, MASTER_ADDR / _PORT
+"${TORCHRUN[@]}" -m tcae_ldm.cli sample --ckpt="$CKPT" --out="$OUT" --num=50000 \
   --num-nodes="$NNODES" --devices="$GPUS"
