@@ -90,13 +90,14 @@ def test_eigenvalue_form_equals_sqrtm_and_torch_fidelity_on_well_conditioned_sta
 
 def test_eigenvalue_form_stays_real_where_sqrtm_breaks_down():
     """3 samples of 128-d ReLU features per set: sqrtm's 'square root' of the singular product has imaginary
-    parts of order 1000 (it is no square root of a real matrix); the eigenvalue form is real and finite and
-    agrees with torch-fidelity's eigvals form."""
+    parts far above the 1e-3 at which pytorch-fid gives up ("Imaginary component"; their size depends on the scipy
+    release: about 1000 with 1.15, about 20 with 1.17); the eigenvalue form is real and finite and agrees with
+    torch-fidelity's eigvals form."""
     rng = np.random.default_rng(0)
     x, y = np.maximum(rng.normal(size=(3, 128)), 0), np.maximum(rng.normal(size=(3, 128)) + 0.05, 0)
     stats = (x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
     _, covmean = sqrtm_fd(*stats)
-    assert np.abs(covmean.imag).max() > 100
+    assert np.abs(covmean.imag).max() > 1e-3
     ours = frechet_distance(*stats)
     assert np.isfinite(ours) and ours > 0
     assert ours == pytest.approx(torch_fidelity_fd(*stats), rel=1e-6)
