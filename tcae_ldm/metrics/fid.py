@@ -59,16 +59,21 @@ class ReferenceStats:
     image_size: int | None = None
 
 
+def _npy_header(z: zipfile.ZipFile, member: str) -> tuple:
+    """(shape, fortran_order, dtype) of an .npy member of a zip, read from its header alone."""
+    with z.open(member) as f:
+        major, _ = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        return read(f)
+
+
 def npz_member_shape(path: str, key: str) -> tuple[int, ...] | None:
     """The shape of array `key` of an .npz, read from its header alone (ADM's reference batch holds 1.9 GB of
     images), or None when the file has no such array."""
     with zipfile.ZipFile(path) as z:
         if f"{key}.npy" not in z.namelist():
             return None
-        with z.open(f"{key}.npy") as f:
-            major, _ = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            return tuple(read(f)[0])
+        return tuple(_npy_header(z, f"{key}.npy")[0])
 
 
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, features: str | None = None,
@@ -93,6 +98,10 @@ def load_stats(path: str, expect_features: str | None = None) -> ReferenceStats:
     except Exception as e:  # noqa: BLE001  (numpy raises several types for what is not an .npz)
         raise ValueError(f"reference statistics {path} are not an .npz file numpy can read ({type(e).__name__})") from None
     with f:
+        pickled = [m[:-4] for m in f.zip.namelist() if m.endswith(".npy") and _npy_header(f.zip, m)[2].hasobject]
+        if pickled:  # allow_pickle=False refuses an object array only when it is read: name them all up front
+            raise ValueError(f"reference statistics {path} hold pickled objects ({', '.join(pickled)}) that "
+                             f"loading would have to run code to build; statistics are plain arrays")
         if "mu" not in f or "sigma" not in f:
             raise ValueError(f"{path} has no 'mu'/'sigma' arrays (keys: {sorted(f.keys())}); make reference "
                              f"statistics with `tcae-ldm fid-stats`")

@@ -2,6 +2,7 @@
 reference files, feature networks."""
 import os
 import socket
+import zipfile
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from tcae_ldm.metrics.fid import (
     save_stats,
 )
 from tcae_ldm.metrics.reconstruction import ReconstructionMetrics
+from tests.metrics.gloo_workers import reduce_worker
 
 
 def random_spd(dim, seed):
@@ -260,3 +262,113 @@ def test_fid_sums_over_two_gloo_ranks_equal_one_process_on_the_same_images(tmp_p
         assert torch.allclose(r["outer"], one.real.outer, rtol=1e-6, atol=0)
         assert r["fid"] == pytest.approx(one.compute(), rel=1e-5)
     assert ranks[0]["fid"] != pytest.approx(unpadded.compute(), rel=1e-3)  # the duplicate changes the value
+
+
+def test_frechet_distance_refuses_mismatched_or_non_finite_statistics_with_their_shapes():
+    mu, eye3, eye4 = np.zeros(3), np.eye(3), np.eye(4)
+    with pytest.raises(ValueError, match=r"^statistics of different feature sizes: mu \(3,\) vs \(3,\), "
+                                         r"sigma \(3, 3\) vs \(4, 4\)$"):
+        frechet_distance(mu, eye3, mu, eye4)  # means agree, covariances do not
+    with pytest.raises(ValueError, match=r"^FID of statistics that hold NaN or infinite values$"):
+        frechet_distance(mu, eye3, mu + np.inf, eye3)
+
+
+def test_frechet_distance_computes_in_float64_whatever_the_inputs():
+    """float32 statistics (a GPU run's) give exactly the value of their float64 copies: no float32 eigh or trace."""
+    mu1, mu2 = np.random.default_rng(0).normal(size=(2, 6))
+    s1, s2 = random_spd(6, 1) * 1e3, random_spd(6, 2) * 1e3 + 1 / 3
+    low = [a.astype(np.float32) for a in (mu1, s1, mu2, s2)]
+    assert frechet_distance(*low) == frechet_distance(*[a.astype(np.float64) for a in low])
+
+
+def test_stats_files_hold_float64_and_reference_headers_are_read_without_the_images(tmp_path):
+    path = str(tmp_path / "f32.npz")
+    save_stats(path, np.ones(3, np.float32) / 3, np.eye(3, dtype=np.float32) / 3, count=5)
+    with np.load(path) as f:
+        assert f["mu"].dtype == f["sigma"].dtype == np.float64 and f["count"].dtype == np.int64
+    np.savez(str(tmp_path / "f32_adm.npz"), mu=np.ones(3, np.float32) / 3, sigma=np.eye(3, dtype=np.float32))
+    ref = load_stats(str(tmp_path / "f32_adm.npz"))
+    assert ref.mu.dtype == ref.sigma.dtype == np.float64
+
+    def adm(name, images, version=(1, 0)):
+        """An ADM-style reference batch whose images array is written with .npy format `version`."""
+        p = tmp_path / name
+        with zipfile.ZipFile(p, "w") as z:
+            for key, arr in (("arr_0", images), ("mu", np.zeros(3)), ("sigma", np.eye(3))):
+                with z.open(f"{key}.npy", "w") as f:
+                    np.lib.format.write_array(f, arr, version=version if key == "arr_0" else (1, 0))
+        return str(p)
+
+    assert load_stats(adm("v2.npz", np.zeros((2, 8, 8, 3), np.uint8), version=(2, 0))).image_size == 8
+    assert load_stats(adm("wide.npz", np.zeros((2, 8, 6, 3), np.uint8))).image_size is None
+    assert load_stats(adm("flat.npz", np.zeros((2, 8, 8), np.uint8))).image_size is None
+
+    np.savez(str(tmp_path / "mu_only.npz"), mu=np.zeros(3))
+    with pytest.raises(ValueError, match=r"mu_only.npz has no 'mu'/'sigma' arrays \(keys: \['mu'\]\)"):
+        load_stats(str(tmp_path / "mu_only.npz"))
+
+
+class _Touch:
+    """Unpickling this creates a file: the proof that loading ran code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_reference_statistics_holding_pickled_objects_are_refused_without_running_them(tmp_path):
+    sentinel = tmp_path / "SENTINEL"
+    evil = str(tmp_path / "evil.npz")
+    np.savez(evil, mu=np.zeros(3), sigma=np.eye(3), features=np.array([_Touch(sentinel)], dtype=object))
+    with pytest.raises(ValueError, match=r"^reference statistics .*evil.npz hold pickled objects \(features\) that "
+                                         r"loading would have to run code to build"):
+        load_stats(evil)
+    assert not sentinel.exists()
+
+
+def test_running_statistics_edges_and_errors():
+    two = FrechetStats(2)
+    two.update(torch.tensor([[0.0, 1.0], [2.0, 5.0]]))
+    mu, sigma = two.mean_cov()  # two samples are enough for a covariance
+    np.testing.assert_allclose(mu, [1.0, 3.0])
+    np.testing.assert_allclose(sigma, [[2.0, 4.0], [4.0, 8.0]])
+    one = FrechetStats(2)
+    one.update(torch.zeros(1, 2))
+    with pytest.raises(ValueError, match=r"^need at least 2 samples for a covariance, have 1$"):
+        one.mean_cov()
+    with pytest.raises(ValueError, match=r"^cannot merge statistics of 4-d features into 2-d ones$"):
+        two.merge(FrechetStats(4))
+
+
+def test_fid_metric_reads_a_reference_path_and_refuses_another_network(tmp_path):
+    ext = RandomFeatures(dim=16, seed=0)
+    stats = FrechetStats(ext.dim)
+    stats.update(ext(images(0)))
+    mine, other = str(tmp_path / "mine.npz"), str(tmp_path / "other.npz")
+    stats.save(mine, features=ext.name)
+    stats.save(other, features="inception")
+    metric = FIDMetric(ext, mine)
+    np.testing.assert_array_equal(metric.reference.mu, stats.mean_cov()[0])
+    metric.update(images(0))
+    assert metric.compute() == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match=r"'inception' network, not 'random'; make matching ones with "
+                                         r"`tcae-ldm fid-stats --features random`"):
+        FIDMetric(ext, other)
+    assert ReconstructionFID(ext).num_images == 0  # no compute() yet: no image behind a value
+
+
+def test_reduced_sums_every_rank_once_under_two_gloo_processes(tmp_path):
+    """count, sum x and sum x x^T all-reduced over 2 ranks holding different rows equal one process's sums over
+    all of them, on every rank; a second reduced() gives the same (it reduces a copy), the local sums stay."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(reduce_worker, args=(2, f"tcp://127.0.0.1:{port}", str(tmp_path)), nprocs=2, join=True)
+    whole = FrechetStats(3)
+    whole.update(torch.randn(11, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    for rank, local in ((0, 4), (1, 7)):
+        r = torch.load(tmp_path / f"{rank}.pt")
+        assert (r["count"], r["first"], r["local"]) == (11, 11, local)
+        assert torch.allclose(r["sum"], whole.sum, rtol=1e-12) and torch.allclose(r["outer"], whole.outer, rtol=1e-12)
