@@ -1,6 +1,7 @@
 """FID: Frechet distance against closed forms, exact running statistics (one process and 2 gloo ranks),
 reference files, feature networks."""
 import os
+import pickle
 import socket
 import zipfile
 
@@ -321,10 +322,18 @@ class _Touch:
 def test_reference_statistics_holding_pickled_objects_are_refused_without_running_them(tmp_path):
     sentinel = tmp_path / "SENTINEL"
     evil = str(tmp_path / "evil.npz")
-    np.savez(evil, mu=np.zeros(3), sigma=np.eye(3), features=np.array([_Touch(sentinel)], dtype=object))
-    with pytest.raises(ValueError, match=r"^reference statistics .*evil.npz hold pickled objects \(features\) that "
-                                         r"loading would have to run code to build"):
+    payload = np.array([_Touch(sentinel)], dtype=object)
+    np.savez(evil, mu=np.zeros(3), sigma=np.eye(3), features=payload, count=payload)
+    with pytest.raises(ValueError, match=r"^reference statistics .*evil.npz hold pickled objects \(features, count\) "
+                                         r"that loading would have to run code to build"):
         load_stats(evil)
+    raw = tmp_path / "raw_pickle.npz"  # not a zip at all: a pickle under an .npz name
+    raw.write_bytes(pickle.dumps(_Touch(sentinel)))
+    with pytest.raises(ValueError, match=r"raw_pickle.npz are not an .npz file numpy can read \(ValueError\)"):
+        load_stats(str(raw))
+    (tmp_path / "garbage.npz").write_bytes(b"PK\x03\x04 truncated zip")
+    with pytest.raises(ValueError, match=r"garbage.npz are not an .npz file numpy can read \(BadZipFile\)"):
+        load_stats(str(tmp_path / "garbage.npz"))
     assert not sentinel.exists()
 
 
@@ -368,6 +377,7 @@ def test_reduced_sums_every_rank_once_under_two_gloo_processes(tmp_path):
     mp.spawn(reduce_worker, args=(2, f"tcp://127.0.0.1:{port}", str(tmp_path)), nprocs=2, join=True)
     whole = FrechetStats(3)
     whole.update(torch.randn(11, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    whole = whole.reduced()  # without a process group: a plain copy, the one-process answer
     for rank, local in ((0, 4), (1, 7)):
         r = torch.load(tmp_path / f"{rank}.pt")
         assert (r["count"], r["first"], r["local"]) == (11, 11, local)
