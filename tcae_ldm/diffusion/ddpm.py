@@ -69,9 +69,12 @@ class GaussianProcess:
         abar = torch.cumprod(1.0 - b, 0)
         abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
         post_var = b * (1.0 - abar_prev) / (1.0 - abar)
-        # log of the posterior variance, whose first entry is 0: ADM repeats the second one there
-        post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]])) if len(b) > 1 else post_var.new_zeros(0)
-        large_var = torch.cat([post_var[1:2], b[1:]])  # fixed_large, with the same first entry (better NLL at t=0)
+        # The posterior variance is 0 at t = 0, so its log is clipped there: ADM repeats the t = 1 entry. A one-step
+        # process (`sample --steps 1`) has no t = 1 and takes beta_0, the one variance it has (ADM's tables end
+        # in an IndexError there); its only step returns the mean, so the samples do not depend on it.
+        first = post_var[1:2] if len(b) > 1 else b[:1]
+        post_logvar = torch.log(torch.cat([first, post_var[1:]]))
+        large_var = torch.cat([first, b[1:]])  # fixed_large, with the same first entry (better NLL at t=0)
         self.tables = {
             "betas": b, "log_betas": torch.log(b), "alphas_cumprod": abar, "alphas_cumprod_prev": abar_prev,
             "sqrt_alphas_cumprod": abar.sqrt(), "sqrt_one_minus_alphas_cumprod": (1.0 - abar).sqrt(),

@@ -213,3 +213,66 @@ def test_ddpm_sample_shape_with_cfg():
         DDPM().sample(model, torch.randn(2, 4, 4, 4), torch.tensor([0, 3]), steps=4, sampler="euler")
     with pytest.raises(ValueError, match="fixed_variance must be one of"):
         DDPM(fixed_variance="medium")
+
+
+def test_schedule_arguments_reach_the_tables():
+    """linear_betas' own defaults are DiT's; DDPM passes its beta range on (both ends)."""
+    from tcae_ldm.diffusion.ddpm import linear_betas
+    np.testing.assert_allclose(linear_betas(1000).numpy(), BETAS, rtol=1e-12)
+    np.testing.assert_allclose(DDPM(beta_start=2e-4, beta_end=0.03).process["betas"].numpy(),
+                               np.linspace(2e-4, 0.03, 1000), rtol=1e-12)
+
+
+def test_process_tables_are_built_in_float64_from_any_betas():
+    from tcae_ldm.diffusion.ddpm import GaussianProcess
+    b32 = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float32)
+    low, high = GaussianProcess(b32), GaussianProcess(b32.double())
+    for name in ("alphas_cumprod", "posterior_variance", "posterior_mean_coef2"):
+        assert low[name].dtype == torch.float64 and torch.equal(low[name], high[name]), name
+    GaussianProcess(torch.tensor([0.5, 1.0]))  # beta = 1 is allowed: (0, 1]
+    for bad in (torch.tensor([0.0, 0.5]), torch.tensor([0.5, 1.5]), torch.tensor([[0.1, 0.2]])):
+        with pytest.raises(ValueError, match=r"^betas must be a 1-D sequence in \(0, 1\]$"):
+            GaussianProcess(bad)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("learn_sigma", [False, True])
+def test_one_step_sampling_returns_the_predicted_x0(sampler, learn_sigma):
+    """`--steps 1`: the respaced process is the single step t = 999 -> 0, whose output is the predicted x_0
+    (posterior coefficients 1 and 0), with either variance."""
+    assert space_timesteps(1000, 1) == [0] and space_timesteps(5, 1) == [0]
+    with pytest.raises(ValueError, match="cannot take 0 sampling steps from a 1000-step"):
+        space_timesteps(1000, 0)
+    eps = torch.randn(2, 3, 2, 2)
+
+    def model_fn(x, t, y):
+        return torch.cat([eps, torch.zeros_like(eps)], 1) if learn_sigma else eps
+
+    ddpm = DDPM()
+    process, original = ddpm.respaced(1)
+    assert original.tolist() == [0] and process["betas"].tolist() == pytest.approx([1 - ABAR[0]])
+    assert torch.isfinite(process["posterior_log_variance_clipped"]).all()
+    x = torch.randn(2, 3, 2, 2)
+    out = ddpm.sample(model_fn, x, torch.zeros(2, dtype=torch.long), steps=1, sampler=sampler)
+    expected = (x - math.sqrt(1 - ABAR[0]) * eps) / math.sqrt(ABAR[0])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_is_the_batch_mean_of_the_terms_and_random_steps_cover_0_to_T():
+    ddpm = DDPM(num_timesteps=20)
+    seen = []
+
+    def model_fn(xt, t, y):
+        seen.append(t)
+        return torch.zeros_like(xt)
+
+    x, noise = torch.randn(300, 2, 1, 1), torch.randn(300, 2, 1, 1)
+    torch.manual_seed(0)
+    terms = ddpm.terms(model_fn, x, torch.zeros(300), noise=noise)
+    torch.manual_seed(0)
+    assert ddpm.loss(model_fn, x, torch.zeros(300), noise=noise) == terms["loss"].mean()
+    assert set(terms) == {"mse", "loss"} and torch.equal(terms["loss"], terms["mse"])  # no vb, nothing added
+    torch.manual_seed(0)
+    t = torch.randint(0, 20, (300,))
+    assert torch.equal(seen[0], t.float() / 20) and torch.equal(seen[1], seen[0])  # t ~ U{0, ..., T - 1} per image
+    assert set(t.tolist()) == set(range(20))
