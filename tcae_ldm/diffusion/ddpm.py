@@ -111,7 +111,7 @@ class GaussianProcess:
 
     def p_mean_variance(self, out: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
                         fixed_variance: str = "large") -> dict[str, torch.Tensor]:
-        """p(x_{t-1} | x_t) from a model output (B, C or 2C, ...): mean, log_variance, pred_xstart, eps."""
+        """p(x_{t-1} | x_t) from a model output (B, C or 2C, ...): mean, log_variance, pred_xstart."""
         c = xt.shape[1]
         if out.shape[1] == 2 * c:  # learned range: v in [-1, 1] interpolates log(posterior var) .. log(beta_t)
             eps, v = out[:, :c], out[:, c:]
@@ -126,7 +126,7 @@ class GaussianProcess:
                              f"(epsilon) or {2 * c} (epsilon and the learned variance, learn_sigma)")
         x0 = self.predict_xstart(xt, t, eps)
         mean, _, _ = self.q_posterior(x0, xt, t)
-        return {"mean": mean, "log_variance": log_var, "pred_xstart": x0, "eps": eps}
+        return {"mean": mean, "log_variance": log_var, "pred_xstart": x0}
 
     def vb_bits(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         """The variational-bound term per sample, in bits per dimension: -log p(x_0 | x_1) at t = 0, else

@@ -269,10 +269,31 @@ def test_loss_is_the_batch_mean_of_the_terms_and_random_steps_cover_0_to_T():
     x, noise = torch.randn(300, 2, 1, 1), torch.randn(300, 2, 1, 1)
     torch.manual_seed(0)
     terms = ddpm.terms(model_fn, x, torch.zeros(300), noise=noise)
-    torch.manual_seed(0)
-    assert ddpm.loss(model_fn, x, torch.zeros(300), noise=noise) == terms["loss"].mean()
+    y, t_fixed = torch.arange(300) % 3, torch.arange(300) % 20
+
+    def labelled(xt, t, y):
+        return xt * y.view(-1, 1, 1, 1) + t.view(-1, 1, 1, 1)
+
+    assert ddpm.loss(labelled, x, y, noise=noise, t=t_fixed) == \
+        ddpm.terms(labelled, x, y, noise=noise, t=t_fixed)["loss"].mean()
     assert set(terms) == {"mse", "loss"} and torch.equal(terms["loss"], terms["mse"])  # no vb, nothing added
     torch.manual_seed(0)
     t = torch.randint(0, 20, (300,))
-    assert torch.equal(seen[0], t.float() / 20) and torch.equal(seen[1], seen[0])  # t ~ U{0, ..., T - 1} per image
+    assert len(seen) == 1 and torch.equal(seen[0], t.float() / 20)  # t ~ U{0, ..., T - 1} per image
     assert set(t.tolist()) == set(range(20))
+
+
+def test_fixed_small_variance_and_the_two_step_tables():
+    """A DiT without learned sigma samples with beta_t ("large", DiT's default) or the clipped posterior variance
+    ("small"); a two-step process clips its t = 0 entry with its own t = 1 entry, as any longer one."""
+    from tcae_ldm.diffusion.ddpm import GaussianProcess
+    x, t = torch.randn(2, 2, 1, 1), torch.tensor([0, 5])
+    post_var = BETAS * (1 - ABAR_PREV) / (1 - ABAR)
+    small = DDPM(fixed_variance="small").process.p_mean_variance(torch.zeros_like(x), x, t, "small")
+    large = DDPM().process.p_mean_variance(torch.zeros_like(x), x, t, "large")
+    np.testing.assert_allclose(small["log_variance"][:, 0, 0, 0].numpy(), np.log(post_var[[1, 5]]), rtol=1e-6)
+    np.testing.assert_allclose(large["log_variance"][:, 0, 0, 0].numpy(), np.log([post_var[1], BETAS[5]]), rtol=1e-6)
+    two = GaussianProcess(torch.tensor([0.1, 0.3], dtype=torch.float64))
+    pv1 = 0.3 * (1 - 0.9) / (1 - 0.9 * 0.7)
+    np.testing.assert_allclose(two["posterior_log_variance_clipped"].numpy(), np.log([pv1, pv1]), rtol=1e-12)
+    np.testing.assert_allclose(two["fixed_large_log_variance"].numpy(), np.log([pv1, 0.3]), rtol=1e-12)
