@@ -1,6 +1,8 @@
 """DiffusionModule through the CLI: linked latent shape, checkpoint contents, exact resume, EMA sampling, `sample`."""
 import csv
+import logging
 import os
+import shutil
 
 import pytest
 import torch
@@ -14,6 +16,15 @@ from tcae_ldm.lit.guards import NonFiniteLossError
 from tests.tiny import REPO, callbacks_arg, tiny_tcae_checkpoint
 
 DEMO = os.path.join(REPO, "configs", "demo", "dit_on_tcae.yaml")
+
+
+def _fit_argv(cache, ckpt, steps):
+    return ["fit", "--config", DEMO, f"--data.cache_dir={cache}", "--data.expect_image_size=32",
+            "--data.expect_autoencoder.name=TC-AE-T/p4-c16", f"--data.expect_autoencoder.path={ckpt}",
+            "--data.global_batch_size=8",
+            "--model.dit=DiT-T/1", "--model.dit_args={class_dropout_prob: 0.1}", "--model.sample_steps=2",
+            "--model.sample_every_n_steps=2", "--model.sample_grid_size=4", "--model.warmup_steps=3",
+            callbacks_arg(), "--trainer.log_every_n_steps=1", f"--trainer.max_steps={steps}"]
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +42,7 @@ def runs(tmp_path_factory):
             os.makedirs(root / name)
             os.chdir(root / name)  # the demo config's relative runs/demo/... paths land here
             for i, steps in enumerate(phases):
-                main(["fit", "--config", DEMO, f"--data.cache_dir={cache}", "--data.expect_image_size=32",
-                      "--data.expect_autoencoder.name=TC-AE-T/p4-c16", f"--data.expect_autoencoder.path={ckpt}",
-                      "--data.global_batch_size=8",
-                      "--model.dit=DiT-T/1", "--model.dit_args={class_dropout_prob: 0.1}", "--model.sample_steps=2",
-                      "--model.sample_every_n_steps=2", "--model.sample_grid_size=4", "--model.warmup_steps=3",
-                      callbacks_arg(), "--trainer.log_every_n_steps=1",
-                      f"--trainer.max_steps={steps}"] + (["--ckpt_path=last"] if i else []))
+                main(_fit_argv(cache, ckpt, steps) + (["--ckpt_path=last"] if i else []))
             out[name] = root / name / "runs" / "demo" / "dit_tcae"
     finally:
         os.chdir(old)
@@ -80,6 +85,21 @@ def test_sampling_uses_ema_weights_and_decodes(runs):
     assert not torch.allclose(module.sample(y, seed=5, decode=False), z)
     x = module.sample(y, seed=5)
     assert x.shape == (3, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
+
+
+def test_a_learning_rate_changed_on_resume_is_applied_and_said(runs, tmp_path, monkeypatch, caplog):
+    """The resumed DiT (5 steps at 5e-4) continued to 7 with lr 2e-4 in its config: steps 5 and 6 train at 2e-4
+    (the warm-up is over), the history keeps 5e-4 before, and the change is said once."""
+    shutil.copytree(runs["root"] / "resumed", tmp_path / "resumed")
+    monkeypatch.chdir(tmp_path / "resumed")
+    with caplog.at_level(logging.WARNING, logger="tcae_ldm"):
+        main(_fit_argv(runs["cache"], runs["ae"], 7) + ["--model.optimizer.init_args.lr=0.0002", "--ckpt_path=last"])
+    said = [r.getMessage() for r in caplog.records if "replaces the checkpoint's" in r.getMessage()]
+    assert said == ["optimizer 0: learning rate 0.0002 from this run's config replaces the checkpoint's 0.0005 "
+                    "from global step 5 on"]
+    with open(tmp_path / "resumed" / "runs" / "demo" / "dit_tcae" / "metrics.csv") as f:
+        lrs = {int(r["step"]): float(r["train/lr"]) for r in csv.DictReader(f) if r.get("train/lr")}
+    assert lrs[3] == lrs[4] == pytest.approx(5e-4) and lrs[5] == lrs[6] == pytest.approx(2e-4)
 
 
 def test_linked_arguments_are_not_repeated():

@@ -110,3 +110,30 @@ def test_an_output_folder_that_cannot_be_written_is_named_before_the_first_step(
     with pytest.raises(PreflightError) as err:
         tiny_trainer(str(tmp_path / "ro")).fit(tiny_module(), data)
     assert f"(1) the run's folder {tmp_path / 'ro'} cannot be written: {tmp_path}: Read-only file system" in str(err.value)
+
+
+def test_a_dcae_hub_id_is_looked_up_in_the_local_hugging_face_cache(tmp_path, monkeypatch):
+    """Offline, a DC-AE named by its Hub id must be in the local cache (the snapshot that refs/main names);
+    online, it may be downloaded; a local folder or checkpoint is checked as a path."""
+    from tcae_ldm.lit.preflight import _autoencoder_problem
+
+    repo, key = "mit-han-lab/dc-ae-f32c32-in-1.0-diffusers", "data.autoencoder"
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert _autoencoder_problem({"kind": "dcae", "path": repo}, key) == [
+        f"{key} {repo!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set (`hf download {repo}` "
+        f"where the Hub is reachable, or give a local folder)"]
+    cached = tmp_path / "hub" / "models--mit-han-lab--dc-ae-f32c32-in-1.0-diffusers"
+    (cached / "snapshots" / "abc123").mkdir(parents=True)
+    (cached / "refs").mkdir()
+    (cached / "refs" / "main").write_text("abc123")
+    assert len(_autoencoder_problem({"kind": "dcae", "path": repo}, key)) == 1  # a snapshot without config.json
+    (cached / "snapshots" / "abc123" / "config.json").write_text("{}")
+    assert _autoencoder_problem({"kind": "dcae", "path": repo}, key) == []
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert _autoencoder_problem({"kind": "dcae", "path": repo}, key) == []  # online: from_pretrained downloads it
+    assert _autoencoder_problem({"kind": "dcae", "path": "./dcae_local"}, key) == [f"{key} ./dcae_local does not exist"]
+    assert _autoencoder_problem({"kind": "tcae", "path": repo}, key) == [f"{key} {repo} does not exist"]
