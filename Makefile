@@ -106,16 +106,17 @@ bench: $(DEMO_STAMP)
 	$(OFFLINE) $(BIN)/tcae-ldm bench --out $(RUNS)/bench.json
 
 # Mutation testing (not in CI) of the arithmetic the comparison rests on, with the fast tests that cover it (the
-# [tool.mutmut] section of pyproject.toml). One module at a time, one process: MUTATE_MODULES=lit.schedules picks
-# some, MUTATE_JOBS=2 uses two cores; reruns skip the mutants already judged. docs/testing.md has the scores.
+# [tool.mutmut] section of pyproject.toml). One mutmut run for all of them (its test listing and clean run cost
+# minutes each): MUTATE_MODULES=lit.schedules picks some, MUTATE_JOBS=2 uses two cores; reruns skip the mutants
+# already judged (delete mutants/ after changing tests). docs/testing.md has the scores.
 MUTATE_MODULES ?= lit.schedules losses.ibot losses.masking losses.reconstruction diffusion.flow diffusion.ddpm \
 	metrics.fid metrics.convergence latents.cache.x?LatentNormalizer? latents.cache.x_read_stats \
 	latents.cache.x__channel_sums latents.cache.x_finish_cache data.views
 MUTATE_JOBS ?= 1
 mutate: $(TEST_STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test,mutate]"
-	for m in $(MUTATE_MODULES); do \
-		OMP_NUM_THREADS=1 $(OFFLINE) $(BIN)/mutmut run --max-children $(MUTATE_JOBS) "tcae_ldm.$$m*" || exit 1; done
+	OMP_NUM_THREADS=1 $(OFFLINE) $(BIN)/mutmut run --max-children $(MUTATE_JOBS) \
+		$(foreach m,$(MUTATE_MODULES),"tcae_ldm.$(m)*")
 	$(BIN)/mutmut results
 
 # clean removes what the demo targets wrote ($(RUNS)) and nothing else of runs/ (paper-scale runs live beside it);

@@ -1,7 +1,9 @@
 """Latent cache: shard contents, statistics, metadata, refusal of foreign caches, flips, DDP writing."""
 import glob
+import hashlib
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -10,6 +12,8 @@ from safetensors.torch import load_file
 from tcae_ldm.data.demo import DemoPhotosDataModule
 from tcae_ldm.data.transforms import to_unit
 from tcae_ldm.latents.cache import (
+    CACHE_FORMAT,
+    LatentNormalizer,
     read_metadata,
     read_stats,
 )
@@ -136,3 +140,44 @@ def test_expected_autoencoder_keys_and_weights(cache, tmp_path):
     other = tiny_tcae_checkpoint(tmp_path / "other.ckpt", seed=1)
     with pytest.raises(ValueError, match=r"was made by tcae 'TC-AE-T/p4-c16'.*differs in \['weights: encoder_hash"):
         LatentDataModule(cache["dir"], expect_autoencoder={**same, "path": other}).setup("fit")
+
+
+def test_metadata_names_every_shard_and_the_statistics_checksum(cache):
+    meta = read_metadata(cache["dir"])
+    shards = sorted(os.path.basename(p) for p in glob.glob(os.path.join(cache["dir"], "shard-*.safetensors")))
+    assert meta["format"] == CACHE_FORMAT and meta["count"] == 16 and meta["dtype"] == "fp32"
+    assert meta["shards"] == shards and list(meta["shard_info"]) == shards
+    assert meta["stats_file"] == "latents_stats.pt"
+    with open(os.path.join(cache["dir"], "latents_stats.pt"), "rb") as f:
+        assert meta["stats_sha256"] == hashlib.sha256(f.read()).hexdigest()
+    assert meta["stats"] == "per-channel mean/std over latents and latents_flip"
+
+
+def test_normalizer_maps_cache_latents_to_unit_statistics_and_back_in_their_dtype(cache):
+    norm = LatentNormalizer.from_cache(cache["dir"])
+    mean, std = read_stats(cache["dir"])
+    z = torch.cat([load_shards(cache["dir"])["latents"], load_shards(cache["dir"])["latents_flip"]])
+    n = norm.normalize(z)
+    torch.testing.assert_close(n, (z - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1))
+    torch.testing.assert_close(n.double().mean(dim=(0, 2, 3)), torch.zeros(16, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(norm.denormalize(n), z, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(norm.denormalize(torch.zeros_like(z)), mean.view(1, -1, 1, 1).expand_as(z))
+    half = z.bfloat16()  # a bf16 DiT's latents stay bf16 both ways
+    assert norm.normalize(half).dtype == norm.denormalize(half).dtype == torch.bfloat16
+
+
+def test_unreadable_or_missing_statistics_name_the_file(cache, tmp_path):
+    broken = str(tmp_path / "latents")
+    shutil.copytree(cache["dir"], broken)
+    stats = os.path.join(broken, "latents_stats.pt")
+    with open(stats, "wb") as f:
+        f.write(b"not a torch file")
+    meta = read_metadata(broken)
+    meta["stats_sha256"] = hashlib.sha256(b"not a torch file").hexdigest()  # damaged before it was recorded
+    with open(os.path.join(broken, "metadata.json"), "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(Exception, match=rf"^latent statistics {stats} cannot be read \(.*\); re-cache$"):
+        read_stats(broken)
+    os.remove(stats)
+    with pytest.raises(FileNotFoundError, match=rf"^latent cache {broken} has no latents_stats.pt; re-cache$"):
+        read_stats(broken)
