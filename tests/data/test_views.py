@@ -14,6 +14,7 @@ from tcae_ldm.data.views import (
     MultiCropConfig,
     MultiCropTransform,
     resized_crop_box,
+    train_transform,
     views_to_unit,
 )
 
@@ -160,3 +161,20 @@ def test_the_decode_reduction_never_upsamples_a_view():
     assert t.decode_reduction((500, 375), t.draw((500, 375), _rng(0))) == 1  # ImageNet's usual size: full decode
     assert ImageTransform(256, False, fast=True).decode_reduction((2048, 1536), {}) == 4  # 1536 -> 768 -> 384
     assert MultiCropTransform(256, True, MultiCropConfig()).decode_reduction((2048, 1536), big) == 1  # reference
+
+
+def test_train_transform_is_plain_or_multi_crop_with_its_arguments(photo):
+    plain = train_transform(64, True, None, fast=True)
+    assert type(plain) is ImageTransform and (plain.image_size, plain.hflip, plain.fast) == (64, True, True)
+    assert plain(photo)["image"].dtype == torch.uint8 and plain.uint8  # uint8 until the device
+    cfg = MultiCropConfig(global_size=32, local_size=16, num_local=0)
+    multi = train_transform(64, False, cfg, fast=True)
+    assert type(multi) is MultiCropTransform and multi.cfg is cfg and multi.fast
+    assert (multi.recon.image_size, multi.recon.hflip, multi.recon.fast) == (64, False, True)
+    assert not train_transform(64, False, cfg).fast and not train_transform(64, False, None).fast  # the reference
+
+
+def test_no_local_crops_give_an_empty_uint8_stack_of_their_side(photo):
+    out = MultiCropTransform(64, False, MultiCropConfig(global_size=32, local_size=16, num_local=0))(photo)
+    assert out["global"].shape == (2, 3, 32, 32) and out["image"].dtype == torch.uint8
+    assert out["local"].shape == (0, 3, 16, 16) and out["local"].dtype == torch.uint8
