@@ -5,7 +5,6 @@ import ast
 import hashlib
 import json
 import os
-import pathlib
 import re
 import shutil
 
@@ -22,21 +21,11 @@ from tcae_ldm.utils.checkpoints import (
     load_torch_file,
     read_checkpoint,
 )
-from tests.tiny import REPO, TINY, tiny_data, tiny_dit_checkpoint, tiny_latent_cache, tiny_module, tiny_trainer
+from tests.tiny import REPO, TINY, Touch, tiny_data, tiny_dit_checkpoint, tiny_latent_cache, tiny_module, tiny_trainer
 
 PACKAGE = os.path.join(REPO, "tcae_ldm")
 LOADER = os.path.join(PACKAGE, "utils", "checkpoints.py")
 REFUSED = "holds pickled objects that loading would have to run code to build ("
-
-
-class Touch:
-    """Unpickling this creates `path`: what a malicious checkpoint would do instead."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return pathlib.Path.touch, (pathlib.Path(self.path),)
 
 
 def evil_checkpoint(path, sentinel, legacy=False, **contents):

@@ -1,6 +1,7 @@
 """Tiny networks, data, trainers and checkpoints shared by the tests: CPU, offline, seconds."""
 import json
 import os
+import pathlib
 
 import lightning as L
 import torch
@@ -108,3 +109,13 @@ def tiny_dit_checkpoint(path):
     module = DiffusionModule(dit="DiT-T/1", dit_args={"class_dropout_prob": 0.1}, latent_shape=(16, 4, 4), num_classes=8)
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
     return str(path)
+
+
+class Touch:
+    """Unpickling this creates `path`: what a malicious file would do instead."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (pathlib.Path(self.path),)

@@ -19,7 +19,8 @@ from tcae_ldm.latents.cache import (
 )
 from tcae_ldm.latents.frozen import load_autoencoder
 from tcae_ldm.lit.caching import cache_latents
-from tests.tiny import tiny_tcae_checkpoint
+from tcae_ldm.utils.checkpoints import UntrustedFileError
+from tests.tiny import Touch, tiny_tcae_checkpoint
 
 
 def load_shards(cache_dir):
@@ -65,6 +66,14 @@ def test_round_trip_shards_stats_metadata(cache):
     dec = count_gmacs(ae.model.decoder, torch.zeros(1, 16, 4, 4))
     assert (meta["encoder_gmacs"], meta["decoder_gmacs"]) == (round(enc, 4), round(dec, 4)) and enc > 0 and dec > 0
     assert meta["autoencoder_gmacs"] == round(enc + dec, 4)
+    # the file format: every shard by name, the statistics file and its checksum
+    shards = sorted(os.path.basename(p) for p in glob.glob(os.path.join(cache["dir"], "shard-*.safetensors")))
+    assert meta["format"] == CACHE_FORMAT and meta["count"] == 16 and meta["dtype"] == "fp32"
+    assert meta["shards"] == shards and list(meta["shard_info"]) == shards
+    assert meta["stats_file"] == "latents_stats.pt"
+    with open(os.path.join(cache["dir"], "latents_stats.pt"), "rb") as f:
+        assert meta["stats_sha256"] == hashlib.sha256(f.read()).hexdigest()
+    assert meta["stats"] == "per-channel mean/std over latents and latents_flip"
 
 
 
@@ -142,17 +151,6 @@ def test_expected_autoencoder_keys_and_weights(cache, tmp_path):
         LatentDataModule(cache["dir"], expect_autoencoder={**same, "path": other}).setup("fit")
 
 
-def test_metadata_names_every_shard_and_the_statistics_checksum(cache):
-    meta = read_metadata(cache["dir"])
-    shards = sorted(os.path.basename(p) for p in glob.glob(os.path.join(cache["dir"], "shard-*.safetensors")))
-    assert meta["format"] == CACHE_FORMAT and meta["count"] == 16 and meta["dtype"] == "fp32"
-    assert meta["shards"] == shards and list(meta["shard_info"]) == shards
-    assert meta["stats_file"] == "latents_stats.pt"
-    with open(os.path.join(cache["dir"], "latents_stats.pt"), "rb") as f:
-        assert meta["stats_sha256"] == hashlib.sha256(f.read()).hexdigest()
-    assert meta["stats"] == "per-channel mean/std over latents and latents_flip"
-
-
 def test_normalizer_maps_cache_latents_to_unit_statistics_and_back_in_their_dtype(cache):
     norm = LatentNormalizer.from_cache(cache["dir"])
     mean, std = read_stats(cache["dir"])
@@ -166,7 +164,7 @@ def test_normalizer_maps_cache_latents_to_unit_statistics_and_back_in_their_dtyp
     assert norm.normalize(half).dtype == norm.denormalize(half).dtype == torch.bfloat16
 
 
-def test_unreadable_or_missing_statistics_name_the_file(cache, tmp_path):
+def test_unreadable_pickled_or_missing_statistics_name_the_file(cache, tmp_path):
     broken = str(tmp_path / "latents")
     shutil.copytree(cache["dir"], broken)
     stats = os.path.join(broken, "latents_stats.pt")
@@ -178,6 +176,14 @@ def test_unreadable_or_missing_statistics_name_the_file(cache, tmp_path):
         json.dump(meta, f)
     with pytest.raises(Exception, match=rf"^latent statistics {stats} cannot be read \(.*\); re-cache$"):
         read_stats(broken)
+    torch.save({"mean": torch.zeros(16), "std": torch.ones(16), "payload": Touch(tmp_path / "SENTINEL")}, stats)
+    with open(stats, "rb") as f:
+        meta["stats_sha256"] = hashlib.sha256(f.read()).hexdigest()
+    with open(os.path.join(broken, "metadata.json"), "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(UntrustedFileError, match=rf"^latent statistics {stats} holds pickled objects"):
+        read_stats(broken)
+    assert not (tmp_path / "SENTINEL").exists()
     os.remove(stats)
     with pytest.raises(FileNotFoundError, match=rf"^latent cache {broken} has no latents_stats.pt; re-cache$"):
         read_stats(broken)

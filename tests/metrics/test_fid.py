@@ -25,6 +25,7 @@ from tcae_ldm.metrics.fid import (
 )
 from tcae_ldm.metrics.reconstruction import ReconstructionMetrics
 from tests.metrics.gloo_workers import reduce_worker
+from tests.tiny import Touch
 
 
 def random_spd(dim, seed):
@@ -309,26 +310,16 @@ def test_stats_files_hold_float64_and_reference_headers_are_read_without_the_ima
         load_stats(str(tmp_path / "mu_only.npz"))
 
 
-class _Touch:
-    """Unpickling this creates a file: the proof that loading ran code."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
 def test_reference_statistics_holding_pickled_objects_are_refused_without_running_them(tmp_path):
     sentinel = tmp_path / "SENTINEL"
     evil = str(tmp_path / "evil.npz")
-    payload = np.array([_Touch(sentinel)], dtype=object)
+    payload = np.array([Touch(sentinel)], dtype=object)
     np.savez(evil, mu=np.zeros(3), sigma=np.eye(3), features=payload, count=payload)
     with pytest.raises(ValueError, match=r"^reference statistics .*evil.npz hold pickled objects \(features, count\) "
                                          r"that loading would have to run code to build"):
         load_stats(evil)
     raw = tmp_path / "raw_pickle.npz"  # not a zip at all: a pickle under an .npz name
-    raw.write_bytes(pickle.dumps(_Touch(sentinel)))
+    raw.write_bytes(pickle.dumps(Touch(sentinel)))
     with pytest.raises(ValueError, match=r"raw_pickle.npz are not an .npz file numpy can read \(ValueError\)"):
         load_stats(str(raw))
     (tmp_path / "garbage.npz").write_bytes(b"PK\x03\x04 truncated zip")
