@@ -28,15 +28,18 @@ def _rng(seed):
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.mark.parametrize("size", [(300, 200), (64, 64), (1000, 40)])  # the last one falls back to a centre crop
-def test_crop_boxes_are_torchvisions_draws(size):
-    reference = v2.RandomResizedCrop(32, scale=(0.05, 0.4))
+@pytest.mark.parametrize("size,scale", [
+    ((300, 200), (0.05, 0.4)), ((64, 64), (0.05, 0.4)), ((3, 4), (0.05, 0.4)),  # tiny: 1-pixel sides
+    ((1000, 40), (0.05, 0.4)), ((40, 1000), (0.05, 0.4)),  # no draw fits: centred crop at the widest / tallest ratio
+    ((64, 60), (1.0, 1.0)),  # no draw fits, the image's own ratio is in range: the whole image
+])
+def test_crop_boxes_are_torchvisions_draws(size, scale):
+    reference = v2.RandomResizedCrop(32, scale=scale)
     image = torch.zeros(3, size[1], size[0])
     for seed in range(20):
         torch.manual_seed(seed)
         p = reference.make_params([image])
-        assert resized_crop_box(size[0], size[1], (0.05, 0.4), _rng(seed)) == (p["top"], p["left"], p["height"],
-                                                                              p["width"])
+        assert resized_crop_box(size[0], size[1], scale, _rng(seed)) == (p["top"], p["left"], p["height"], p["width"])
 
 
 class _GaussianBlur:
@@ -178,3 +181,17 @@ def test_no_local_crops_give_an_empty_uint8_stack_of_their_side(photo):
     out = MultiCropTransform(64, False, MultiCropConfig(global_size=32, local_size=16, num_local=0))(photo)
     assert out["global"].shape == (2, 3, 32, 32) and out["image"].dtype == torch.uint8
     assert out["local"].shape == (0, 3, 16, 16) and out["local"].dtype == torch.uint8
+
+
+@pytest.mark.parametrize("boxes,expected", [
+    ((8192, 8192), 8),  # every crop 36x its output or more: capped at PIL's largest draft reduction, 1/8
+    ((900, 8192), 4),   # a 900-pixel global crop for a 224 output: 900 / 4 = 225 >= 224, 900 / 8 < 224
+    ((300, 8192), 1),   # a crop under twice its output: no reduction
+])
+def test_the_decode_reduction_is_the_largest_power_of_two_every_crop_allows(boxes, expected):
+    t = MultiCropTransform(256, False, MultiCropConfig(num_local=2), fast=True)
+    params = t.draw((8192, 8192), _rng(0))
+    for i, v in enumerate(params["views"]):
+        side = boxes[0] if i == 0 else boxes[1]
+        v["box"] = (0, 0, side, side)
+    assert t.decode_reduction((8192, 8192), params) == expected
