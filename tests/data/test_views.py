@@ -13,6 +13,7 @@ from tcae_ldm.data.transforms import ImageTransform, to_unit
 from tcae_ldm.data.views import (
     MultiCropConfig,
     MultiCropTransform,
+    draw_color,
     resized_crop_box,
     train_transform,
     views_to_unit,
@@ -30,13 +31,15 @@ def _rng(seed):
 
 @pytest.mark.parametrize("size,scale", [
     ((300, 200), (0.05, 0.4)), ((64, 64), (0.05, 0.4)), ((3, 4), (0.05, 0.4)),  # tiny: 1-pixel sides
+    ((2, 2), (0.01, 0.05)),  # draws of 0-pixel sides, which torchvision rejects
     ((1000, 40), (0.05, 0.4)), ((40, 1000), (0.05, 0.4)),  # no draw fits: centred crop at the widest / tallest ratio
-    ((64, 60), (1.0, 1.0)),  # no draw fits, the image's own ratio is in range: the whole image
+    ((64, 60), (1.0, 1.0)),  # no draw can differ from the whole image: the fallback, in range
+    ((60, 100), (0.7, 1.0)),  # few draws fit: some seeds fall back after exactly 10 attempts, some succeed late
 ])
 def test_crop_boxes_are_torchvisions_draws(size, scale):
     reference = v2.RandomResizedCrop(32, scale=scale)
     image = torch.zeros(3, size[1], size[0])
-    for seed in range(20):
+    for seed in range(100):
         torch.manual_seed(seed)
         p = reference.make_params([image])
         assert resized_crop_box(size[0], size[1], scale, _rng(seed)) == (p["top"], p["left"], p["height"], p["width"])
@@ -195,3 +198,11 @@ def test_the_decode_reduction_is_the_largest_power_of_two_every_crop_allows(boxe
         side = boxes[0] if i == 0 else boxes[1]
         v["box"] = (0, 0, side, side)
     assert t.decode_reduction((8192, 8192), params) == expected
+
+
+def test_no_colour_jitter_draws_no_jitter():
+    """color_jitter: 0 turns the jitter off whatever jitter_p says: no flag, and none of its draws."""
+    off = MultiCropConfig(color_jitter=0.0, jitter_p=1.0, grayscale_p=0.5)
+    g = _rng(3)
+    params = [draw_color(off, 0.5, 0.5, g) for _ in range(50)]
+    assert all(p[JITTER] == 0 for p in params) and any(p[GRAY] == 1 for p in params)
