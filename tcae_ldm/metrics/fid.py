@@ -67,15 +67,6 @@ def _npy_header(z: zipfile.ZipFile, member: str) -> tuple:
         return read(f)
 
 
-def npz_member_shape(path: str, key: str) -> tuple[int, ...] | None:
-    """The shape of array `key` of an .npz, read from its header alone (ADM's reference batch holds 1.9 GB of
-    images), or None when the file has no such array."""
-    with zipfile.ZipFile(path) as z:
-        if f"{key}.npy" not in z.namelist():
-            return None
-        return tuple(_npy_header(z, f"{key}.npy")[0])
-
-
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, features: str | None = None,
                count: int | None = None, **meta) -> None:
     """Write an ADM-compatible .npz (mu, sigma) plus our metadata (feature network, sample count, source)."""
@@ -98,7 +89,9 @@ def load_stats(path: str, expect_features: str | None = None) -> ReferenceStats:
     except Exception as e:  # noqa: BLE001  (numpy raises several types for what is not an .npz)
         raise ValueError(f"reference statistics {path} are not an .npz file numpy can read ({type(e).__name__})") from None
     with f:
-        pickled = [m[:-4] for m in f.zip.namelist() if m.endswith(".npy") and _npy_header(f.zip, m)[2].hasobject]
+        # every array's header, read without the data (ADM's reference batch holds 1.9 GB of images in arr_0)
+        headers = {m[:-4]: _npy_header(f.zip, m) for m in f.zip.namelist() if m.endswith(".npy")}
+        pickled = [k for k, (_, _, dtype) in headers.items() if dtype.hasobject]
         if pickled:  # allow_pickle=False refuses an object array only when it is read: name them all up front
             raise ValueError(f"reference statistics {path} hold pickled objects ({', '.join(pickled)}) that "
                              f"loading would have to run code to build; statistics are plain arrays")
@@ -109,9 +102,8 @@ def load_stats(path: str, expect_features: str | None = None) -> ReferenceStats:
         stats = ReferenceStats(f["mu"].astype(np.float64), f["sigma"].astype(np.float64),
                                str(f["features"]) if "features" in f else None,
                                int(f["count"]) if "count" in f else None, size)
-        has_images = "arr_0" in f
-    if stats.image_size is None and has_images:  # ADM's reference batch: (N, H, W, 3) images
-        shape = npz_member_shape(path, "arr_0")
+    if stats.image_size is None and "arr_0" in headers:  # ADM's reference batch: (N, H, W, 3) images
+        shape = headers["arr_0"][0]
         stats.image_size = int(shape[1]) if len(shape) == 4 and shape[1] == shape[2] else None
     if expect_features is not None and stats.features is not None and stats.features != expect_features:
         raise ValueError(f"reference statistics {path} were computed with the '{stats.features}' network, "
